@@ -1,0 +1,62 @@
+"""`generator`: turn Hugging Face / ModelScope models into Triton model repositories.
+
+The CLI only parses and renders: each command lives in generator/commands/<name>.py with
+`add_parser(subparsers)` and `run(args) -> int`, and is listed in COMMANDS below (an
+explicit registry, in help order). A `UserError` becomes one line on stderr and exit code 1;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tritonforge import __version__
+from tritonforge.generator.commands import demo, fetch_example
+from tritonforge.generator.errors import UserError
+
+COMMANDS = {
+    "fetch-example": fetch_example,
+    "demo": demo,
+}
+
+EPILOG = """examples:
+  generator demo                        serve the bundled embedding example and query it once
+  generator fetch-example chat          cache SmolLM2-135M-Instruct (GGUF) for offline use
+  generator fetch-example embed --path  print where all-MiniLM-L6-v2 is cached
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="generator",
+        description="Serve Hugging Face models on NVIDIA Triton Inference Server.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"generator {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        module.add_parser(sub, name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    try:
+        return COMMANDS[args.command].run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
