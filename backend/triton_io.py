@@ -1,0 +1,81 @@
+"""Reading Triton request tensors and model parameters, with per-request errors.
+
+A `RequestError` names the offending field and what is allowed; the backend turns it into
+an error response for that request alone, so the other requests of a batch carry on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class RequestError(ValueError):
+    """A bad request field; the message names the field and the allowed values."""
+
+
+def model_parameters(args: dict[str, Any]) -> dict[str, str]:
+    """The `parameters` map of config.pbtxt as plain strings."""
+    config = json.loads(args["model_config"])
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+def instance_device(args: dict[str, Any]) -> str:
+    """'cuda:N' for a KIND_GPU instance, else 'cpu'."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args.get('model_instance_device_id', 0)}"
+    return "cpu"
+
+
+def _tensor(request: Any, name: str, required: bool) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        if required:
+            raise RequestError(f"input '{name}' is required")
+        return None
+    return tensor.as_numpy()
+
+
+def decode_text(value: object, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, (bytes, bytearray, np.bytes_)):
+        raise RequestError(f"input '{name}' must be BYTES (UTF-8 text), got {type(value).__name__}")
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RequestError(f"input '{name}' is not valid UTF-8 (byte {err.start})") from None
+
+
+def input_texts(request: Any, name: str) -> list[str]:
+    """All strings of a BYTES input, flattened in order (a batched [b, 1] input gives b)."""
+    array = _tensor(request, name, required=True)
+    return [decode_text(v, name) for v in array.reshape(-1)]
+
+
+def input_text(request: Any, name: str) -> str:
+    """The single string of a BYTES [1] input."""
+    texts = input_texts(request, name)
+    if len(texts) != 1:
+        raise RequestError(f"input '{name}' must hold exactly one string, got {len(texts)}")
+    return texts[0]
+
+
+def input_bool(request: Any, name: str, default: bool) -> bool:
+    array = _tensor(request, name, required=False)
+    if array is None:
+        return default
+    if array.size != 1:
+        raise RequestError(f"input '{name}' must hold one BOOL, got {array.size} values")
+    return bool(array.reshape(-1)[0])
+
+
+def text_tensor(name: str, texts: list[str]) -> Any:
+    return pb_utils.Tensor(name, np.array([t.encode("utf-8") for t in texts], dtype=np.object_))
+
+
+def error_response(err: Exception) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(err)))
