@@ -13,7 +13,6 @@ import re
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
-
 from tritonforge.backend.triton_io import (
     RequestError,
     error_response,
@@ -50,7 +49,6 @@ class TritonPythonModel:
                     break
                 response = pb_utils.InferenceResponse([text_tensor("text_output", [delta])])
                 sender.send(response, flags=FINAL if i == len(deltas) - 1 else 0)
-        return None
 
     def finalize(self) -> None:
         pass

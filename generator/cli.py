@@ -12,9 +12,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tritonforge import __version__
 from tritonforge.generator.commands import demo, fetch_example
 from tritonforge.generator.errors import UserError
+
+from tritonforge import __version__
 
 COMMANDS = {
     "fetch-example": fetch_example,

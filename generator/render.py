@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jinja2
+from tritonforge.generator.errors import UserError
 
 from tritonforge import __version__
-from tritonforge.generator.errors import UserError
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -72,7 +72,7 @@ def _environment() -> jinja2.Environment:
         loader=jinja2.FunctionLoader(_load_template),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
-        autoescape=False,  # noqa: S701 - not HTML; config values go through pbtxt_string
+        autoescape=False,
     )
     env.filters["pbtxt_string"] = pbtxt_string
     env.filters["pbtxt_comment"] = pbtxt_comment

@@ -16,6 +16,7 @@ line that quotes Triton's own reason where it gave one.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import importlib.util
 import os
@@ -44,9 +45,14 @@ NOT_FOUND_HELP = (
 # Lines in Triton's log that carry the reason a model did not load.
 _LOAD_FAILURE_RES = (
     re.compile(r"failed to load '(?P<model>[^']+)' version \d+: (?P<reason>.+)$"),
-    re.compile(r"^\|\s*(?P<model>\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (?P<reason>.+?)\s*\|?$"),
+    # The model table Triton prints at startup: | name | version | UNAVAILABLE: reason |
+    re.compile(
+        r"^\|\s*(?P<model>\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (?P<reason>.+?)\s*\|?$"
+    ),
 )
-_PORT_BUSY_RE = re.compile(r"(address already in use|failed to start (HTTP|GRPC|Metrics))", re.I)
+_PORT_BUSY_RE = re.compile(
+    r"(address already in use|failed to start (HTTP|GRPC|Metrics))", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -316,17 +322,13 @@ class TritonServer:
         if proc is not None and proc.poll() is None:
             # The server alone first: it unloads its models and ends its stubs in order.
             proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
         if proc is not None:
             # Stubs of a server that exited may still be alive in the group.
             _signal_group(proc, signal.SIGKILL)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -382,10 +384,8 @@ class _PortRace(Exception):
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # Servers still running at interpreter exit (an uncaught exception, sys.exit in a test run)

@@ -8,7 +8,6 @@ from google.protobuf import text_format
 from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.grpc import model_config_pb2
-
 from tritonforge.generator import render
 from tritonforge.generator.errors import UserError
 

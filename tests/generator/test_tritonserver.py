@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tritonforge.generator import tritonserver as ts
 from tritonforge.generator.errors import TritonServerError
 from tritonforge.generator.render import render_model
@@ -144,7 +143,8 @@ def test_server_and_its_stubs_stop_when_the_owner_fails(tmp_path, how):
     """))
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     pid = int(owner.stdout.readline())
-    stubs = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout
+    stubs = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True,
+                           check=False).stdout
     group = [int(p) for p in stubs.split()]
     assert pid in group and len(group) >= 2, "expected the server and its Python stub"
     if how == "ctrl-c":
