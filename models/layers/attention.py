@@ -1,0 +1,77 @@
+"""Paged attention as a layer: store this step's K/V, then attend over the cache.
+
+Design: an Attention module owns no weights; it is the point where a model hands q/k/v to
+the engine's paged KV cache. The engine allocates one (k_cache, v_cache) pair per layer,
+each [num_blocks, block_size, num_kv_heads, head_dim], and binds them once with
+`bind_kv_cache(model, kv_caches)`, which walks the Attention modules in layer order. Every
+forward then writes its new K/V at `attn_metadata.slot_mapping` and reads the whole
+context through the block tables (see models/attention_metadata.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tritonforge.kernels.kv_cache import store_kv_ref
+from tritonforge.kernels.paged_attention import paged_attention_ref
+from tritonforge.models.attention_metadata import AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.scale = scale
+        self.sliding_window, self.logits_soft_cap = sliding_window, logits_soft_cap
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        # q: [N, Hq * D]; k, v: [N, Hkv * D] -> [N, Hq * D]
+        if self.kv_cache is None:
+            raise RuntimeError("Attention has no KV cache; call bind_kv_cache(model, kv_caches) "
+                               "before the first forward")
+        k_cache, v_cache = self.kv_cache
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        store_kv_ref(k, v, k_cache, v_cache, attn_metadata.slot_mapping)
+        out = paged_attention_ref(
+            q, k_cache, v_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
+            attn_metadata.block_tables, self.scale, self.sliding_window, self.logits_soft_cap,
+        )
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, sliding_window={self.sliding_window}")
+
+
+def bind_kv_cache(model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Gives the i-th Attention module of `model` (in layer order) the i-th (k, v) cache."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if len(layers) != len(kv_caches):
+        raise ValueError(f"the model has {len(layers)} attention layers but {len(kv_caches)} KV "
+                         "caches were given")
+    for layer, (k_cache, v_cache) in zip(layers, kv_caches):
+        expected = (layer.num_kv_heads, layer.head_dim)
+        if tuple(k_cache.shape[2:]) != expected or k_cache.shape != v_cache.shape:
+            raise ValueError(f"KV caches must be [num_blocks, block_size, {expected[0]}, "
+                             f"{expected[1]}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        if k_cache.data_ptr() == v_cache.data_ptr():
+            raise ValueError("k_cache and v_cache must be distinct tensors")
+        layer.kv_cache = (k_cache, v_cache)

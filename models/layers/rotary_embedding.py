@@ -1,0 +1,164 @@
+"""Rotary embeddings: the cos/sin cache for each RoPE scaling scheme, and the module using it.
+
+Design: every scheme only changes the inverse frequencies (and, for YaRN, a magnitude
+factor on cos/sin); the cache `[max_positions, rotary_dim] = [cos | sin]` is then indexed by
+position, so prefill chunks and decodes at any position need no per-step work. The schemes
+follow transformers' ROPE_INIT_FUNCTIONS (tests compare against them), with one deliberate
+difference: "dynamic" NTK in transformers rescales the base from the running sequence
+length, which a per-position cache cannot; like vLLM we fix it at the length the scaling
+targets (max_position * factor), identical to transformers for sequences of that length.
+
+`get_rope` reads the rope dict as transformers 5 stores it (`config.rope_parameters`:
+"rope_type", "rope_theta", "factor", ...; the legacy "type" key is accepted too).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from tritonforge.kernels.rotary import rotary_embedding_ref
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary embeddings from a precomputed float32 cos/sin cache."""
+
+    def __init__(
+        self, head_size: int, rotary_dim: int, cos_sin_cache: torch.Tensor, is_neox_style: bool
+    ) -> None:
+        super().__init__()
+        self.head_size, self.rotary_dim, self.is_neox_style = head_size, rotary_dim, is_neox_style
+        # Not persistent: derived from the config, never in a checkpoint.
+        self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # positions: [N]; query: [N, Hq * D]; key: [N, Hkv * D]
+        return rotary_embedding_ref(
+            positions, query, key, self.cos_sin_cache, self.head_size, self.is_neox_style
+        )
+
+    def extra_repr(self) -> str:
+        return (f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, "
+                f"max_positions={self.cos_sin_cache.shape[0]}, neox={self.is_neox_style}")
+
+
+def _inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
+    # [rotary_dim / 2], float32, computed exactly as transformers does
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    return 1.0 / (base**exponent)
+
+
+def _llama3_inv_freq(base: float, rotary_dim: int, scaling: dict[str, Any]) -> torch.Tensor:
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    inv_freq = _inv_freq(base, rotary_dim)
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(
+    base: float, rotary_dim: int, scaling: dict[str, Any], max_position: int
+) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, extrapolate high ones, ramp between; cos/sin scaled."""
+    original = scaling.get("original_max_position_embeddings") or max_position
+    factor = scaling.get("factor") or max_position / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        rotations = math.log(original / (num_rotations * 2 * math.pi))
+        return rotary_dim * rotations / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # a zero-width ramp would divide by zero
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation_weight = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+def rope_inv_freq(
+    rotary_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None
+) -> tuple[torch.Tensor, float, int]:
+    """(inv_freq [rotary_dim / 2] float32, cos/sin magnitude factor, positions to cache)."""
+    scaling = dict(rope_scaling or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return _inv_freq(base, rotary_dim), 1.0, max_position
+    if rope_type == "linear":
+        factor = scaling["factor"]
+        return _inv_freq(base, rotary_dim) / factor, 1.0, int(max_position * factor)
+    if rope_type == "dynamic":
+        factor = scaling["factor"]
+        length = int(max_position * factor)
+        scaled_base = base * ((factor * length / max_position) - (factor - 1)) ** (
+            rotary_dim / (rotary_dim - 2))
+        return _inv_freq(scaled_base, rotary_dim), 1.0, length
+    if rope_type == "llama3":
+        return _llama3_inv_freq(base, rotary_dim, scaling), 1.0, max_position
+    if rope_type == "yarn":
+        inv_freq, attention_factor = _yarn_inv_freq(base, rotary_dim, scaling, max_position)
+        return inv_freq, attention_factor, max_position
+    raise ValueError(
+        f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+    )
+
+
+def get_rope(
+    head_size: int,
+    rotary_dim: int,
+    max_position: int,
+    base: float,
+    rope_scaling: dict[str, Any] | None = None,
+    is_neox_style: bool = True,
+) -> RotaryEmbedding:
+    """A RotaryEmbedding whose cache covers every position the scaling scheme targets."""
+    if rotary_dim > head_size or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even and <= head_size {head_size}, got {rotary_dim}")
+    inv_freq, magnitude, num_positions = rope_inv_freq(rotary_dim, max_position, base, rope_scaling)
+    freqs = torch.outer(torch.arange(num_positions, dtype=torch.float32), inv_freq.float())
+    cache = torch.cat((freqs.cos() * magnitude, freqs.sin() * magnitude), dim=-1)
+    return RotaryEmbedding(head_size, rotary_dim, cache, is_neox_style)
+
+
+def get_rope_from_config(
+    config: Any, head_size: int, layer_type: str | None = None, is_neox_style: bool = True
+) -> RotaryEmbedding:
+    """get_rope with the arguments a transformers config states (rope_parameters, or the
+    older rope_scaling + rope_theta); `layer_type` picks a per-layer-type rope dict."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    params = dict(params or {})
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    base = params.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    rotary_dim = int(head_size * (partial or 1.0))
+    return get_rope(head_size, rotary_dim, config.max_position_embeddings, base, params,
+                    is_neox_style)

@@ -1,0 +1,173 @@
+"""Llama-family decoders (Llama, Mistral, SmolLM2) and the decoder layer Qwen2/Qwen3 reuse.
+
+Wiring only: module names equal the checkpoint's (`model.layers.N.self_attn.q_proj` loads
+into the fused `qkv_proj` through packed_modules_mapping). The families differ by config
+alone, captured in `DecoderOptions` (biases, per-head q/k norms); each family class says
+which options it has. Mistral is Llama plus a sliding window, read from the config per
+layer (`layer_types` where the config has them, else `sliding_window`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from tritonforge.models.attention_metadata import AttentionMetadata
+from tritonforge.models.layers.activation import get_act_and_mul
+from tritonforge.models.layers.attention import Attention
+from tritonforge.models.layers.layernorm import RMSNorm
+from tritonforge.models.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from tritonforge.models.layers.rotary_embedding import RotaryEmbedding, get_rope_from_config
+from tritonforge.models.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from tritonforge.models.weight_utils import load_weights
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3)
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_window_of(config: PretrainedConfig, layer_idx: int) -> int | None:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        is_sliding = layer_types[layer_idx] == "sliding_attention"
+        return config.sliding_window if is_sliding else None
+    return getattr(config, "sliding_window", None)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig, options: DecoderOptions, dtype: torch.dtype):
+        super().__init__()
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], options.mlp_bias,
+                                                       dtype)
+        self.down_proj = RowParallelLinear(inter, hidden, options.mlp_bias, dtype)
+        self.act_fn = get_act_and_mul(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_idx: int, options: DecoderOptions,
+                 rotary_emb: RotaryEmbedding, dtype: torch.dtype):
+        super().__init__()
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        self.head_dim = head_dim = head_dim_of(config)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, num_heads, num_kv_heads,
+                                          options.qkv_bias, dtype)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, config.hidden_size, options.o_bias,
+                                        dtype)
+        if options.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, params_dtype=dtype)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, params_dtype=dtype)
+        self.qk_norm = options.qk_norm
+        self.rotary_emb = rotary_emb  # shared by all layers: one cos/sin cache per model
+        self.attn = Attention(self.qkv_proj.num_heads, head_dim, head_dim**-0.5,
+                              self.qkv_proj.num_kv_heads, sliding_window_of(config, layer_idx))
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        # hidden_states: [N, H] -> [N, H]
+        q, k, v = self.qkv_proj(hidden_states).split(self.qkv_proj.output_sizes, dim=-1)
+        if self.qk_norm:  # the norm's weight is per head dim: normalise each head alone
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, attn_metadata))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_idx: int, options: DecoderOptions,
+                 rotary_emb: RotaryEmbedding, dtype: torch.dtype):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = LlamaAttention(config, layer_idx, options, rotary_emb, dtype)
+        self.mlp = LlamaMLP(config, options, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, params_dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, params_dtype=dtype)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None, attn_metadata: AttentionMetadata):
+        # Pre-norm with the residual add fused into each norm; returns (branch output, residual).
+        if residual is None:
+            residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, attn_metadata)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, options: DecoderOptions, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.rotary_emb = get_rope_from_config(config, head_dim_of(config))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, options, self.rotary_emb, dtype)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        hidden_states, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    @staticmethod
+    def decoder_options(config: PretrainedConfig) -> DecoderOptions:
+        attention_bias = getattr(config, "attention_bias", False)
+        return DecoderOptions(qkv_bias=attention_bias, o_bias=attention_bias,
+                              mlp_bias=getattr(config, "mlp_bias", False))
+
+    def __init__(self, config: PretrainedConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, self.decoder_options(config), dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.tie_weights(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [N] int64 -> hidden states [N, H]
+        return self.model(input_ids, positions, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # hidden_states: [S, H] -> logits [S, V] float32
+        return self.lm_head(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # Tied checkpoints may still carry lm_head.weight; the embedding is the one we keep.
+        skip = ("rotary_emb.inv_freq",) + (("lm_head.",) if self.config.tie_word_embeddings else ())
+        return load_weights(self, weights, self.packed_modules_mapping, skip)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama with a sliding window (taken from the config by every layer)."""
