@@ -1,0 +1,97 @@
+"""A sequence: one request's tokens and its place in the KV cache.
+
+`token_ids` holds the prompt followed by the generated tokens. `num_computed_tokens` of
+them have their K/V in the cache (the first `num_cached_tokens` of those came from the
+prefix cache at admission). A step computes `token_ids[num_computed_tokens :
+num_computed_tokens + n]` for some n chosen by the scheduler; once every token is computed
+the step also samples the next token. Preemption by recompute frees the blocks and resets
+`num_computed_tokens` to 0: the prompt and the tokens generated so far are prefilled again
+(the prefix cache usually makes that cheap).
+
+`block_table` maps logical block j (tokens j*block_size .. (j+1)*block_size - 1) to a
+physical block id; `block_hashes[j]` is the chained hash of full block j once known.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # not admitted, or preempted (holds no blocks)
+    RUNNING = "running"  # holds blocks; prefilling or decoding
+    FINISHED = "finished"  # done or aborted (holds no blocks)
+
+
+_seq_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]
+    sampling_params: Any  # engine.sampling_params.SamplingParams (kept loose: no cycle)
+    arrival_time: float = 0.0
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    num_prompt_tokens: int = -1
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.token_ids)
+        if not self.token_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+
+    # ---- token views --------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than the one newest token lacks K/V (a prompt, or a recompute after
+        preemption)."""
+        return self.num_uncomputed_tokens > 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def block_tokens(self, j: int, block_size: int) -> list[int]:
+        return self.token_ids[j * block_size : (j + 1) * block_size]
+
+    def num_blocks_for(self, num_tokens: int, block_size: int) -> int:
+        return -(-num_tokens // block_size)
