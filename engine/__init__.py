@@ -1,14 +1,33 @@
-"""The engine: the offline API (`LLM`) and the runners behind it.
+"""The engine: paged KV cache, continuous batching, sampling, and the APIs over them.
 
-Design: `LLM` is the one entry point for offline use and for the Triton backend. This slice
-ships the pooling runner (tokenize -> length-sorted batches under a token budget -> model ->
-pool -> Matryoshka/normalize); the paged-KV generate runner (scheduler, block manager,
-sampler, detokenizer) lands with its own issue behind the same `LLM`. The engine imports
+`LLM` is the offline API (generate / chat / embed); `AsyncEngine` drives an `LLMEngine`
+from its own thread for streaming callers such as the Triton backend. The engine imports
 models, never the backend.
 """
 
+from tritonforge.engine.async_engine import AsyncEngine, RequestStream
+from tritonforge.engine.config import EngineConfig
 from tritonforge.engine.llm import LLM
-from tritonforge.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput
+from tritonforge.engine.llm_engine import LLMEngine
+from tritonforge.engine.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+)
 from tritonforge.engine.pooling_params import PoolingParams
+from tritonforge.engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "EmbeddingOutput", "EmbeddingRequestOutput", "PoolingParams"]
+__all__ = [
+    "LLM",
+    "AsyncEngine",
+    "CompletionOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
+    "EngineConfig",
+    "LLMEngine",
+    "PoolingParams",
+    "RequestOutput",
+    "RequestStream",
+    "SamplingParams",
+]

@@ -1,320 +1,253 @@
-"""The offline API: `LLM(model=..., runner="pooling")` and its embed / encode methods.
+"""The offline API, as users know it from vLLM:
 
-Design: the same object users know from vLLM, backed for now by the pooling runner only
-(the paged-KV generate runner lands with its own issue; until then any other `runner` is a
-ValueError rather than a stub). A call tokenizes every prompt, checks it against
-max_model_len, sorts prompts by length and packs them into batches of at most
-max_num_batched_tokens padded tokens, each padded to under twice its shortest prompt (so
-padding is under half of any batch), runs the model, pools, and restores input order.
-Pooling reads each prompt once: no KV cache.
+    llm = LLM(model="path/or/id", runner="generate")
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    outs[0].outputs[0].text
+    LLM(model="all-MiniLM-L6-v2", runner="pooling").embed(["a sentence"])[0].outputs.embedding
 
-Invariant: a prompt's embedding does not depend on which other prompts share its batch or
-how the batch is padded (the pooler follows the attention mask).
+`runner="auto"` decides by the architecture (causal-LM heads generate, the rest pool).
+Generation runs the paged-KV continuous-batching engine to completion for a batch of
+prompts; pooling runs the pooling runner. Either way a failure partway (a bad prompt among
+many) aborts what was queued, so nothing leaks.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tritonforge.engine.batching import pad_batch, plan_batches
-from tritonforge.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput
-from tritonforge.engine.pooler import finalize, pool
-from tritonforge.engine.pooling_params import PoolingParams
-from tritonforge.models.loader import (
-    resolve_architecture,
-    resolve_device,
-    resolve_dtype,
-    resolve_max_model_len,
-    resolve_model_dir,
+from tritonforge.engine.config import EngineConfig
+from tritonforge.engine.llm_engine import LLMEngine
+from tritonforge.engine.outputs import (
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringRequestOutput,
 )
-from tritonforge.models.pooling_config import PoolingConfig, read_pooling_config
-from tritonforge.models.transformers_encoder import TransformersEncoder
+from tritonforge.engine.pooling_params import PoolingParams
+from tritonforge.engine.pooling_runner import PoolingRunner
+from tritonforge.engine.sampling_params import SamplingParams
+from tritonforge.models.weight_utils import load_config
 
-RUNNERS = ("pooling",)
-MODEL_IMPLS = ("auto", "native", "transformers")
+_GENERATE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
-# model_impl -> builder(model_dir, dtype, device, trust_remote_code) of the pooling module,
-# whose forward maps (input_ids, attention_mask) [B, T] to the last hidden state [B, T, H].
-# The models issue adds "native" (native BertModel, looked up by architecture in the
-# models registry); "auto" will then prefer native where the architecture has one.
-_POOLING_MODEL_IMPLS: dict[str, Callable[..., nn.Module]] = {"transformers": TransformersEncoder}
+Prompt = str | list[int]
+
+
+def resolve_runner(config: EngineConfig) -> str:
+    """"auto" -> generate for causal-LM heads, pooling for the rest. Any model can pool (a
+    decoder pools its last token); only a causal-LM head can generate."""
+    if config.runner == "pooling":
+        return "pooling"
+    hf_config = load_config(config.model, trust_remote_code=config.trust_remote_code)
+    architectures = getattr(hf_config, "architectures", None) or []
+    generates = any(a.endswith(_GENERATE_SUFFIXES) for a in architectures)
+    if config.runner == "generate" and not generates:
+        raise ValueError(
+            f"runner='generate' needs a causal-LM architecture, but this model is "
+            f"{', '.join(architectures) or 'unknown'}; use runner='pooling' (or 'auto')"
+        )
+    return "generate" if generates else "pooling"
 
 
 class LLM:
-    """Load a model folder once, then embed batches of texts with it."""
+    """Load a model once; generate from it or pool with it."""
 
-    def __init__(
-        self,
-        model: str | Path,
-        runner: str = "pooling",
-        model_impl: str = "auto",
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        device: str | torch.device = "auto",
-        trust_remote_code: bool = False,
-        seed: int = 0,
-        max_num_batched_tokens: int = 16384,
-    ) -> None:
-        if runner not in RUNNERS:
-            raise ValueError(
-                f"runner must be one of {RUNNERS}, got {runner!r} (the generate runner is not "
-                "built yet)"
-            )
-        if model_impl not in MODEL_IMPLS:
-            raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, got {model_impl!r}")
-        if max_model_len is not None and not _is_positive_int(max_model_len):
-            raise ValueError(f"max_model_len must be None or an int >= 1, got {max_model_len!r}")
-        if not _is_positive_int(max_num_batched_tokens):
-            raise ValueError(
-                f"max_num_batched_tokens must be an int >= 1, got {max_num_batched_tokens!r}"
-            )
-        if trust_remote_code is not True and trust_remote_code is not False:
-            raise ValueError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
-        if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        # Pooling is deterministic; the seed is kept for the generate runner's samplers.
-        self.seed = seed
-        self._device = resolve_device(device)
-
-        from transformers import AutoConfig, AutoTokenizer
-
-        model_dir = resolve_model_dir(model)
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        architecture = resolve_architecture(config)
-        build_model = _select_model_impl(model_impl, architecture)
-        self._dtype = resolve_dtype(dtype, config, self._device)
-        self._pooling_config = read_pooling_config(model_dir, architecture)
-        self._tokenizer = AutoTokenizer.from_pretrained(
-            model_dir, trust_remote_code=trust_remote_code
+    def __init__(self, model: str | Path, runner: str = "auto", model_impl: str = "auto",
+                 dtype: str = "auto", max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 device: str = "auto", seed: int = 0, trust_remote_code: bool = False,
+                 **engine_kwargs: Any) -> None:
+        config = EngineConfig(
+            model=model, runner=runner, model_impl=model_impl, dtype=dtype,
+            max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+            block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, device=device, seed=seed,
+            trust_remote_code=trust_remote_code, **engine_kwargs,
         )
-        self._max_model_len = resolve_max_model_len(
-            max_model_len, config, self._tokenizer, self._pooling_config
-        )
-        if max_num_batched_tokens < self._max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens must be >= max_model_len ({self._max_model_len}) so the "
-                f"longest prompt fits one batch, got {max_num_batched_tokens}"
-            )
-        self._max_num_batched_tokens = max_num_batched_tokens
-        self._model = build_model(model_dir, self._dtype, self._device, trust_remote_code)
-        self._hidden_size = int(self._model.hidden_size)
-        default_dims = self._pooling_config.dimensions
-        if default_dims is not None and default_dims > self._hidden_size:
-            raise ValueError(
-                f"{model_dir}: truncate_dim {default_dims} exceeds hidden size {self._hidden_size}"
-            )
-        pad = self._tokenizer.pad_token_id
-        self._pad_token_id = (
-            pad if pad is not None else (getattr(config, "pad_token_id", None) or 0)
-        )
-        self._request_ids = itertools.count()
+        self.config = config.for_runner(resolve_runner(config))
+        self.engine: LLMEngine | None = None
+        self.pooler: PoolingRunner | None = None
+        if self.config.runner == "generate":
+            self.engine = LLMEngine(self.config)
+        else:
+            self.pooler = PoolingRunner(self.config)
 
-    # ---- public API -------------------------------------------------------------------
+    # ---- shared --------------------------------------------------------------------------
+    @property
+    def runner(self) -> str:
+        return self.config.runner
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer if self.engine else self.pooler.tokenizer
 
     @property
     def tokenizer(self) -> Any:
-        return self._tokenizer
-
-    @property
-    def pooling_config(self) -> PoolingConfig:
-        return self._pooling_config
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def hidden_size(self) -> int:
-        return self._hidden_size
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
+        return self.get_tokenizer()
 
     def apply_model(self, fn: Callable[[nn.Module], Any]) -> Any:
         """Call `fn` on the loaded nn.Module (inspection, hooks) and return its result."""
-        return fn(self._model)
+        return fn(self.engine.model if self.engine else self.pooler.model)
 
-    def embed(
+    def _need(self, runner: str, method: str) -> Any:
+        target = self.engine if runner == "generate" else self.pooler
+        if target is None:
+            raise ValueError(f"{method}() needs runner={runner!r}; this LLM was built with "
+                             f"runner={self.runner!r}")
+        return target
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(
         self,
-        texts: str | Sequence[str],
-        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
-    ) -> list[EmbeddingRequestOutput]:
-        """One EmbeddingRequestOutput per text, in input order."""
-        prompts, params = self._check_inputs(texts, pooling_params)
-        token_ids, pooled = self._pool(prompts, params, use_tqdm)
-        embeddings: list[list[float]] = [[] for _ in prompts]
-        for rows, emb in self._finalize(pooled, params):
-            for row, values in zip(rows, emb.tolist()):
-                embeddings[row] = values
-        return [
-            EmbeddingRequestOutput(str(next(self._request_ids)), ids, EmbeddingOutput(emb))
-            for ids, emb in zip(token_ids, embeddings)
+    ) -> list[RequestOutput]:
+        """Runs every prompt to completion; one RequestOutput per prompt, in input order."""
+        engine: LLMEngine = self._need("generate", "generate")
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self._run(engine, list(prompts), sampling_params, [None] * len(prompts), use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Renders each conversation with the tokenizer's chat template, then generates."""
+        engine: LLMEngine = self._need("generate", "chat")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        texts = [
+            render_chat(engine.tokenizer, conv, chat_template, add_generation_prompt,
+                        chat_template_kwargs)
+            for conv in conversations
         ]
+        # The template already holds the special tokens (BOS and the turn markers).
+        token_ids = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return self._run(engine, token_ids, sampling_params, texts, use_tqdm)
+
+    def _run(self, engine: LLMEngine, prompts: list[Prompt], sampling_params: Any,
+             texts: list[str | None], use_tqdm: bool) -> list[RequestOutput]:
+        params = _per_prompt(sampling_params, len(prompts), SamplingParams, "sampling_params")
+        ids: list[str] = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                try:
+                    ids.append(engine.add_request(None, prompt, p))
+                except ValueError as err:
+                    raise ValueError(f"prompts[{i}]: {err}") from None
+            finals: dict[str, RequestOutput] = {}
+            progress = _progress(use_tqdm, len(ids))
+            while len(finals) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+                        if progress is not None:
+                            progress.update(1)
+            if progress is not None:
+                progress.close()
+        except BaseException:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
+        outputs = [finals[i] for i in ids]
+        for out, text in zip(outputs, texts):
+            if text is not None:
+                out.prompt = text
+        return outputs
+
+    # ---- pooling -------------------------------------------------------------------------
+    def embed(self, texts: str | Sequence[str],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+        return self._need("pooling", "embed").embed(texts, pooling_params, use_tqdm)
 
     encode = embed
 
-    def embed_tensors(
-        self,
-        texts: str | Sequence[str],
-        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
-        use_tqdm: bool = False,
-    ) -> torch.Tensor:
-        """Embeddings as one float32 CPU tensor [N, D]: the backend's path, no Python floats.
+    def embed_tensors(self, texts: str | Sequence[str],
+                      pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+                      use_tqdm: bool = False) -> torch.Tensor:
+        return self._need("pooling", "embed_tensors").embed_tensors(texts, pooling_params,
+                                                                    use_tqdm)
 
-        All prompts must resolve to the same `dimensions` (D), so the rows stack.
-        """
-        prompts, params = self._check_inputs(texts, pooling_params)
-        sizes = {self._dimensions(p) or self._hidden_size for p in params}
-        if len(sizes) > 1:
-            raise ValueError(
-                f"pooling_params: embed_tensors needs one output size for all prompts, got "
-                f"dimensions {sorted(sizes)}"
-            )
-        size = sizes.pop() if sizes else self._dimensions(PoolingParams()) or self._hidden_size
-        _, pooled = self._pool(prompts, params, use_tqdm)
-        out = torch.empty(len(prompts), size, dtype=torch.float32)
-        for rows, emb in self._finalize(pooled, params):
-            out[rows] = emb
-        return out
+    def classify(self, texts: str | Sequence[str],
+                 pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+                 use_tqdm: bool = False) -> list[ClassificationRequestOutput]:
+        return self._need("pooling", "classify").classify(texts, pooling_params, use_tqdm)
 
-    # ---- internals --------------------------------------------------------------------
+    def classify_tensors(self, texts: str | Sequence[str],
+                         pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+                         use_tqdm: bool = False) -> torch.Tensor:
+        return self._need("pooling", "classify_tensors").classify_tensors(texts, pooling_params,
+                                                                          use_tqdm)
 
-    def _check_inputs(
-        self, texts: Any, pooling_params: Any
-    ) -> tuple[list[str], list[PoolingParams]]:
-        if isinstance(texts, str):
-            prompts = [texts]
-        elif isinstance(texts, (list, tuple)):
-            prompts = list(texts)
-        else:
-            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
-        for i, text in enumerate(prompts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
-        if pooling_params is None or isinstance(pooling_params, PoolingParams):
-            params = [pooling_params or PoolingParams()] * len(prompts)
-        elif isinstance(pooling_params, (list, tuple)):
-            params = list(pooling_params)
-            if len(params) != len(prompts):
-                raise ValueError(
-                    f"pooling_params has {len(params)} entries for {len(prompts)} texts; pass "
-                    "one PoolingParams or one per text"
-                )
-            for i, p in enumerate(params):
-                if not isinstance(p, PoolingParams):
-                    raise TypeError(f"pooling_params[{i}] must be a PoolingParams")
-        else:
-            raise TypeError("pooling_params must be None, a PoolingParams or a list of them")
-        for p in {id(p): p for p in params}.values():
-            p.verify(
-                self._hidden_size, self._max_model_len, self._pooling_config.matryoshka_dimensions
-            )
-        return prompts, params
+    def reward(self, texts: str | Sequence[str],
+               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+               use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+        return self._need("pooling", "reward").reward(texts, pooling_params, use_tqdm)
 
-    def _tokenize(self, prompts: list[str], params: list[PoolingParams]) -> list[list[int]]:
-        if not prompts:
-            return []
-        if self._pooling_config.do_lower_case:
-            prompts = [p.lower() for p in prompts]
-        tok = self._tokenizer
-        token_ids = tok(prompts, add_special_tokens=True, verbose=False)["input_ids"]
-        to_cut: dict[int, list[int]] = {}  # token limit -> prompt indices over it
-        for i, (ids, p) in enumerate(zip(token_ids, params)):
-            tpt = p.truncate_prompt_tokens
-            limit = self._max_model_len if tpt is None or tpt == -1 else tpt
-            if len(ids) <= limit:
-                continue
-            if tpt is None:
-                raise ValueError(
-                    f"texts[{i}] has {len(ids)} tokens, more than max_model_len="
-                    f"{self._max_model_len}; set PoolingParams(truncate_prompt_tokens=-1) to "
-                    "truncate to the model limit, or truncate_prompt_tokens=k to keep k tokens"
-                )
-            to_cut.setdefault(limit, []).append(i)
-        # Re-tokenizing with truncation (rather than slicing ids) keeps the special tokens
-        # at both ends, exactly as sentence-transformers truncates.
-        for limit, indices in to_cut.items():
-            cut = tok(
-                [prompts[i] for i in indices],
-                add_special_tokens=True, truncation=True, max_length=limit, verbose=False,
-            )["input_ids"]  # fmt: skip
-            for i, ids in zip(indices, cut):
-                if len(ids) > limit:
-                    raise ValueError(
-                        f"truncate_prompt_tokens={limit} is shorter than the special tokens the "
-                        f"tokenizer adds to texts[{i}]"
-                    )
-                token_ids[i] = ids
-        for i, ids in enumerate(token_ids):
-            if not ids:
-                raise ValueError(f"texts[{i}] tokenizes to no tokens; nothing to embed")
-        return token_ids
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str],
+              truncate_prompt_tokens: int | None = None,
+              use_tqdm: bool = False) -> list[ScoringRequestOutput]:
+        return self._need("pooling", "score").score(text_1, text_2, truncate_prompt_tokens,
+                                                    use_tqdm)
 
-    @torch.inference_mode()
-    def _pool(
-        self, prompts: list[str], params: list[PoolingParams], use_tqdm: bool
-    ) -> tuple[list[list[int]], torch.Tensor]:
-        # -> token ids per prompt, pooled (not yet normalized) embeddings [N, H] float32 CPU
-        token_ids = self._tokenize(prompts, params)
-        pooled = torch.empty(len(token_ids), self._hidden_size, dtype=torch.float32)
-        batches = plan_batches([len(ids) for ids in token_ids], self._max_num_batched_tokens)
-        progress = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
+    @property
+    def pooling_config(self) -> Any:
+        return self._need("pooling", "pooling_config").pooling_config
 
-            progress = tqdm(total=len(token_ids), desc="Embedding", unit="prompt")
-        for batch in batches:
-            input_ids, attention_mask = pad_batch([token_ids[i] for i in batch], self._pad_token_id)
-            input_ids = input_ids.to(self._device, non_blocking=True)
-            attention_mask = attention_mask.to(self._device, non_blocking=True)
-            hidden = self._model(input_ids, attention_mask)  # [B, T, H]
-            emb = pool(hidden, attention_mask, self._pooling_config.pooling_type)
-            pooled[batch] = emb.cpu()
-            if progress is not None:
-                progress.update(len(batch))
-        if progress is not None:
-            progress.close()
-        return token_ids, pooled
+    @property
+    def hidden_size(self) -> int:
+        return self._need("pooling", "hidden_size").hidden_size
 
-    def _dimensions(self, p: PoolingParams) -> int | None:
-        return p.dimensions if p.dimensions is not None else self._pooling_config.dimensions
+    @property
+    def max_model_len(self) -> int:
+        return (self.engine or self.pooler).max_model_len
 
-    def _finalize(
-        self, pooled: torch.Tensor, params: list[PoolingParams]
-    ) -> list[tuple[list[int], torch.Tensor]]:
-        """Matryoshka + normalize, once per distinct (normalize, dimensions) group of rows."""
-        groups: dict[tuple[bool, int | None], list[int]] = {}
-        for row, p in enumerate(params):
-            normalize = p.normalize if p.normalize is not None else self._pooling_config.normalize
-            groups.setdefault((normalize, self._dimensions(p)), []).append(row)
-        return [
-            (rows, finalize(pooled[rows], normalize, dims))
-            for (normalize, dims), rows in groups.items()
-        ]
+    @property
+    def device(self) -> torch.device:
+        return (self.engine or self.pooler).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.engine or self.pooler).dtype
 
 
-def _select_model_impl(model_impl: str, architecture: str) -> Callable[..., nn.Module]:
-    if model_impl == "auto":
-        return _POOLING_MODEL_IMPLS["transformers"]
-    if model_impl not in _POOLING_MODEL_IMPLS:
-        allowed = ("auto", *_POOLING_MODEL_IMPLS)
-        raise ValueError(
-            f"model_impl={model_impl!r}: no native pooling implementation exists yet (not for "
-            f"{architecture} nor any other architecture); model_impl must be one of {allowed}"
-        )
-    return _POOLING_MODEL_IMPLS[model_impl]
+def render_chat(tokenizer: Any, conversation: list[dict[str, Any]], chat_template: str | None,
+                add_generation_prompt: bool, kwargs: dict[str, Any] | None) -> str:
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
+    return tokenizer.apply_chat_template(
+        conversation, chat_template=chat_template, tokenize=False,
+        add_generation_prompt=add_generation_prompt, **(kwargs or {}),
+    )
 
 
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _per_prompt(params: Any, n: int, kind: type, name: str) -> list[Any]:
+    if params is None:
+        return [kind()] * n
+    if isinstance(params, kind):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"{name} has {len(params)} entries for {n} prompts; pass one or one "
+                         "per prompt")
+    return params
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Generating", unit="req")

@@ -263,8 +263,8 @@ def test_bad_llm_arguments_raise_value_error_naming_field(
         LLM(model=model_dir, **{"device": "cpu", **kwargs})
 
 
-def test_runner_error_lists_allowed_runners(model_dir: Path) -> None:
-    with pytest.raises(ValueError, match=r"\('pooling',\)"):
+def test_generate_runner_on_an_encoder_points_to_pooling(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"runner='generate'.*BertModel.*runner='pooling'"):
         LLM(model=model_dir, runner="generate")
 
 
@@ -417,7 +417,7 @@ def test_plan_batches_covers_every_prompt_once_within_budget() -> None:
 
 def test_tiny_decoder_pools_last_token_single_equals_batched(tiny_model) -> None:
     folder = tiny_model("Qwen3ForCausalLM")
-    llm = LLM(model=folder, device="cpu")
+    llm = LLM(model=folder, runner="pooling", device="cpu")
     assert llm.pooling_config.pooling_type == "LAST" and llm.pooling_config.normalize
     texts = ["The quick brown fox", "Hello, wörld! 你好 🙂 and a longer second prompt to pad"]
     batched = llm.embed_tensors(texts)

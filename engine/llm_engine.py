@@ -1,0 +1,246 @@
+"""The generate engine: requests in, one continuous-batching step at a time, outputs out.
+
+One step: the scheduler picks decodes and prefill chunks under the token budget (and
+preempts by recompute when blocks run out); the runner computes them in one flat batch
+over the paged KV cache and returns logits for the sequences that finished their
+uncomputed tokens; the sampler picks their next tokens; each request's detokenizer and
+stop checker turn tokens into text and finish reasons. Finished and aborted requests free
+their blocks at once.
+
+Not thread-safe: one thread drives step(); AsyncEngine wraps it for concurrent callers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tritonforge.engine import stop_checker
+from tritonforge.engine.block_manager import BlockManager
+from tritonforge.engine.config import EngineConfig
+from tritonforge.engine.detokenizer import IncrementalDetokenizer
+from tritonforge.engine.model_runner import ModelRunner
+from tritonforge.engine.outputs import CompletionOutput, RequestOutput
+from tritonforge.engine.sampler import Sampler, SamplingMetadata, request_generator
+from tritonforge.engine.sampling_params import SamplingParams
+from tritonforge.engine.scheduler import Scheduler
+from tritonforge.engine.sequence import Sequence
+from tritonforge.engine.tokenizer import eos_token_ids, load_tokenizer
+from tritonforge.models.loader import resolve_device, resolve_dtype
+from tritonforge.models.weight_utils import load_config, load_model
+
+
+@dataclass(eq=False)
+class _Request:
+    """Per-request state beside its Sequence: text, logprobs and what was reported."""
+
+    seq: Sequence
+    prompt: str | None
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    logprobs: list[dict[int, float]] | None
+    cumulative_logprob: float = 0.0
+    text: str = ""  # the output text so far (cut at a stop string when one matched)
+    reported_text: int = 0  # characters already reported in text deltas
+    reported_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks held by requests (cached free ones excluded)
+    num_preemptions: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens served from it
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        hf_config = load_config(config.model, trust_remote_code=config.trust_remote_code)
+        self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        if config.max_model_len and config.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len={config.max_model_len} exceeds the model's "
+                f"max_position_embeddings={limit}"
+            )
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model,
+                                        trust_remote_code=config.trust_remote_code)
+        self.model, self.hf_config = load_model(
+            config.model, self.dtype, self.device, model_impl=config.model_impl,
+            trust_remote_code=config.trust_remote_code,
+        )
+        self.vocab_size = int(self.hf_config.vocab_size)
+        self.runner = ModelRunner(config, self.model, self.hf_config, self.device, self.dtype,
+                                  self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len)
+        self.sampler = Sampler(seed=config.seed, device=self.device)
+        self.eos_token_ids = eos_token_ids(config.model, self.tokenizer, self.hf_config)
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+
+    # ---- requests -----------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queues a request (text, or token ids); returns its id. Raises ValueError for a
+        prompt that cannot run (empty, too long for max_model_len with max_tokens)."""
+        params = params or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenize(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+            bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}"
+                )
+        if not token_ids:
+            raise ValueError("prompt is empty: it tokenizes to no tokens")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len} leaves "
+                "no room to generate"
+            )
+        max_tokens = params.max_tokens_for(len(token_ids), self.max_model_len)
+        if max_tokens != params.max_tokens:
+            params = _with_max_tokens(params, max_tokens)
+        seq = Sequence(request_id, token_ids, params,
+                       arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        self.scheduler.add(seq)
+        self._requests[request_id] = _Request(
+            seq=seq, prompt=text, params=params,
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, token_ids, params.skip_special_tokens,
+                params.spaces_between_special_tokens,
+            ),
+            generator=request_generator(params, self.device),
+            logprobs=[] if params.logprobs is not None else None,
+        )
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Aborts at any stage; its blocks are free when this returns."""
+        request = self._requests.pop(str(request_id), None)
+        if request is None:
+            return None
+        self.scheduler.abort(request.seq.request_id)
+        return self._output(request, finish_reason="abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=bm.usage,
+            num_preemptions=self.scheduler.num_preemptions_total,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+        )
+
+    # ---- one step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one batch; returns an output for every request that produced tokens."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        seqs, logits = self.runner.execute(scheduled.scheduled)
+        self.scheduler.on_step_done(scheduled)
+        if not seqs:
+            return []
+        requests = [self._requests[s.request_id] for s in seqs]
+        metadata = SamplingMetadata.build(
+            [r.params for r in requests],
+            [r.seq.prompt_token_ids for r in requests],
+            [r.seq.output_token_ids for r in requests],
+            [r.generator for r in requests],
+            self.eos_token_ids,
+            logits.shape[-1],
+            logits.device,
+        )
+        sampled = self.sampler(logits, metadata)
+        outputs = []
+        for i, request in enumerate(requests):
+            token = sampled.token_ids[i]
+            request.seq.append_token(token)
+            request.cumulative_logprob += sampled.sampled_logprobs[i]
+            if request.logprobs is not None:
+                request.logprobs.append(sampled.logprobs[i] or {})
+            outputs.append(self._process_token(request))
+        return outputs
+
+    def _process_token(self, request: _Request) -> RequestOutput:
+        seq = request.seq
+        result = stop_checker.process_token(
+            request.detokenizer, request.text, seq.output_token_ids, request.params,
+            self.eos_token_ids, seq.num_tokens, self.max_model_len,
+        )
+        request.text = result.text
+        if result.finish_reason is None:
+            return self._output(request)
+        seq.stop_reason = result.stop_reason
+        self.scheduler.finish(seq, result.finish_reason)
+        del self._requests[seq.request_id]
+        return self._output(request, finish_reason=result.finish_reason)
+
+    def _output(self, request: _Request, finish_reason: str | None = None) -> RequestOutput:
+        seq, params = request.seq, request.params
+        finished = finish_reason is not None
+        text = stop_checker.emittable_text(request.text, params, finished)
+        token_ids = seq.output_token_ids
+        completion = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=list(token_ids),
+            cumulative_logprob=request.cumulative_logprob,
+            logprobs=list(request.logprobs) if request.logprobs is not None else None,
+            finish_reason=finish_reason,
+            stop_reason=seq.stop_reason if finished else None,
+            text_delta=text[request.reported_text:],
+            token_ids_delta=list(token_ids[request.reported_tokens:]),
+        )
+        request.reported_text = len(text)
+        request.reported_tokens = len(token_ids)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            outputs=[completion],
+            finished=finished,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, max_tokens=max_tokens)

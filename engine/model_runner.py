@@ -1,0 +1,175 @@
+"""The model runner: owns the model and its paged KV cache, and turns a scheduled step into
+logits.
+
+Per step it builds one flat batch (decodes and prefill chunks mixed): input_ids and
+positions [N], and an AttentionMetadata (slot_mapping, query_start_loc, seq_lens,
+block_tables) that it passes explicitly to the model's forward. Only the rows whose
+sequence finishes its uncomputed tokens this step go through the LM head (one row per such
+sequence: its last token), so a prefill chunk that does not end the prompt costs no logits.
+
+KV-cache sizing: on CUDA, a profiling forward of a full token budget measures peak memory
+and the cache gets gpu_memory_utilization of the card minus that; on CPU it gets
+kv_cache_memory_bytes (default: 1 GiB, capped at what max_num_seqs full-length sequences
+need). Either way it must hold at least one max_model_len sequence, so the scheduler can
+always make progress.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tritonforge.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from tritonforge.engine.sequence import Sequence
+from tritonforge.models.attention_metadata import AttentionMetadata
+from tritonforge.models.layers.attention import bind_kv_cache
+from tritonforge.models.registry import kv_cache_shape
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] int64: rows whose logits are sampled
+    sampled_seqs: list[Sequence]  # the S sequences, in row order
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, hf_config: object,
+                 device: torch.device, dtype: torch.dtype, max_model_len: int) -> None:
+        self.config = config
+        self.model = model
+        self.hf_config = hf_config
+        self.device = device
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.block_size = config.block_size
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_cache_shape(hf_config)
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        bind_kv_cache(model, self.kv_caches)
+
+    # ---- KV cache ---------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        needed_one = -(-self.max_model_len // self.block_size)
+        if cfg.num_kv_blocks is not None:
+            num_blocks = cfg.num_kv_blocks
+        elif cfg.kv_cache_memory_bytes is not None:
+            num_blocks = cfg.kv_cache_memory_bytes // self.block_bytes
+        elif self.device.type == "cuda":
+            num_blocks = self._profile_cuda_blocks()
+        else:
+            wanted = cfg.max_num_seqs * needed_one
+            num_blocks = min(wanted, DEFAULT_CPU_KV_CACHE_BYTES // self.block_bytes)
+        if num_blocks < needed_one:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens "
+                f"({num_blocks * self.block_size} tokens), fewer than one max_model_len="
+                f"{self.max_model_len} sequence needs ({needed_one} blocks); lower max_model_len "
+                "or give the cache more memory (gpu_memory_utilization / kv_cache_memory_bytes)"
+            )
+        return int(num_blocks)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # Zeroed, not empty: attention never reads past seq_lens, but garbage NaNs in an
+        # unread slot must not be able to leak through a 0 * NaN in a reference kernel.
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        return [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def _profile_cuda_blocks(self) -> int:
+        """Peak memory of the largest step, then what is left under the utilization cap."""
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        scratch_blocks = -(-n // self.block_size)
+        bind_kv_cache(self.model, self._allocate_kv_cache(scratch_blocks))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        meta = AttentionMetadata.for_prompts([n], self.block_size).to(self.device)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(n, device=self.device), meta)
+        rows = min(self.config.max_num_seqs, n)
+        self.model.compute_logits(hidden[:rows])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        bind_kv_cache(self.model, [])
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * self.config.gpu_memory_utilization - peak
+        budget = min(budget, free + torch.cuda.memory_reserved(self.device))
+        return max(int(budget // self.block_bytes), 0)
+
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    # ---- one step -----------------------------------------------------------------------
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        sampled: list[Sequence] = []
+        bs = self.block_size
+        for seq, n in scheduled:
+            first = seq.num_computed_tokens
+            last = first + n  # exclusive; the KV length after this step
+            input_ids += seq.token_ids[first:last]
+            positions += range(first, last)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(first, last)]
+            starts.append(starts[-1] + n)
+            seq_lens.append(last)
+            if last == seq.num_tokens:  # all tokens computed: sample the next one
+                logits_indices.append(starts[-1] - 1)
+                sampled.append(seq)
+        max_blocks = max((len(seq.block_table) for seq, _ in scheduled), default=1)
+        block_tables = torch.zeros(len(scheduled), max_blocks, dtype=torch.int32)
+        for b, (seq, _) in enumerate(scheduled):
+            block_tables[b, : len(seq.block_table)] = torch.tensor(seq.block_table,
+                                                                   dtype=torch.int32)
+        query_lens = [n for _, n in scheduled]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=block_tables,
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+            block_size=bs,
+            is_decode_only=all(n == 1 for n in query_lens),
+        )
+        return StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            attn_metadata=meta,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
+            sampled_seqs=sampled,
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Runs one step; returns the sequences to sample and their logits [S, V] float32."""
+        inputs = self.prepare(scheduled)
+        dev = self.device
+        hidden = self.model(
+            inputs.input_ids.to(dev, non_blocking=True),
+            inputs.positions.to(dev, non_blocking=True),
+            inputs.attn_metadata.to(dev),
+        )
+        if not inputs.sampled_seqs:
+            return [], torch.empty(0, 0)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices.to(dev)])
+        return inputs.sampled_seqs, logits.float()

@@ -1,0 +1,579 @@
+"""The pooling runner: embeddings, classes, rewards and scores from encoder and decoder models.
+
+A runner serves one task, decided by the architecture: "classify" for a
+*ForSequenceClassification head (classify, classify_tensors, reward, and score when the head
+has one label: a cross-encoder), else "embed" (hidden states + pooling: embed,
+embed_tensors, and score as the cosine of two embeddings). Asking for the other task's
+method is a ValueError naming what the model supports.
+
+A call tokenizes every prompt, checks it against max_model_len, sorts prompts by length
+and packs them into batches of at most max_num_batched_tokens padded tokens, each padded
+to under twice its shortest prompt (so padding is under half of any batch), runs the
+model, pools, and restores input order. Pooling reads each prompt once: no KV cache.
+
+Invariant: a prompt's embedding does not depend on which other prompts share its batch or
+how the batch is padded (the pooler follows the attention mask).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tritonforge.engine.batching import pad_batch, plan_batches
+from tritonforge.engine.config import EngineConfig
+from tritonforge.engine.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from tritonforge.engine.pooler import finalize, pool
+from tritonforge.engine.pooling_params import PoolingParams
+from tritonforge.models.loader import (
+    resolve_architecture,
+    resolve_device,
+    resolve_dtype,
+    resolve_max_model_len,
+    resolve_model_dir,
+)
+from tritonforge.models.pooling_config import (
+    PoolingConfig,
+    is_encoder_architecture,
+    read_pooling_config,
+)
+from tritonforge.models.transformers_classifier import (
+    TransformersSequenceClassifier,
+    apply_activation,
+    cross_encoder_max_seq_length,
+)
+from tritonforge.models.transformers_encoder import TransformersEncoder
+
+# model_impl -> builder(model_dir, dtype, device, trust_remote_code) of the pooling module,
+# whose forward maps (input_ids, attention_mask) [B, T] to the last hidden state [B, T, H].
+# The models issue adds "native" (native BertModel, looked up by architecture in the
+# models registry); "auto" will then prefer native where the architecture has one.
+_POOLING_MODEL_IMPLS: dict[str, Callable[..., nn.Module]] = {"transformers": TransformersEncoder}
+# The same for the "classify" task: forward maps (input_ids, attention_mask[, token_type_ids])
+# to logits [B, num_labels] float32 and the module exposes num_labels, id2label, labels,
+# activation and score_activation (see models/transformers_classifier.py).
+_CLASSIFY_MODEL_IMPLS: dict[str, Callable[..., nn.Module]] = {
+    "transformers": TransformersSequenceClassifier
+}
+
+TASKS = ("embed", "classify")
+_TASK_METHODS = {
+    "embed": ("embed", "embed_tensors", "encode", "score"),
+    "classify": ("classify", "classify_tensors", "reward", "score"),
+}
+
+
+def pooling_task(architecture: str) -> str:
+    """The task an architecture serves: classify for *ForSequenceClassification, else embed."""
+    return "classify" if architecture.endswith("ForSequenceClassification") else "embed"
+
+
+class PoolingRunner:
+    """A pooling model loaded once; embeds or classifies batches of texts (no KV cache:
+    each prompt is read once)."""
+
+    def __init__(self, engine_config: EngineConfig) -> None:
+        self.engine_config = engine_config
+        trust_remote_code = engine_config.trust_remote_code
+        max_num_batched_tokens = engine_config.max_num_batched_tokens
+        self._device = resolve_device(engine_config.device)
+
+        from transformers import AutoConfig, AutoTokenizer
+
+        model_dir = resolve_model_dir(engine_config.model)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        architecture = resolve_architecture(config)
+        self._architecture = architecture
+        self._task = pooling_task(architecture)
+        impls = _CLASSIFY_MODEL_IMPLS if self._task == "classify" else _POOLING_MODEL_IMPLS
+        build_model = _select_model_impl(engine_config.model_impl, architecture, impls)
+        self._dtype = resolve_dtype(engine_config.dtype, config, self._device)
+        if self._task == "classify":
+            # A classifier's head does the pooling; only the length limit matters here.
+            # (sentence-transformers CrossEncoder folders carry a modules.json without a
+            # Pooling module, which read_pooling_config rightly rejects for embeddings.)
+            self._pooling_config = PoolingConfig(
+                pooling_type="CLS" if is_encoder_architecture(architecture) else "LAST",
+                normalize=False,
+                max_seq_length=cross_encoder_max_seq_length(model_dir),
+            )
+        else:
+            self._pooling_config = read_pooling_config(model_dir, architecture)
+        self._tokenizer = AutoTokenizer.from_pretrained(
+            model_dir, trust_remote_code=trust_remote_code
+        )
+        self._max_model_len = resolve_max_model_len(
+            engine_config.max_model_len, config, self._tokenizer, self._pooling_config
+        )
+        if max_num_batched_tokens < self._max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= max_model_len ({self._max_model_len}) so the "
+                f"longest prompt fits one batch, got {max_num_batched_tokens}"
+            )
+        self._max_num_batched_tokens = max_num_batched_tokens
+        self._model = build_model(model_dir, self._dtype, self._device, trust_remote_code)
+        self._hidden_size = int(self._model.hidden_size)
+        default_dims = self._pooling_config.dimensions
+        if default_dims is not None and default_dims > self._hidden_size:
+            raise ValueError(
+                f"{model_dir}: truncate_dim {default_dims} exceeds hidden size {self._hidden_size}"
+            )
+        pad = self._tokenizer.pad_token_id
+        self._pad_token_id = (
+            pad if pad is not None else (getattr(config, "pad_token_id", None) or 0)
+        )
+        self._request_ids = itertools.count()
+
+    # ---- public API -------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def pooling_config(self) -> PoolingConfig:
+        return self._pooling_config
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def task(self) -> str:
+        """The task this runner serves, "embed" or "classify" (see the module docstring)."""
+        return self._task
+
+    @property
+    def supported_methods(self) -> tuple[str, ...]:
+        methods = _TASK_METHODS[self._task]
+        if self._task == "classify" and self._model.num_labels != 1:
+            methods = tuple(m for m in methods if m != "score")  # score needs one label
+        return methods
+
+    @property
+    def num_labels(self) -> int | None:
+        """The classifier's number of outputs; None for an embedding model."""
+        return self._model.num_labels if self._task == "classify" else None
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """Class index -> name, from the model config; None for an embedding model."""
+        return dict(self._model.id2label) if self._task == "classify" else None
+
+    def apply_model(self, fn: Callable[[nn.Module], Any]) -> Any:
+        """Call `fn` on the loaded nn.Module (inspection, hooks) and return its result."""
+        return fn(self._model)
+
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[EmbeddingRequestOutput]:
+        """One EmbeddingRequestOutput per text, in input order."""
+        self._require("embed")
+        prompts, params = self._check_inputs(texts, pooling_params)
+        token_ids, pooled = self._pool(prompts, params, use_tqdm)
+        embeddings: list[list[float]] = [[] for _ in prompts]
+        for rows, emb in self._finalize(pooled, params):
+            for row, values in zip(rows, emb.tolist()):
+                embeddings[row] = values
+        return [
+            EmbeddingRequestOutput(str(next(self._request_ids)), ids, EmbeddingOutput(emb))
+            for ids, emb in zip(token_ids, embeddings)
+        ]
+
+    encode = embed
+
+    def embed_tensors(
+        self,
+        texts: str | Sequence[str],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> torch.Tensor:
+        """Embeddings as one float32 CPU tensor [N, D]: the backend's path, no Python floats.
+
+        All prompts must resolve to the same `dimensions` (D), so the rows stack.
+        """
+        self._require("embed_tensors")
+        prompts, params = self._check_inputs(texts, pooling_params)
+        sizes = {self._dimensions(p) or self._hidden_size for p in params}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"pooling_params: embed_tensors needs one output size for all prompts, got "
+                f"dimensions {sorted(sizes)}"
+            )
+        size = sizes.pop() if sizes else self._dimensions(PoolingParams()) or self._hidden_size
+        _, pooled = self._pool(prompts, params, use_tqdm)
+        out = torch.empty(len(prompts), size, dtype=torch.float32)
+        for rows, emb in self._finalize(pooled, params):
+            out[rows] = emb
+        return out
+
+    def classify(
+        self,
+        texts: str | Sequence[str],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[ClassificationRequestOutput]:
+        """One ClassificationRequestOutput per text: probabilities (the config's activation)
+        and the label names, in input order."""
+        token_ids, logits = self._classifier_logits("classify", texts, pooling_params, use_tqdm)
+        probs = apply_activation(logits, self._model.activation).tolist()
+        labels = self._model.labels
+        return [
+            ClassificationRequestOutput(
+                str(next(self._request_ids)), ids, ClassificationOutput(row, labels)
+            )
+            for ids, row in zip(token_ids, probs)
+        ]
+
+    def classify_tensors(
+        self,
+        texts: str | Sequence[str],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> torch.Tensor:
+        """Probabilities as one float32 CPU tensor [N, num_labels]: the backend's path."""
+        _, logits = self._classifier_logits("classify_tensors", texts, pooling_params, use_tqdm)
+        return apply_activation(logits, self._model.activation)
+
+    def reward(
+        self,
+        texts: str | Sequence[str],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[PoolingRequestOutput]:
+        """One PoolingRequestOutput per text whose `data` is the head's raw output
+        [num_labels] (no activation), as vLLM's reward returns."""
+        token_ids, logits = self._classifier_logits("reward", texts, pooling_params, use_tqdm)
+        return [
+            PoolingRequestOutput(str(next(self._request_ids)), ids, PoolingOutput(row))
+            for ids, row in zip(token_ids, logits.tolist())
+        ]
+
+    def score(
+        self,
+        text_1: str | Sequence[str],
+        text_2: str | Sequence[str],
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = False,
+    ) -> list[ScoringRequestOutput]:
+        """One ScoringRequestOutput per pair, in text_2's order.
+
+        Pairs: a str (or one-element list) text_1 is scored against every text_2 (1 -> N);
+        lists of equal length pair up by index (N -> N). A cross-encoder reads each pair as
+        one input, `tokenizer(text_1, text_2)`, and applies sentence-transformers'
+        CrossEncoder activation (sigmoid unless the folder saves another); an embedding
+        model scores the cosine similarity of the two embeddings.
+        truncate_prompt_tokens: as in PoolingParams, per pair (cross-encoder: both texts
+        are cut, longest first) or per text (embedding model).
+        """
+        self._require("score")
+        firsts, seconds = _score_pairs(text_1, text_2)  # len(firsts) is 1 or len(seconds)
+        params = PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens)
+        params.verify(self._hidden_size, self._max_model_len)
+        n = len(seconds)
+        if n == 0:
+            return []
+        if self._task == "classify":
+            firsts = firsts * (n // len(firsts))
+            token_ids, type_ids = self._tokenize_pairs(firsts, seconds, truncate_prompt_tokens)
+            logits = self._run_batches(
+                token_ids, self._model.num_labels, self._model, "Scoring", use_tqdm, type_ids
+            )
+            scores = apply_activation(logits, self._model.score_activation)[:, 0].tolist()
+        else:
+            # 1 -> N embeds text_1 once; its [1, D] row broadcasts against text_2's [N, D].
+            prompts = firsts + seconds
+            ids, pooled = self._pool(prompts, [params] * len(prompts), use_tqdm)
+            emb = torch.empty_like(pooled)  # the model's default Matryoshka size and norm
+            for rows, values in self._finalize(pooled, [params] * len(prompts)):
+                emb[rows] = values
+            k = len(firsts)
+            scores = F.cosine_similarity(emb[:k], emb[k:], dim=-1).tolist()
+            token_ids = [ids[i % k] + ids[k + i] for i in range(n)]
+        return [
+            ScoringRequestOutput(str(next(self._request_ids)), ids, ScoringOutput(float(sc)))
+            for ids, sc in zip(token_ids, scores)
+        ]
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _require(self, method: str) -> None:
+        if method in self.supported_methods:
+            return
+        if self._task == "classify" and method == "score":
+            why = (
+                f"score() needs a cross-encoder (a sequence-classification head with one "
+                f"label) or an embedding model, but {self._architecture} has "
+                f"{self._model.num_labels} labels"
+            )
+        else:
+            why = (
+                f"{method}() is not supported by this model: {self._architecture} is loaded "
+                f"for the {self._task!r} task"
+            )
+        raise ValueError(f"{why}; it supports {', '.join(self.supported_methods)}")
+
+    def _classifier_logits(
+        self, method: str, texts: Any, pooling_params: Any, use_tqdm: bool
+    ) -> tuple[list[list[int]], torch.Tensor]:
+        # -> token ids per prompt, raw head outputs [N, num_labels] float32 CPU
+        self._require(method)
+        prompts, params = self._check_inputs(texts, pooling_params, method)
+        token_ids = self._tokenize(prompts, params)
+        desc = "Classifying" if method.startswith("classify") else "Rewarding"
+        return token_ids, self._run_batches(
+            token_ids, self._model.num_labels, self._model, desc, use_tqdm
+        )
+
+    def _tokenize_pairs(
+        self, firsts: list[str], seconds: list[str], truncate_prompt_tokens: int | None
+    ) -> tuple[list[list[int]], list[list[int]] | None]:
+        # -> pair token ids, and token_type_ids where the tokenizer makes them (BERT)
+        if not firsts:
+            return [], None
+        tok = self._tokenizer
+        enc = tok(firsts, seconds, add_special_tokens=True, verbose=False)
+        token_ids, type_ids = enc["input_ids"], enc.get("token_type_ids")
+        tpt = truncate_prompt_tokens
+        limit = self._max_model_len if tpt is None or tpt == -1 else tpt
+        over = [i for i, ids in enumerate(token_ids) if len(ids) > limit]
+        if over and tpt is None:
+            i = over[0]
+            raise ValueError(
+                f"score: pair {i} (text_2[{i}] with its text_1) has {len(token_ids[i])} "
+                f"tokens, more than max_model_len={self._max_model_len}; set "
+                "truncate_prompt_tokens=-1 to truncate to the model limit, or "
+                "truncate_prompt_tokens=k to keep k tokens"
+            )
+        if over:
+            # Longest-first truncation of the pair, as sentence-transformers' CrossEncoder.
+            cut = tok(
+                [firsts[i] for i in over], [seconds[i] for i in over],
+                add_special_tokens=True, truncation=True, max_length=limit, verbose=False,
+            )  # fmt: skip
+            for j, i in enumerate(over):
+                if len(cut["input_ids"][j]) > limit:
+                    raise ValueError(
+                        f"truncate_prompt_tokens={limit} is shorter than the special tokens "
+                        f"the tokenizer adds to pair {i}"
+                    )
+                token_ids[i] = cut["input_ids"][j]
+                if type_ids is not None:
+                    type_ids[i] = cut["token_type_ids"][j]
+        return token_ids, type_ids
+
+    def _check_inputs(
+        self, texts: Any, pooling_params: Any, method: str = "embed"
+    ) -> tuple[list[str], list[PoolingParams]]:
+        if isinstance(texts, str):
+            prompts = [texts]
+        elif isinstance(texts, (list, tuple)):
+            prompts = list(texts)
+        else:
+            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        for i, text in enumerate(prompts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params = [pooling_params or PoolingParams()] * len(prompts)
+        elif isinstance(pooling_params, (list, tuple)):
+            params = list(pooling_params)
+            if len(params) != len(prompts):
+                raise ValueError(
+                    f"pooling_params has {len(params)} entries for {len(prompts)} texts; pass "
+                    "one PoolingParams or one per text"
+                )
+            for i, p in enumerate(params):
+                if not isinstance(p, PoolingParams):
+                    raise TypeError(f"pooling_params[{i}] must be a PoolingParams")
+        else:
+            raise TypeError("pooling_params must be None, a PoolingParams or a list of them")
+        for p in {id(p): p for p in params}.values():
+            if not method.startswith("embed"):
+                for name in ("dimensions", "normalize"):
+                    if getattr(p, name) is not None:
+                        raise ValueError(
+                            f"pooling_params.{name} applies to embed only, not {method}(); "
+                            "only truncate_prompt_tokens is used here"
+                        )
+            p.verify(
+                self._hidden_size, self._max_model_len, self._pooling_config.matryoshka_dimensions
+            )
+        return prompts, params
+
+    def _tokenize(self, prompts: list[str], params: list[PoolingParams]) -> list[list[int]]:
+        if not prompts:
+            return []
+        if self._pooling_config.do_lower_case:
+            prompts = [p.lower() for p in prompts]
+        tok = self._tokenizer
+        token_ids = tok(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+        to_cut: dict[int, list[int]] = {}  # token limit -> prompt indices over it
+        for i, (ids, p) in enumerate(zip(token_ids, params)):
+            tpt = p.truncate_prompt_tokens
+            limit = self._max_model_len if tpt is None or tpt == -1 else tpt
+            if len(ids) <= limit:
+                continue
+            if tpt is None:
+                raise ValueError(
+                    f"texts[{i}] has {len(ids)} tokens, more than max_model_len="
+                    f"{self._max_model_len}; set PoolingParams(truncate_prompt_tokens=-1) to "
+                    "truncate to the model limit, or truncate_prompt_tokens=k to keep k tokens"
+                )
+            to_cut.setdefault(limit, []).append(i)
+        # Re-tokenizing with truncation (rather than slicing ids) keeps the special tokens
+        # at both ends, exactly as sentence-transformers truncates.
+        for limit, indices in to_cut.items():
+            cut = tok(
+                [prompts[i] for i in indices],
+                add_special_tokens=True, truncation=True, max_length=limit, verbose=False,
+            )["input_ids"]  # fmt: skip
+            for i, ids in zip(indices, cut):
+                if len(ids) > limit:
+                    raise ValueError(
+                        f"truncate_prompt_tokens={limit} is shorter than the special tokens the "
+                        f"tokenizer adds to texts[{i}]"
+                    )
+                token_ids[i] = ids
+        for i, ids in enumerate(token_ids):
+            if not ids:
+                raise ValueError(f"texts[{i}] tokenizes to no tokens; nothing to embed")
+        return token_ids
+
+    @torch.inference_mode()
+    def _pool(
+        self, prompts: list[str], params: list[PoolingParams], use_tqdm: bool
+    ) -> tuple[list[list[int]], torch.Tensor]:
+        # -> token ids per prompt, pooled (not yet normalized) embeddings [N, H] float32 CPU
+        token_ids = self._tokenize(prompts, params)
+        pooled = self._run_batches(
+            token_ids, self._hidden_size, self._embed_batch, "Embedding", use_tqdm
+        )
+        return token_ids, pooled
+
+    def _embed_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, _: torch.Tensor | None
+    ) -> torch.Tensor:
+        # [B, T] -> pooled [B, H] float32
+        hidden = self._model(input_ids, attention_mask)  # [B, T, H]
+        return pool(hidden, attention_mask, self._pooling_config.pooling_type)
+
+    @torch.inference_mode()
+    def _run_batches(
+        self,
+        token_ids: list[list[int]],
+        width: int,
+        forward: Callable[..., torch.Tensor],
+        desc: str,
+        use_tqdm: bool,
+        token_type_ids: list[list[int]] | None = None,
+    ) -> torch.Tensor:
+        # -> forward's rows [N, width] float32 CPU, in input order; forward maps
+        # (input_ids, attention_mask, token_type_ids or None) [B, T] to [B, width]
+        out = torch.empty(len(token_ids), width, dtype=torch.float32)
+        batches = plan_batches([len(ids) for ids in token_ids], self._max_num_batched_tokens)
+        progress = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(token_ids), desc=desc, unit="prompt")
+        for batch in batches:
+            input_ids, attention_mask = pad_batch([token_ids[i] for i in batch], self._pad_token_id)
+            input_ids = input_ids.to(self._device, non_blocking=True)
+            attention_mask = attention_mask.to(self._device, non_blocking=True)
+            type_ids = None
+            if token_type_ids is not None:
+                type_ids, _ = pad_batch([token_type_ids[i] for i in batch], 0)
+                type_ids = type_ids.to(self._device, non_blocking=True)
+            out[batch] = forward(input_ids, attention_mask, type_ids).float().cpu()
+            if progress is not None:
+                progress.update(len(batch))
+        if progress is not None:
+            progress.close()
+        return out
+
+    def _dimensions(self, p: PoolingParams) -> int | None:
+        return p.dimensions if p.dimensions is not None else self._pooling_config.dimensions
+
+    def _finalize(
+        self, pooled: torch.Tensor, params: list[PoolingParams]
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """Matryoshka + normalize, once per distinct (normalize, dimensions) group of rows."""
+        groups: dict[tuple[bool, int | None], list[int]] = {}
+        for row, p in enumerate(params):
+            normalize = p.normalize if p.normalize is not None else self._pooling_config.normalize
+            groups.setdefault((normalize, self._dimensions(p)), []).append(row)
+        return [
+            (rows, finalize(pooled[rows], normalize, dims))
+            for (normalize, dims), rows in groups.items()
+        ]
+
+
+def _score_pairs(text_1: Any, text_2: Any) -> tuple[list[str], list[str]]:
+    """(text_1, text_2) -> lists of pair sides; text_1's has one text (1 -> N) or as many
+    as text_2's (N -> N)."""
+    sides = []
+    for name, value in (("text_1", text_1), ("text_2", text_2)):
+        if isinstance(value, str):
+            value = [value]
+        elif not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a str or a list of str, got {type(value).__name__}")
+        for i, text in enumerate(value):
+            if not isinstance(text, str):
+                raise TypeError(f"{name}[{i}] must be a str, got {type(text).__name__}")
+        sides.append(list(value))
+    firsts, seconds = sides
+    if len(firsts) != 1 and len(firsts) != len(seconds):
+        raise ValueError(
+            f"score: text_1 has {len(firsts)} texts and text_2 has {len(seconds)}; pass one "
+            "text_1 for every text_2 (1 -> N) or lists of equal length (N -> N)"
+        )
+    return firsts, seconds
+
+
+def _select_model_impl(
+    model_impl: str,
+    architecture: str,
+    impls: dict[str, Callable[..., nn.Module]] = _POOLING_MODEL_IMPLS,
+) -> Callable[..., nn.Module]:
+    if model_impl == "auto":
+        return impls["transformers"]
+    if model_impl not in impls:
+        allowed = ("auto", *impls)
+        raise ValueError(
+            f"model_impl={model_impl!r}: no native pooling implementation exists yet (not for "
+            f"{architecture} nor any other architecture); model_impl must be one of {allowed}"
+        )
+    return impls[model_impl]
