@@ -1,14 +1,82 @@
 """Gated activations of MLPs whose gate and up projections are fused into one matmul.
 
 Design: the fused projection outputs [N, 2I] = [gate | up]; the activation returns
-act(gate) * up, [N, I]. Computed in float32 and cast back. The Triton kernels and launchers
-come with the kernels issue; this file ships the references.
+act(gate) * up, [N, I]. Computed in float32 and cast back.
+
+`silu_and_mul_kernel` and `gelu_and_mul_kernel` (tanh or erf form by a constexpr) are
+elementwise: programs tile [token, BLOCK_I] and read the gate and up halves of a row once
+each, the memory-bound minimum.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from tritonforge.kernels.paged_attention import _tanh
+
+
+@triton.jit
+def _load_gate_up(x_ptr, intermediate_size, stride_xt, BLOCK_I: tl.constexpr):
+    # Row `program_id(0)`, columns [program_id(1) * BLOCK_I, +BLOCK_I) of both halves.
+    row = tl.program_id(0).to(tl.int64)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = offs_i < intermediate_size
+    gate = tl.load(x_ptr + row * stride_xt + offs_i, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_xt + intermediate_size + offs_i, mask=mask,
+                 other=0.0).to(tl.float32)
+    return gate, up, row, offs_i, mask
+
+
+@triton.jit
+def silu_and_mul_kernel(x_ptr, out_ptr, intermediate_size, stride_xt, stride_ot,
+                        BLOCK_I: tl.constexpr):
+    gate, up, row, offs_i, mask = _load_gate_up(x_ptr, intermediate_size, stride_xt, BLOCK_I)
+    act = gate / (1.0 + tl.exp(-gate))
+    tl.store(out_ptr + row * stride_ot + offs_i, (act * up).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def gelu_and_mul_kernel(x_ptr, out_ptr, intermediate_size, stride_xt, stride_ot,
+                        APPROXIMATE_TANH: tl.constexpr, BLOCK_I: tl.constexpr):
+    gate, up, row, offs_i, mask = _load_gate_up(x_ptr, intermediate_size, stride_xt, BLOCK_I)
+    if APPROXIMATE_TANH:
+        u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = 0.5 * gate * (1.0 + _tanh(u))
+    else:
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    tl.store(out_ptr + row * stride_ot + offs_i, (act * up).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _launch(kernel, x: torch.Tensor, **constexprs) -> torch.Tensor:
+    # x: [..., 2I] -> [..., I]
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"the last dim of x must be even ([..., 2I]), got {tuple(x.shape)}")
+    intermediate_size = x.shape[-1] // 2
+    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    out = torch.empty(x2d.shape[0], intermediate_size, dtype=x.dtype, device=x.device)
+    if x2d.shape[0] and intermediate_size:
+        block_i = min(1024, triton.next_power_of_2(intermediate_size))
+        grid = (x2d.shape[0], triton.cdiv(intermediate_size, block_i))
+        kernel[grid](x2d, out, intermediate_size, x2d.stride(0), out.stride(0),
+                     BLOCK_I=block_i, num_warps=4 if block_i >= 512 else 1, **constexprs)
+    return out.view(*x.shape[:-1], intermediate_size)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """Triton `silu_and_mul_ref`: silu(x[..., :I]) * x[..., I:]."""
+    return _launch(silu_and_mul_kernel, x)
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """Triton `gelu_and_mul_ref` (approximate "tanh" or "none")."""
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    return _launch(gelu_and_mul_kernel, x, APPROXIMATE_TANH=approximate == "tanh")
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

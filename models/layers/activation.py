@@ -1,17 +1,24 @@
-"""Gated MLP activations as modules, over the fused [gate | up] projection output."""
+"""Gated MLP activations as modules, over the fused [gate | up] projection output (Triton
+kernels on CUDA tensors, the PyTorch references otherwise; see kernels/dispatch.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from tritonforge.kernels.activation import gelu_and_mul_ref, silu_and_mul_ref
+from tritonforge.kernels.activation import (
+    gelu_and_mul,
+    gelu_and_mul_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+)
+from tritonforge.kernels.dispatch import use_triton
 
 
 class SiluAndMul(nn.Module):
     """[..., 2I] -> silu(gate) * up, [..., I] (Llama, Qwen, Mistral)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul_ref(x)
+        return silu_and_mul(x) if use_triton(x) else silu_and_mul_ref(x)
 
 
 class GeluAndMul(nn.Module):
@@ -24,7 +31,8 @@ class GeluAndMul(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu_and_mul_ref(x, self.approximate)
+        act = gelu_and_mul if use_triton(x) else gelu_and_mul_ref
+        return act(x, self.approximate)
 
 
 _GATED = {"silu": SiluAndMul, "swish": SiluAndMul}

@@ -5,15 +5,17 @@ the engine's paged KV cache. The engine allocates one (k_cache, v_cache) pair pe
 each [num_blocks, block_size, num_kv_heads, head_dim], and binds them once with
 `bind_kv_cache(model, kv_caches)`, which walks the Attention modules in layer order. Every
 forward then writes its new K/V at `attn_metadata.slot_mapping` and reads the whole
-context through the block tables (see models/attention_metadata.py).
+context through the block tables (see models/attention_metadata.py). CUDA tensors take the
+Triton kernels, CPU tensors the PyTorch references (kernels/dispatch.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from tritonforge.kernels.kv_cache import store_kv_ref
-from tritonforge.kernels.paged_attention import paged_attention_ref
+from tritonforge.kernels.dispatch import use_triton
+from tritonforge.kernels.kv_cache import store_kv, store_kv_ref
+from tritonforge.kernels.paged_attention import paged_attention, paged_attention_ref
 from tritonforge.models.attention_metadata import AttentionMetadata
 
 
@@ -49,11 +51,18 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        store_kv_ref(k, v, k_cache, v_cache, attn_metadata.slot_mapping)
-        out = paged_attention_ref(
-            q, k_cache, v_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
-            attn_metadata.block_tables, self.scale, self.sliding_window, self.logits_soft_cap,
-        )
+        batch = (attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_tables)
+        if use_triton(q, k_cache):
+            store_kv(k, v, k_cache, v_cache, attn_metadata.slot_mapping)
+            out = paged_attention(
+                q, k_cache, v_cache, *batch, self.scale, self.sliding_window,
+                self.logits_soft_cap, max_query_len=attn_metadata.max_query_len,
+                max_seq_len=attn_metadata.max_seq_len,
+            )
+        else:
+            store_kv_ref(k, v, k_cache, v_cache, attn_metadata.slot_mapping)
+            out = paged_attention_ref(q, k_cache, v_cache, *batch, self.scale,
+                                      self.sliding_window, self.logits_soft_cap)
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tritonforge.kernels.rms_norm import rms_norm_ref
+from tritonforge.kernels.dispatch import use_triton
+from tritonforge.kernels.rms_norm import rms_norm, rms_norm_ref
 
 
 class RMSNorm(nn.Module):
@@ -29,9 +30,10 @@ class RMSNorm(nn.Module):
         # x, residual: [..., H]; the norm runs over the last dim
         shape = x.shape
         x = x.reshape(-1, self.hidden_size)
+        norm = rms_norm if use_triton(x) else rms_norm_ref
         if residual is None:
-            return rms_norm_ref(x, self.weight, self.eps, None, self.weight_offset).view(shape)
-        out, residual = rms_norm_ref(
+            return norm(x, self.weight, self.eps, None, self.weight_offset).view(shape)
+        out, residual = norm(
             x, self.weight, self.eps, residual.reshape(-1, self.hidden_size), self.weight_offset
         )
         return out.view(shape), residual.view(shape)

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tritonforge.kernels.rotary import rotary_embedding_ref
+from tritonforge.kernels.dispatch import use_triton
+from tritonforge.kernels.rotary import rotary_embedding, rotary_embedding_ref
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -39,9 +40,8 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # positions: [N]; query: [N, Hq * D]; key: [N, Hkv * D]
-        return rotary_embedding_ref(
-            positions, query, key, self.cos_sin_cache, self.head_size, self.is_neox_style
-        )
+        rotate = rotary_embedding if use_triton(query) else rotary_embedding_ref
+        return rotate(positions, query, key, self.cos_sin_cache, self.head_size, self.is_neox_style)
 
     def extra_repr(self) -> str:
         return (f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, "
