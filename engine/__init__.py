@@ -10,10 +10,16 @@ from tritonforge.engine.config import EngineConfig
 from tritonforge.engine.llm import LLM
 from tritonforge.engine.llm_engine import LLMEngine
 from tritonforge.engine.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
     CompletionOutput,
     EmbeddingOutput,
     EmbeddingRequestOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
     RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
 )
 from tritonforge.engine.pooling_params import PoolingParams
 from tritonforge.engine.sampling_params import SamplingParams
@@ -21,13 +27,19 @@ from tritonforge.engine.sampling_params import SamplingParams
 __all__ = [
     "LLM",
     "AsyncEngine",
+    "ClassificationOutput",
+    "ClassificationRequestOutput",
     "CompletionOutput",
     "EmbeddingOutput",
     "EmbeddingRequestOutput",
     "EngineConfig",
     "LLMEngine",
+    "PoolingOutput",
     "PoolingParams",
+    "PoolingRequestOutput",
     "RequestOutput",
     "RequestStream",
     "SamplingParams",
+    "ScoringOutput",
+    "ScoringRequestOutput",
 ]

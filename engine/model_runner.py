@@ -16,10 +16,12 @@ always make progress.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 from tritonforge.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from tritonforge.engine.cuda_graphs import DecodeGraphs
 from tritonforge.engine.sequence import Sequence
 from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.layers.attention import bind_kv_cache
@@ -49,6 +51,11 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         bind_kv_cache(model, self.kv_caches)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(model, config.max_num_seqs, max_model_len,
+                                       self.block_size, self.device)
+            self.graphs.capture()
 
     # ---- KV cache ---------------------------------------------------------------------
     @property
@@ -89,25 +96,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_cuda_blocks(self) -> int:
-        """Peak memory of the largest step, then what is left under the utilization cap."""
+        """What this engine may still take: gpu_memory_utilization of the card, minus its
+        weights and the activation peak of the largest step (measured), capped by what is
+        free (other processes and engines on the card keep theirs)."""
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
         scratch_blocks = -(-n // self.block_size)
         bind_kv_cache(self.model, self._allocate_kv_cache(scratch_blocks))
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
         meta = AttentionMetadata.for_prompts([n], self.block_size).to(self.device)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         hidden = self.model(ids, torch.arange(n, device=self.device), meta)
         rows = min(self.config.max_num_seqs, n)
         self.model.compute_logits(hidden[:rows])
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        bind_kv_cache(self.model, [])
+        activation = torch.cuda.max_memory_allocated(self.device) - before
+        del hidden
+        weights = sum(t.numel() * t.element_size()
+                      for t in itertools.chain(self.model.parameters(), self.model.buffers()))
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = total * self.config.gpu_memory_utilization - peak
-        budget = min(budget, free + torch.cuda.memory_reserved(self.device))
+        budget = total * self.config.gpu_memory_utilization - weights - activation
+        # Keep room for the activations (and CUDA graphs) beside whatever else is resident.
+        budget = min(budget, free - activation - (256 << 20))
         return max(int(budget // self.block_bytes), 0)
 
     def kv_cache_bytes(self) -> int:
@@ -164,11 +177,16 @@ class ModelRunner:
         """Runs one step; returns the sequences to sample and their logits [S, V] float32."""
         inputs = self.prepare(scheduled)
         dev = self.device
-        hidden = self.model(
-            inputs.input_ids.to(dev, non_blocking=True),
-            inputs.positions.to(dev, non_blocking=True),
-            inputs.attn_metadata.to(dev),
-        )
+        meta = inputs.attn_metadata
+        if (self.graphs is not None and meta.is_decode_only
+                and self.graphs.bucket(meta.num_seqs) is not None):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        else:
+            hidden = self.model(
+                inputs.input_ids.to(dev, non_blocking=True),
+                inputs.positions.to(dev, non_blocking=True),
+                meta.to(dev),
+            )
         if not inputs.sampled_seqs:
             return [], torch.empty(0, 0)
         logits = self.model.compute_logits(hidden[inputs.logits_indices.to(dev)])

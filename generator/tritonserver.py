@@ -116,6 +116,8 @@ def locate_tritonserver() -> ServerInstall:
         binary = Path(env_binary)
         if not binary.is_file():
             raise TritonServerError(f"TRITONSERVER={env_binary} is not a file; {NOT_FOUND_HELP}")
+        if not os.access(binary, os.X_OK):
+            raise TritonServerError(f"TRITONSERVER={env_binary} is not executable (chmod +x it)")
         backends = Path(os.environ.get("TRITON_BACKENDS", binary.parent.parent / "backends"))
         return ServerInstall(binary, backends, (), "env")
     on_path = shutil.which("tritonserver")
@@ -147,8 +149,12 @@ def _check_port_free(port: int, role: str) -> None:
             raise
 
 
-def server_environment(install: ServerInstall) -> dict[str, str]:
-    """The environment tritonserver and its Python-backend stubs need."""
+def server_environment(install: ServerInstall, stub_env: Path | None = None) -> dict[str, str]:
+    """The environment tritonserver and its Python-backend stubs need.
+
+    `stub_env`: a virtual environment for the stubs other than the running one (e.g. one
+    whose numpy the stub's BYTES handling tolerates, layered over ours with a .pth file).
+    """
     env = dict(os.environ)
     lib_dirs = [str(d) for d in install.lib_dirs]
     libpython = sysconfig.get_config_var("LIBDIR")
@@ -160,7 +166,10 @@ def server_environment(install: ServerInstall) -> dict[str, str]:
     # The stub's embedded Python finds its prefix from the `python` first on PATH and the
     # VIRTUAL_ENV beside it (it ignores PYTHONPATH): make both the running environment, so
     # the models see our packages (and the .pth hooks of editable installs).
-    if sys.prefix != sys.base_prefix:
+    if stub_env is not None:
+        env["VIRTUAL_ENV"] = str(stub_env)
+        env["PATH"] = os.pathsep.join([str(Path(stub_env) / "bin"), env.get("PATH", "")])
+    elif sys.prefix != sys.base_prefix:
         env["VIRTUAL_ENV"] = sys.prefix
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # Python-backend stubs must not write bytecode next to rendered model.py files.
@@ -189,6 +198,7 @@ class TritonServer:
     log_verbose: int = 0
     extra_args: tuple[str, ...] = ()
     install: ServerInstall | None = None
+    stub_env: Path | None = None  # see server_environment
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _log_handle: object = field(default=None, init=False, repr=False)
 
@@ -271,7 +281,7 @@ class TritonServer:
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=server_environment(self.install),
+            env=server_environment(self.install, self.stub_env),
             # Not the caller's folder: its files must not shadow packages in the stubs.
             cwd=repo,
             start_new_session=True,

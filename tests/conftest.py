@@ -9,6 +9,7 @@ fast; the launcher stops it (and its Python-backend stubs) even when tests fail.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,10 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
     root = tmp_path_factory.mktemp("triton")
     repo = root / "model_repository"
     repo.mkdir()
-    server = TritonServer(repo, model_control_mode="explicit", log_file=root / "tritonserver.log")
+    # An edge, so it may read the environment: the GPU host gives the stubs an environment
+    # of their own (see ../shared/device/README.md on numpy and the stub's BYTES tensors).
+    stub_env = os.environ.get("TRITONFORGE_STUB_VENV")
+    server = TritonServer(repo, model_control_mode="explicit", log_file=root / "tritonserver.log",
+                          stub_env=Path(stub_env) if stub_env else None)
     with server:
         yield server
