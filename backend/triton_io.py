@@ -7,6 +7,7 @@ an error response for that request alone, so the other requests of a batch carry
 from __future__ import annotations
 
 import json
+import traceback
 from typing import Any
 
 import numpy as np
@@ -24,10 +25,12 @@ def model_parameters(args: dict[str, Any]) -> dict[str, str]:
 
 
 def instance_device(args: dict[str, Any]) -> str:
-    """'cuda:N' for a KIND_GPU instance, else 'cpu'."""
-    if args.get("model_instance_kind") == "GPU":
+    """'cuda:N' for a KIND_GPU instance (N: the device Triton gave it), 'cpu' for KIND_CPU,
+    and 'auto' (the engine picks) for KIND_MODEL."""
+    kind = args.get("model_instance_kind")
+    if kind == "GPU":
         return f"cuda:{args.get('model_instance_device_id', 0)}"
-    return "cpu"
+    return "cpu" if kind == "CPU" else "auto"
 
 
 def _tensor(request: Any, name: str, required: bool) -> np.ndarray | None:
@@ -64,18 +67,64 @@ def input_text(request: Any, name: str) -> str:
     return texts[0]
 
 
+def optional_text(request: Any, name: str) -> str | None:
+    """The single string of an optional BYTES [1] input, or None when it was not sent."""
+    if pb_utils.get_input_tensor_by_name(request, name) is None:
+        return None
+    return input_text(request, name)
+
+
 def input_bool(request: Any, name: str, default: bool) -> bool:
+    value = optional_bool(request, name)
+    return default if value is None else value
+
+
+def optional_bool(request: Any, name: str) -> bool | None:
+    """The value of an optional BOOL [1] input, or None when it was not sent."""
     array = _tensor(request, name, required=False)
     if array is None:
-        return default
+        return None
     if array.size != 1:
         raise RequestError(f"input '{name}' must hold one BOOL, got {array.size} values")
     return bool(array.reshape(-1)[0])
+
+
+def request_parameters(request: Any) -> dict[str, Any]:
+    """The request's own `parameters` (gRPC/HTTP request parameters, or the `parameters`
+    object of an HTTP generate call) as a dict."""
+    text = request.parameters()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise RequestError("request parameters are not valid JSON") from None
+    return value if isinstance(value, dict) else {}
 
 
 def text_tensor(name: str, texts: list[str]) -> Any:
     return pb_utils.Tensor(name, np.array([t.encode("utf-8") for t in texts], dtype=np.object_))
 
 
-def error_response(err: Exception) -> Any:
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(err)))
+def error_response(err: Exception | str, code: str | None = None) -> Any:
+    """A response carrying only an error; `code` names a pb_utils.TritonError code
+    ("CANCELLED", "UNAVAILABLE", ...) where this Python backend has it."""
+    code_value = getattr(pb_utils.TritonError, code, None) if code else None
+    error = (pb_utils.TritonError(str(err)) if code_value is None
+             else pb_utils.TritonError(str(err), code_value))
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def cancelled_response() -> Any:
+    """The last response of a cancelled request: error code CANCELLED (Python backends
+    older than 23.10 have no codes; they get a plain error that says so)."""
+    return error_response("the request was cancelled", "CANCELLED")
+
+
+def log_exception(message: str) -> None:
+    """`message` and the current traceback into Triton's log (pb_utils.Logger, any thread)."""
+    pb_utils.Logger.log_error(f"{message}\n{traceback.format_exc()}")
+
+
+def log_info(message: str) -> None:
+    pb_utils.Logger.log_info(message)

@@ -23,13 +23,22 @@ EMBED_CONTEXT = {
 }
 
 
+GENERATE_CONTEXT = {
+    "model_path": "/models/llama", "dtype": "bfloat16", "max_model_len": 4096,
+    "max_num_seqs": 256, "max_num_batched_tokens": None, "gpu_memory_utilization": 0.9,
+    "block_size": 16, "enable_prefix_caching": True, "instance_count": 1,
+    "instance_kind": "KIND_GPU",
+}
+CONTEXTS = {"embed": EMBED_CONTEXT, "generate": GENERATE_CONTEXT}
+
+
 def _parse(path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
 @pytest.mark.parametrize("template", render.template_names())
 def test_every_template_renders_a_config_triton_parses(tmp_path, template):
-    context = EMBED_CONTEXT if template == "embed" else {"instance_count": 1}
+    context = CONTEXTS.get(template, {"instance_count": 1})
     folder = render.render_model(template, tmp_path, f"m_{template}", context)
     config = _parse(folder / "config.pbtxt")
     assert config.name == f"m_{template}" and config.backend == "python"
@@ -108,3 +117,17 @@ def test_existing_model_is_not_clobbered_without_force(tmp_path):
 def test_unknown_template_lists_the_allowed_ones(tmp_path):
     with pytest.raises(UserError, match="allowed: .*echo"):
         render.render_model("nope", tmp_path, "e", {})
+
+
+def test_generate_is_decoupled_with_the_vllm_backend_interface(tmp_path):
+    folder = render.render_model("generate", tmp_path, "g", GENERATE_CONTEXT)
+    config = _parse(folder / "config.pbtxt")
+    assert config.model_transaction_policy.decoupled and config.max_batch_size == 0
+    names = {i.name for i in config.input}
+    assert {"text_input", "stream", "sampling_parameters", "exclude_input_in_output",
+            "return_finish_reason", "return_cumulative_logprob", "return_logprobs",
+            "return_num_input_tokens", "return_num_output_tokens", "messages"} <= names
+    assert {o.name for o in config.output} == {
+        "text_output", "finish_reason", "cumulative_logprob", "logprobs", "num_input_tokens",
+        "num_output_tokens"}
+    assert config.parameters["model"].string_value == "/models/llama"

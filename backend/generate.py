@@ -1,0 +1,437 @@
+"""The decoupled generate model: vllm_backend's tensor interface over the AsyncEngine.
+
+execute() only parses, validates, tokenizes and enqueues: a bad field fails that request
+alone with a message naming it; good ones become a `_Stream` and an engine request, and
+execute() returns None at once. The engine thread calls `_on_output` with every step's
+output (or one error); it builds the response and sends it from there: streaming sends
+one response per step (`text_output` is that step's text delta) with the FINAL flag on the
+last data response; non-streaming sends exactly one response holding the whole text.
+
+Cancellation: before sending, the callback asks the sender whether the client cancelled;
+a poller thread asks too, every POLL_INTERVAL, for every request the callback has not
+checked that recently (requests still queued, non-streaming ones). A cancelled request is
+aborted in the engine (its KV blocks are free before the next step) and its stream ends
+with a CANCELLED error. Each _Stream's lock makes "send, then maybe final" atomic against
+the poller, so a stream gets exactly one FINAL and nothing after it.
+
+vllm_backend behaviour kept (src/model.py, src/utils/request.py):
+- `exclude_input_in_output` defaults to false: a non-streaming response is prompt + text.
+  A stream never repeats the prompt, and asking for it (exclude_input_in_output=false with
+  stream=true) is an error, as there.
+- Extra outputs only when their `return_*` flag is true. Per streamed response:
+  finish_reason is str(reason) ("None" until the last), cumulative_logprob the running
+  total, logprobs and num_output_tokens cover that response's new tokens.
+- `sampling_parameters` JSON (or, when that input is absent, the request's own parameters)
+  may give numbers and booleans as strings ("0.7", "true"), as vllm_backend converts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tritonforge.backend.metrics import GaugeValues, GenerateMetrics
+from tritonforge.backend.triton_io import (
+    RequestError,
+    cancelled_response,
+    error_response,
+    input_bool,
+    instance_device,
+    log_exception,
+    model_parameters,
+    optional_bool,
+    optional_text,
+    request_parameters,
+    text_tensor,
+)
+from tritonforge.engine import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
+from tritonforge.engine.async_engine import EngineDeadError
+from tritonforge.engine.llm import render_chat
+from tritonforge.engine.tokenizer import load_tokenizer
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+POLL_INTERVAL = 0.05  # seconds between cancellation checks of a request
+RETURN_OUTPUTS = ("finish_reason", "cumulative_logprob", "logprobs", "num_input_tokens",
+                  "num_output_tokens")
+# Inputs that clients of the HTTP generate endpoint also put in `parameters`; they are
+# read from their tensors only, never as sampling parameters.
+_INPUT_NAMES = {"text_input", "messages", "stream", "exclude_input_in_output",
+                *(f"return_{name}" for name in RETURN_OUTPUTS)}
+
+# config.pbtxt `parameters` -> EngineConfig fields, by type. trust_remote_code is not
+# among them on purpose: a config file alone never enables it.
+_STR_PARAMS = ("model", "tokenizer", "dtype", "model_impl")
+_INT_PARAMS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+               "kv_cache_memory_bytes", "num_kv_blocks", "seed")
+_FLOAT_PARAMS = ("gpu_memory_utilization",)
+_BOOL_PARAMS = ("enable_prefix_caching", "enforce_eager")
+
+
+def engine_config(params: dict[str, str], device: str, model_dir: str | None) -> EngineConfig:
+    """The EngineConfig from config.pbtxt parameters; "" and "None" leave a default."""
+    values: dict[str, Any] = {}
+    for key, raw in params.items():
+        text = raw.strip()
+        if text in {"", "None", "none"}:
+            continue
+        try:
+            if key in _STR_PARAMS:
+                values[key] = text
+            elif key in _INT_PARAMS:
+                values[key] = int(text)
+            elif key in _FLOAT_PARAMS:
+                values[key] = float(text)
+            elif key in _BOOL_PARAMS:
+                if text.lower() not in {"true", "false"}:
+                    raise ValueError
+                values[key] = text.lower() == "true"
+        except ValueError:
+            raise ValueError(f"config.pbtxt parameter {key}={raw!r} is not a valid "
+                             f"{'integer' if key in _INT_PARAMS else 'value'}") from None
+    if "model" not in values:
+        raise ValueError("config.pbtxt must set parameter 'model' (a model folder or id)")
+    for key in ("model", "tokenizer"):
+        # A relative path may be relative to the model's folder in the repository.
+        if key in values and model_dir and (Path(model_dir) / values[key]).exists():
+            values[key] = str(Path(model_dir) / values[key])
+    return EngineConfig(device=device, **values)
+
+
+def _field_kinds() -> dict[str, str]:
+    kinds = {}
+    for f in fields(SamplingParams):
+        base = str(f.type).split("|")[0].strip()
+        if base in {"int", "float", "bool"}:
+            kinds[f.name] = base
+    return kinds
+
+
+_FIELD_KINDS = _field_kinds()
+_INT_RE = re.compile(r"[+-]?\d+")
+
+
+def coerce_strings(data: dict[str, Any]) -> dict[str, Any]:
+    """"0.7" -> 0.7, "16" -> 16, "true" -> True for numeric and boolean fields; a string
+    that does not parse is left for SamplingParams to reject, naming the field."""
+    out = {}
+    for key, value in data.items():
+        kind = _FIELD_KINDS.get(key)
+        if isinstance(value, str) and kind:
+            text = value.strip()
+            if kind == "int" and _INT_RE.fullmatch(text):
+                value = int(text)
+            elif kind == "float":
+                with contextlib.suppress(ValueError):
+                    value = float(text)
+            elif kind == "bool" and text.lower() in {"true", "false"}:
+                value = text.lower() == "true"
+        out[key] = value
+    return out
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request's state between execute() and its FINAL response."""
+
+    request_id: str
+    request: Any  # kept alive until the FINAL response, with its sender; None after
+    sender: Any
+    stream: bool
+    prompt: str
+    prepend: bool
+    returns: frozenset[str]
+    num_logprobs: int  # sampling_parameters.logprobs (0 when not asked)
+    arrival: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: bool = False  # FINAL sent (or the sender failed): nothing more goes out
+    checked_at: float = 0.0  # last is_cancelled() check
+    last_token_at: float | None = None
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        self.model_name = args["model_name"]
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise ValueError("the generate model must be decoupled: set "
+                             "model_transaction_policy { decoupled: true }")
+        config = engine_config(model_parameters(args), instance_device(args),
+                               args.get("model_repository"))
+        self.engine = AsyncEngine(config)
+        self.max_model_len = self.engine.engine.max_model_len
+        # execute() tokenizes with its own tokenizer: the engine thread uses the engine's,
+        # and a Rust tokenizer must not be used from two threads at once.
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self._ids = itertools.count()
+        self._pending: dict[str, _Stream] = {}
+        self.metrics = GenerateMetrics(
+            {"model": self.model_name, "version": str(args.get("model_version", ""))},
+            self._gauge_values)
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll_cancelled, daemon=True,
+                                        name="tritonforge-cancel-poller")
+        self._poller.start()
+
+    # ---- execute: parse, validate, enqueue ------------------------------------------------
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                if not self.engine.healthy:
+                    sender.send(error_response("the engine has stopped after repeated "
+                                               "failures; reload the model", "UNAVAILABLE"),
+                                flags=FINAL)
+                    continue
+                state, prompt_ids, params = self._parse(request, sender)
+            except RequestError as err:
+                sender.send(error_response(err, "INVALID_ARG"), flags=FINAL)
+                continue
+            except Exception as err:  # noqa: BLE001 - one request must not fail the batch
+                log_exception("could not parse a generate request")
+                sender.send(error_response(f"could not parse the request: {err}"), flags=FINAL)
+                continue
+            self._pending[state.request_id] = state
+            self.engine.add_request(state.request_id, prompt_ids, params,
+                                    callback=partial(self._on_output, state))
+        return None
+
+    def _parse(self, request: Any, sender: Any) -> tuple[_Stream, list[int], SamplingParams]:
+        text = optional_text(request, "text_input")
+        messages = optional_text(request, "messages")
+        if messages is not None and text:
+            raise RequestError("give exactly one of 'text_input' and 'messages', not both")
+        if messages is None and not text:
+            raise RequestError("input 'text_input' is required and must not be empty "
+                               "(or give 'messages', a JSON list of chat messages)")
+        stream = input_bool(request, "stream", default=False)
+        exclude = optional_bool(request, "exclude_input_in_output")
+        if stream and exclude is False:
+            raise RequestError("exclude_input_in_output=false is not allowed when streaming: "
+                               "a stream sends only new text (send true or leave it out)")
+        returns = frozenset(name for name in RETURN_OUTPUTS
+                            if input_bool(request, f"return_{name}", default=False))
+        params = self._sampling_params(request)
+        if messages is not None:
+            field_name, prompt = "messages", self._render_chat(messages)
+            # The chat template already holds the special tokens (BOS, turn markers).
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            field_name, prompt = "text_input", text
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not prompt_ids:
+            raise RequestError(f"input '{field_name}' tokenizes to no tokens")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(
+                f"input '{field_name}' is too long: the prompt has {len(prompt_ids)} tokens "
+                f"and max_model_len is {self.max_model_len}, so it must have fewer tokens")
+        try:
+            params.max_tokens_for(len(prompt_ids), self.max_model_len)
+        except ValueError as err:
+            raise RequestError(f"sampling_parameters: {err}") from None
+        state = _Stream(
+            request_id=str(next(self._ids)), request=request, sender=sender, stream=stream,
+            prompt=prompt, prepend=not stream and not exclude, returns=returns,
+            num_logprobs=params.logprobs or 0, arrival=time.monotonic(),
+        )
+        return state, list(prompt_ids), params
+
+    def _sampling_params(self, request: Any) -> SamplingParams:
+        raw = optional_text(request, "sampling_parameters")
+        if raw is not None:
+            source = "sampling_parameters"
+            try:
+                data = json.loads(raw) if raw.strip() else {}
+            except ValueError as err:
+                raise RequestError(f"sampling_parameters is not valid JSON: {err}") from None
+        else:
+            source = "request parameters"
+            data = {k: v for k, v in request_parameters(request).items()
+                    if k not in _INPUT_NAMES}
+        if not isinstance(data, dict):
+            raise RequestError(f"{source} must be a JSON object, got {type(data).__name__}")
+        try:
+            return SamplingParams.from_dict(coerce_strings(data))
+        except ValueError as err:
+            raise RequestError(f"{source}: {err}") from None
+
+    def _render_chat(self, raw: str) -> str:
+        try:
+            conversation = json.loads(raw)
+        except ValueError as err:
+            raise RequestError(f"messages is not valid JSON: {err}") from None
+        if not (isinstance(conversation, list) and conversation and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in conversation)):
+            raise RequestError('messages must be a non-empty JSON list of objects like '
+                               '{"role": "user", "content": "..."}')
+        try:
+            return render_chat(self.tokenizer, conversation, None, True, None)
+        except Exception as err:  # noqa: BLE001 - template errors are the request's
+            raise RequestError(f"messages could not be rendered with the model's chat "
+                               f"template: {err}") from None
+
+    # ---- the engine thread: outputs -> responses ----------------------------------------
+    def _on_output(self, s: _Stream, output: RequestOutput | None,
+                   error: BaseException | None) -> None:
+        sender = s.sender
+        if s.done or sender is None:
+            return
+        try:
+            if error is not None:
+                code = ("INVALID_ARG" if isinstance(error, ValueError) else
+                        "UNAVAILABLE" if isinstance(error, EngineDeadError) else "INTERNAL")
+                self._send(s, error_response(error, code), final=True)
+                return
+            now = time.monotonic()
+            completion = output.outputs[0]
+            if output.finished and completion.finish_reason == "abort":
+                self._cancel(s)
+                return
+            self._record(s, output, now)
+            if not s.stream and not output.finished:
+                return
+            s.checked_at = now
+            if sender.is_cancelled():
+                self._cancel(s)
+                return
+            self._send(s, self._response(s, output), final=output.finished)
+        except Exception as err:  # noqa: BLE001 - the stream must still end
+            log_exception("could not send a generate response")
+            self.engine.abort(s.request_id)
+            self._send(s, error_response(f"could not build the response: {err}"), final=True)
+
+    def _response(self, s: _Stream, output: RequestOutput) -> Any:
+        c = output.outputs[0]
+        if s.stream:
+            text, num_new = c.text_delta, len(c.token_ids_delta)
+        else:
+            text, num_new = (s.prompt if s.prepend else "") + c.text, len(c.token_ids)
+        tensors = [text_tensor("text_output", [text])]
+        if "finish_reason" in s.returns:
+            tensors.append(text_tensor("finish_reason", [str(c.finish_reason)]))
+        if "cumulative_logprob" in s.returns:
+            tensors.append(pb_utils.Tensor("cumulative_logprob", np.array(
+                [c.cumulative_logprob or 0.0], dtype=np.float32)))
+        if "logprobs" in s.returns:
+            new = c.logprobs[len(c.logprobs) - num_new:] if c.logprobs is not None else None
+            tensors.append(text_tensor("logprobs", [self._logprobs_json(new, s.num_logprobs)]))
+        if "num_input_tokens" in s.returns:
+            tensors.append(pb_utils.Tensor("num_input_tokens", np.array(
+                [len(output.prompt_token_ids)], dtype=np.uint32)))
+        if "num_output_tokens" in s.returns:
+            tensors.append(pb_utils.Tensor("num_output_tokens", np.array(
+                [num_new], dtype=np.uint32)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def _logprobs_json(self, per_token: list[dict[int, float]] | None, k: int) -> str:
+        """vLLM's shape: per token {token_id: {logprob, rank, decoded_token}}, most likely
+        first. The engine reports the top-k and the sampled token; when the sampled token is
+        not among the top k it is the (k+1)-th entry, and its rank (> k) is unknown: null."""
+        if per_token is None:
+            return "null"
+        tokenizer = self.engine.engine.tokenizer  # we run in the engine thread
+        out = []
+        for alternatives in per_token:
+            ranked = sorted(alternatives.items(), key=lambda kv: -kv[1])
+            out.append({str(tid): {"logprob": _finite(lp), "rank": i + 1 if i < k else None,
+                                   "decoded_token": tokenizer.decode([tid])}
+                        for i, (tid, lp) in enumerate(ranked)})
+        return json.dumps(out)
+
+    def _record(self, s: _Stream, output: RequestOutput, now: float) -> None:
+        num_new = len(output.outputs[0].token_ids_delta)
+        if num_new:
+            if s.last_token_at is None:
+                self.metrics.observe_ttft(now - s.arrival)
+                self.metrics.add_tokens(prompt=len(output.prompt_token_ids), generation=num_new)
+            else:
+                self.metrics.observe_tpot((now - s.last_token_at) / num_new)
+                self.metrics.add_tokens(generation=num_new)
+            s.last_token_at = now
+        if output.finished:
+            self.metrics.observe_e2e(now - s.arrival)
+
+    def _send(self, s: _Stream, response: Any, final: bool) -> None:
+        with s.lock:
+            if s.done:
+                return
+            sender = s.sender
+            if final:
+                s.done = True
+                self._pending.pop(s.request_id, None)
+                # Triton unloads a model only once every response sender of its requests
+                # is gone, and the engine may hold this _Stream (in its callback) a while.
+                s.sender = s.request = None
+            try:
+                sender.send(response, flags=FINAL if final else 0)
+            except Exception:  # noqa: BLE001 - the client is gone: stop generating for it
+                log_exception(f"could not send a response; aborting request {s.request_id}")
+                s.done = True
+                s.sender = s.request = None
+                self._pending.pop(s.request_id, None)
+                self.engine.abort(s.request_id)
+
+    def _cancel(self, s: _Stream) -> None:
+        """Aborts the engine request (blocks free before the next step) and ends the stream
+        with a CANCELLED error; safe from any thread, any number of times."""
+        self.engine.abort(s.request_id)
+        self._send(s, cancelled_response(), final=True)
+
+    # ---- background threads --------------------------------------------------------------
+    def _poll_cancelled(self) -> None:
+        while not self._stop.wait(POLL_INTERVAL):
+            now = time.monotonic()
+            # list() of a dict view is one C call under the GIL: a consistent snapshot.
+            for s in list(self._pending.values()):
+                sender = s.sender
+                if s.done or sender is None or now - s.checked_at < POLL_INTERVAL:
+                    continue
+                s.checked_at = now
+                try:
+                    cancelled = sender.is_cancelled()
+                except Exception:  # noqa: BLE001
+                    log_exception(f"is_cancelled() failed for request {s.request_id}")
+                    continue
+                if cancelled:
+                    self._cancel(s)
+
+    def _gauge_values(self) -> GaugeValues:
+        stats = self.engine.stats()
+        # Requests not yet admitted by the engine thread wait too.
+        waiting = max(stats.num_waiting, len(self._pending) - stats.num_running)
+        return GaugeValues(stats.num_running, waiting, stats.kv_cache_usage,
+                           stats.num_preemptions)
+
+    def finalize(self) -> None:
+        self._stop.set()
+        self._poller.join(timeout=5)
+        device = self.engine.engine.device
+        # In-flight streams end with an error from the engine; requests it had not admitted
+        # yet end here.
+        self.engine.shutdown()
+        for s in list(self._pending.values()):
+            self._send(s, error_response("the model was unloaded with this request in flight",
+                                         "UNAVAILABLE"), final=True)
+        self.metrics.close()
+        self.engine = None
+        gc.collect()
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def _finite(logprob: float) -> float:
+    # JSON has no -Infinity; vLLM's OpenAI server clamps the same way.
+    return max(logprob, -9999.0) if not math.isnan(logprob) else -9999.0

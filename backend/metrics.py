@@ -1,0 +1,161 @@
+"""The generate model's Prometheus metrics, under vllm_backend's names, on Triton's /metrics.
+
+Families (labels `model` and `version`, as vllm_backend sets them):
+  counters    vllm:prompt_tokens_total, vllm:generation_tokens_total,
+              vllm:num_preemptions_total
+  histograms  vllm:time_to_first_token_seconds (one observation per request),
+              vllm:time_per_output_token_seconds (one per output token after the first:
+              the time since the previous token, as vLLM's iteration stats observe it),
+              vllm:e2e_request_latency_seconds (one per finished request); vLLM's buckets
+  gauges      vllm:num_requests_running, vllm:num_requests_waiting (queued in the engine
+              or not yet admitted), vllm:kv_cache_usage_perc (fraction of KV blocks held by
+              requests; 1 means 100%; cached free prefix blocks do not count)
+
+Every metric call is a round trip to the Triton process (~10 us), so the engine thread only
+queues events; one thread applies them and refreshes the gauges from engine stats every
+`interval` seconds. If the server runs with metrics off, every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+from tritonforge.backend.triton_io import log_exception, log_info
+
+# vLLM's buckets (vllm/engine/metrics.py), as vllm_backend uses them.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0]
+TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
+E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+
+
+@dataclass
+class GaugeValues:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+
+
+class GenerateMetrics:
+    """Queue events from any thread; a daemon thread reports them to Triton."""
+
+    def __init__(self, labels: dict[str, str], gauges: Callable[[], GaugeValues],
+                 interval: float = 0.25) -> None:
+        self._gauges = gauges
+        self._interval = interval
+        self._events: queue.SimpleQueue[tuple[str, str, float] | None] = queue.SimpleQueue()
+        self._families: dict[str, Any] = {}
+        self._metrics: dict[str, Any] = {}
+        self._preemptions = 0
+        try:
+            self._create(labels)
+        except pb_utils.TritonModelException as err:
+            if "metrics not supported" not in str(err).lower():
+                raise
+            log_info("Triton runs with metrics off; the generate metrics are not reported")
+            self._metrics.clear()
+        self._thread: threading.Thread | None = None
+        if self._metrics:
+            self._thread = threading.Thread(target=self._loop, name="tritonforge-metrics",
+                                            daemon=True)
+            self._thread.start()
+
+    def _create(self, labels: dict[str, str]) -> None:
+        kinds = pb_utils.MetricFamily
+        specs = [
+            ("prompt_tokens", "vllm:prompt_tokens_total", "Number of prefill tokens processed.",
+             kinds.COUNTER, None),
+            ("generation_tokens", "vllm:generation_tokens_total",
+             "Number of generation tokens processed.", kinds.COUNTER, None),
+            ("preemptions", "vllm:num_preemptions_total",
+             "Cumulative number of preemptions from the engine.", kinds.COUNTER, None),
+            ("ttft", "vllm:time_to_first_token_seconds",
+             "Histogram of time to first token in seconds.", kinds.HISTOGRAM, TTFT_BUCKETS),
+            ("tpot", "vllm:time_per_output_token_seconds",
+             "Histogram of time per output token in seconds.", kinds.HISTOGRAM, TPOT_BUCKETS),
+            ("e2e", "vllm:e2e_request_latency_seconds",
+             "Histogram of end to end request latency in seconds.", kinds.HISTOGRAM,
+             E2E_BUCKETS),
+            ("running", "vllm:num_requests_running", "Number of requests currently running.",
+             kinds.GAUGE, None),
+            ("waiting", "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+             kinds.GAUGE, None),
+            ("kv_usage", "vllm:kv_cache_usage_perc",
+             "KV-cache usage. 1 means 100 percent usage.", kinds.GAUGE, None),
+        ]
+        for key, name, description, kind, buckets in specs:
+            family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self._families[key] = family
+            self._metrics[key] = (family.Metric(labels=labels) if buckets is None
+                                  else family.Metric(labels=labels, buckets=buckets))
+
+    # ---- events (any thread; cheap) ------------------------------------------------------
+    def add_tokens(self, prompt: int = 0, generation: int = 0) -> None:
+        if prompt:
+            self._events.put(("prompt_tokens", "increment", float(prompt)))
+        if generation:
+            self._events.put(("generation_tokens", "increment", float(generation)))
+
+    def observe_ttft(self, seconds: float) -> None:
+        self._events.put(("ttft", "observe", seconds))
+
+    def observe_tpot(self, seconds: float) -> None:
+        self._events.put(("tpot", "observe", seconds))
+
+    def observe_e2e(self, seconds: float) -> None:
+        self._events.put(("e2e", "observe", seconds))
+
+    # ---- the reporting thread ------------------------------------------------------------
+    def _loop(self) -> None:
+        # Gauges are refreshed every `interval` even while events keep arriving.
+        next_refresh = time.monotonic()
+        while True:
+            try:
+                event = self._events.get(timeout=max(0.0, next_refresh - time.monotonic()))
+            except queue.Empty:
+                event = ()
+            if event is None:
+                return
+            if event:
+                self._apply(*event)
+            if time.monotonic() >= next_refresh:
+                self._refresh_gauges()
+                next_refresh = time.monotonic() + self._interval
+
+    def _apply(self, key: str, op: str, value: float) -> None:
+        try:
+            getattr(self._metrics[key], op)(value)
+        except Exception:  # noqa: BLE001 - a metric must never take serving down
+            log_exception(f"could not report metric {key}")
+
+    def _refresh_gauges(self) -> None:
+        try:
+            values = self._gauges()
+        except Exception:  # noqa: BLE001
+            log_exception("could not read engine stats for the gauges")
+            return
+        self._apply("running", "set", float(values.num_running))
+        self._apply("waiting", "set", float(values.num_waiting))
+        self._apply("kv_usage", "set", float(values.kv_cache_usage))
+        if values.num_preemptions_total > self._preemptions:
+            self._apply("preemptions", "increment",
+                        float(values.num_preemptions_total - self._preemptions))
+            self._preemptions = values.num_preemptions_total
+
+    def close(self) -> None:
+        """Reports what is queued, stops the thread, and deletes the metrics before their
+        families (the Python backend requires that order)."""
+        if self._thread is not None:
+            self._events.put(None)
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._metrics.clear()
+        self._families.clear()

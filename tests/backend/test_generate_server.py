@@ -1,0 +1,501 @@
+"""The decoupled generate model through a real tritonserver, as vllm_backend clients use it:
+streamed deltas add up to the engine's greedy text over gRPC and HTTP generate_stream, a
+non-streaming request gets exactly one response, the return_* outputs come only when asked,
+bad requests fail alone naming their field, cancelled streams free their KV blocks at once,
+and the vllm:* metrics count what was generated."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+from tritonforge.engine import LLM, SamplingParams
+from tritonforge.generator.render import render_model
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny_generate"
+MAX_MODEL_LEN = 512
+GREEDY = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}
+PROMPTS = [
+    "The quick brown fox",
+    "Grüße aus München! 你好 🙂",
+    "def generate(prompt: str, max_tokens: int = 16) -> str:",
+]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def context(model_path: str, **overrides: Any) -> dict[str, Any]:
+    values = {
+        "model_path": model_path, "dtype": "float32", "max_model_len": MAX_MODEL_LEN,
+        "max_num_seqs": 16, "max_num_batched_tokens": None, "gpu_memory_utilization": 0.9,
+        "block_size": 16, "enable_prefix_caching": True, "instance_count": 1,
+        # The same tests run on the H100: there the instance takes the GPU path.
+        "instance_kind": "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU",
+    }
+    return values | overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_model) -> str:
+    return str(tiny_model("LlamaForCausalLM"))
+
+
+@pytest.fixture(scope="module")
+def model(triton_server, tiny_path) -> str:
+    render_model("generate", triton_server.model_repository, MODEL, context(tiny_path),
+                 force=True)
+    triton_server.load_model(MODEL)
+    return MODEL
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_path) -> LLM:
+    return LLM(model=tiny_path, device="cpu", max_model_len=MAX_MODEL_LEN)
+
+
+def reference(llm: LLM, prompts: list[str], **params: Any) -> list[Any]:
+    return llm.generate(prompts, SamplingParams(**params))
+
+
+# ---- clients ------------------------------------------------------------------------------
+def inputs(text: str | bytes | None = None, *, messages: Any = None, stream: bool | None = None,
+           params: dict | str | None = None, **flags: bool) -> list[grpcclient.InferInput]:
+    """gRPC inputs by vllm_backend's names; `flags` are exclude_input_in_output and the
+    return_* switches."""
+    def tensor(name: str, value: Any, datatype: str) -> grpcclient.InferInput:
+        t = grpcclient.InferInput(name, [1], datatype)
+        dtype = np.object_ if datatype == "BYTES" else np.bool_
+        t.set_data_from_numpy(np.array([value], dtype=dtype))
+        return t
+
+    out = []
+    if text is not None:
+        out.append(tensor("text_input", text.encode() if isinstance(text, str) else text,
+                          "BYTES"))
+    if messages is not None:
+        raw = messages if isinstance(messages, str) else json.dumps(messages)
+        out.append(tensor("messages", raw.encode(), "BYTES"))
+    if stream is not None:
+        out.append(tensor("stream", stream, "BOOL"))
+    if params is not None:
+        raw = params if isinstance(params, str) else json.dumps(params)
+        out.append(tensor("sampling_parameters", raw.encode(), "BYTES"))
+    out += [tensor(name, value, "BOOL") for name, value in flags.items()]
+    return out
+
+
+def is_final(result: Any) -> bool:
+    return result.get_response().parameters["triton_final_response"].bool_param
+
+
+def grpc_generate(url: str, model: str, request: list, parameters: dict | None = None,
+                  timeout: float = 120) -> list[Any]:
+    """Every response of one request, over its own gRPC stream; raises its error."""
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: responses.put(error or result))
+        client.async_stream_infer(model, request, parameters=parameters,
+                                  enable_empty_final_response=True)
+        out = []
+        while True:
+            item = responses.get(timeout=timeout)
+            if isinstance(item, Exception):
+                raise item
+            out.append(item)
+            if is_final(item):
+                return out
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def texts(results: list[Any]) -> list[str]:
+    return [r.as_numpy("text_output").reshape(-1)[0].decode() for r in results]
+
+
+def http_generate(url: str, model: str, body: dict, stream: bool) -> list[dict]:
+    """The JSON events of HTTP generate_stream (or the one body of generate)."""
+    endpoint = "generate_stream" if stream else "generate"
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/{endpoint}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        raw = resp.read()
+    if not stream:
+        return [json.loads(raw)]
+    return [json.loads(line[len(b"data: "):]) for line in raw.splitlines()
+            if line.startswith(b"data: ")]
+
+
+def scrape(url: str, model: str) -> dict[str, float]:
+    """vllm:* samples of `model` on /metrics, keyed by name (buckets left out)."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    labels = f'model="{model}",version="1"'
+    found = {}
+    for line in text.splitlines():
+        match = re.match(r"^(vllm:[^{ ]+)\{([^}]*)\} (\S+)$", line)
+        if match and labels in match[2] and not match[1].endswith("_bucket"):
+            found[match[1]] = float(match[3])
+    return found
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+# ---- streaming and non-streaming ------------------------------------------------------------
+def test_grpc_stream_deltas_concatenate_to_the_engine_greedy_text(triton_server, model, llm):
+    refs = reference(llm, PROMPTS, **GREEDY)
+    for prompt, ref in zip(PROMPTS, refs):
+        results = grpc_generate(triton_server.grpc_url, model,
+                                inputs(prompt, stream=True, params=GREEDY))
+        # One response per engine step, every one a data response; FINAL on the last.
+        assert [is_final(r) for r in results] == [False] * (len(results) - 1) + [True]
+        assert len(results) == GREEDY["max_tokens"]
+        assert "".join(texts(results)) == ref.outputs[0].text
+
+
+def test_http_generate_stream_deltas_concatenate_to_the_engine_greedy_text(
+        triton_server, model, llm):
+    refs = reference(llm, PROMPTS, **GREEDY)
+    for prompt, ref in zip(PROMPTS, refs):
+        events = http_generate(triton_server.http_url, model, {
+            "text_input": prompt, "stream": True, "sampling_parameters": json.dumps(GREEDY),
+        }, stream=True)
+        assert len(events) == GREEDY["max_tokens"]
+        assert "".join(e["text_output"] for e in events) == ref.outputs[0].text
+
+
+def test_non_streaming_sends_exactly_one_response_equal_to_the_stream(
+        triton_server, model, llm):
+    prompt = PROMPTS[0]
+    streamed = "".join(texts(grpc_generate(triton_server.grpc_url, model,
+                                           inputs(prompt, stream=True, params=GREEDY))))
+    # exclude_input_in_output defaults to false: the prompt comes first, as in vllm_backend.
+    for request, expected in [
+        (inputs(prompt, params=GREEDY), prompt + streamed),
+        (inputs(prompt, stream=False, params=GREEDY), prompt + streamed),
+        (inputs(prompt, stream=False, params=GREEDY, exclude_input_in_output=True), streamed),
+    ]:
+        results = grpc_generate(triton_server.grpc_url, model, request)
+        assert len(results) == 1 and is_final(results[0])
+        assert texts(results) == [expected]
+    assert streamed == reference(llm, [prompt], **GREEDY)[0].outputs[0].text
+    body = {"text_input": prompt, "sampling_parameters": json.dumps(GREEDY)}
+    assert http_generate(triton_server.http_url, model, body, stream=False)[0][
+        "text_output"] == prompt + streamed
+
+
+def test_32_concurrent_streams_all_finish_with_their_own_text(triton_server, model, llm):
+    prompts = [f"Request number {i} asks about the weather in the north" for i in range(32)]
+    refs = reference(llm, prompts, **GREEDY)
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(grpc_generate, triton_server.grpc_url, model,
+                               inputs(p, stream=True, params=GREEDY)) for p in prompts]
+        results = [f.result() for f in futures]
+    for result, ref in zip(results, refs):
+        assert is_final(result[-1])
+        assert "".join(texts(result)) == ref.outputs[0].text
+
+
+def test_sampling_parameters_as_vllm_backend_clients_send_them(triton_server, model, llm):
+    prompt = PROMPTS[1]
+    expected = reference(llm, [prompt], temperature=0, max_tokens=8,
+                         ignore_eos=True)[0].outputs[0].text
+    # Numbers and booleans as strings, as vllm_backend's sample client writes them.
+    as_strings = {"temperature": "0", "max_tokens": "8", "ignore_eos": "true"}
+    results = grpc_generate(triton_server.grpc_url, model,
+                            inputs(prompt, stream=True, params=as_strings))
+    assert "".join(texts(results)) == expected
+    # No sampling_parameters input: the request's own parameters are used.
+    results = grpc_generate(triton_server.grpc_url, model, inputs(prompt, stream=True),
+                            parameters={"temperature": 0, "max_tokens": 8, "ignore_eos": True})
+    assert "".join(texts(results)) == expected
+    # vllm_backend's README: HTTP generate with a `parameters` object (its `stream` ignored).
+    body = {"text_input": prompt, "parameters": {"stream": False, "temperature": 0,
+                                                 "max_tokens": 8, "ignore_eos": True}}
+    assert http_generate(triton_server.http_url, model, body, stream=False)[0][
+        "text_output"] == prompt + expected
+
+
+# ---- extra outputs --------------------------------------------------------------------------
+def test_return_outputs_come_only_when_asked(triton_server, model):
+    extra = ["finish_reason", "cumulative_logprob", "logprobs", "num_input_tokens",
+             "num_output_tokens"]
+    for stream in (True, False):
+        for result in grpc_generate(triton_server.grpc_url, model,
+                                    inputs(PROMPTS[0], stream=stream, params=GREEDY)):
+            assert result.as_numpy("text_output") is not None
+            assert all(result.as_numpy(name) is None for name in extra)
+        only = grpc_generate(triton_server.grpc_url, model,
+                             inputs(PROMPTS[0], stream=stream, params=GREEDY,
+                                    return_num_output_tokens=True))[-1]
+        assert only.as_numpy("num_output_tokens") is not None
+        assert all(only.as_numpy(name) is None for name in extra if name != "num_output_tokens")
+
+
+ALL_RETURNS = {f"return_{name}": True for name in
+               ["finish_reason", "cumulative_logprob", "logprobs", "num_input_tokens",
+                "num_output_tokens"]}
+
+
+def test_return_outputs_are_correct_non_streaming(triton_server, model, llm):
+    params = GREEDY | {"logprobs": 2}
+    ref = reference(llm, [PROMPTS[2]], **params)[0]
+    (result,) = grpc_generate(triton_server.grpc_url, model,
+                              inputs(PROMPTS[2], params=params, **ALL_RETURNS))
+    assert result.as_numpy("finish_reason").tolist() == [b"length"]
+    assert result.as_numpy("num_input_tokens").tolist() == [len(ref.prompt_token_ids)]
+    assert result.as_numpy("num_output_tokens").tolist() == [GREEDY["max_tokens"]]
+    assert result.as_numpy("cumulative_logprob").dtype == np.float32
+    assert result.as_numpy("cumulative_logprob")[0] == pytest.approx(
+        ref.outputs[0].cumulative_logprob, rel=1e-4, abs=1e-4)
+    logprobs = json.loads(result.as_numpy("logprobs")[0])
+    assert len(logprobs) == GREEDY["max_tokens"]
+    for token_id, entry, ref_entry in zip(ref.outputs[0].token_ids, logprobs,
+                                          ref.outputs[0].logprobs):
+        assert str(token_id) in entry and 2 <= len(entry) <= 3
+        assert set(entry) == {str(t) for t in ref_entry}
+        ranked = sorted(entry.values(), key=lambda v: -v["logprob"])
+        assert [v["rank"] for v in ranked[:2]] == [1, 2]
+        assert all(isinstance(v["decoded_token"], str) for v in ranked)
+        # Greedy picks the most likely token.
+        assert entry[str(token_id)]["rank"] == 1
+
+
+def test_return_outputs_are_correct_streaming(triton_server, model, llm):
+    params = GREEDY | {"logprobs": 1}
+    ref = reference(llm, [PROMPTS[0]], **params)[0]
+    results = grpc_generate(triton_server.grpc_url, model,
+                            inputs(PROMPTS[0], stream=True, params=params, **ALL_RETURNS))
+    reasons = [r.as_numpy("finish_reason")[0].decode() for r in results]
+    assert reasons == ["None"] * (len(results) - 1) + ["length"]  # str(None) until the end
+    assert sum(int(r.as_numpy("num_output_tokens")[0]) for r in results) == GREEDY["max_tokens"]
+    assert {int(r.as_numpy("num_input_tokens")[0]) for r in results} == {
+        len(ref.prompt_token_ids)}
+    per_token = [e for r in results for e in json.loads(r.as_numpy("logprobs")[0])]
+    assert [int(next(t for t, v in e.items() if v["rank"] == 1)) for e in per_token] == \
+        ref.outputs[0].token_ids
+    assert float(results[-1].as_numpy("cumulative_logprob")[0]) == pytest.approx(
+        ref.outputs[0].cumulative_logprob, rel=1e-4, abs=1e-4)
+
+
+def test_a_stop_token_finishes_with_reason_stop(triton_server, model, llm):
+    ref = reference(llm, [PROMPTS[0]], **GREEDY)[0].outputs[0].token_ids
+    stop_id = ref[4]
+    params = GREEDY | {"stop_token_ids": [stop_id]}
+    (result,) = grpc_generate(triton_server.grpc_url, model, inputs(
+        PROMPTS[0], params=params, return_finish_reason=True, return_num_output_tokens=True))
+    assert result.as_numpy("finish_reason").tolist() == [b"stop"]
+    assert result.as_numpy("num_output_tokens").tolist() == [ref.index(stop_id) + 1]
+
+
+def test_messages_are_rendered_with_the_chat_template(triton_server, model, llm):
+    ref = llm.chat(CHAT, SamplingParams(**GREEDY))[0]
+    results = grpc_generate(triton_server.grpc_url, model,
+                            inputs(messages=CHAT, stream=True, params=GREEDY))
+    assert "".join(texts(results)) == ref.outputs[0].text
+    # text_input may be sent empty beside messages; the prompt prepended is the rendered chat.
+    (result,) = grpc_generate(triton_server.grpc_url, model, inputs(
+        "", messages=CHAT, params=GREEDY, return_num_input_tokens=True))
+    assert texts([result]) == [ref.prompt + ref.outputs[0].text]
+    assert result.as_numpy("num_input_tokens").tolist() == [len(ref.prompt_token_ids)]
+
+
+# ---- bad requests -------------------------------------------------------------------------
+BAD_REQUESTS = {
+    "malformed JSON": (inputs("Hi", params='{"temperature": 0,'),
+                       ["sampling_parameters", "JSON"]),
+    "unknown key": (inputs("Hi", params={"temprature": 0}), ["temprature", "allowed"]),
+    "temperature -1": (inputs("Hi", params={"temperature": -1}), ["temperature", ">= 0"]),
+    "temperature not a number": (inputs("Hi", params={"temperature": "hot"}), ["temperature"]),
+    "top_p 2": (inputs("Hi", params={"top_p": 2}), ["top_p", "(0, 1]"]),
+    "top_k -2": (inputs("Hi", params={"top_k": -2}), ["top_k"]),
+    "max_tokens 0": (inputs("Hi", params={"max_tokens": 0}), ["max_tokens", ">= 1"]),
+    "max_tokens beyond the context": (inputs("Hi", params={"max_tokens": 5000}),
+                                      ["max_tokens", "max_model_len"]),
+    "negative seed": (inputs("Hi", params={"seed": -1}), ["seed"]),
+    "logprobs above the limit": (inputs("Hi", params={"logprobs": 21}), ["logprobs"]),
+    "stop of the wrong type": (inputs("Hi", params={"stop": 5}), ["stop"]),
+    "both text_input and messages": (inputs("Hi", messages=CHAT), ["text_input", "messages"]),
+    "neither text_input nor messages": (inputs(stream=True), ["text_input", "messages"]),
+    "empty text": (inputs(""), ["text_input", "empty"]),
+    "prompt longer than max_model_len": (inputs("hello " * 600),
+                                         ["text_input", "max_model_len"]),
+    "invalid UTF-8": (inputs(b"\xff\xfe bad"), ["text_input", "UTF-8"]),
+    "messages not a list": (inputs(messages='{"role": "user"}'), ["messages", "list"]),
+    "messages malformed JSON": (inputs(messages="[{"), ["messages", "JSON"]),
+    "prompt repeated in a stream": (inputs("Hi", stream=True, exclude_input_in_output=False),
+                                    ["exclude_input_in_output", "stream"]),
+}
+
+
+def test_bad_requests_fail_alone_naming_the_field(triton_server, model, llm):
+    good = reference(llm, [PROMPTS[1]], **GREEDY)[0].outputs[0].text
+    with ThreadPoolExecutor(len(BAD_REQUESTS) + 1) as pool:
+        good_future = pool.submit(grpc_generate, triton_server.grpc_url, model,
+                                  inputs(PROMPTS[1], stream=True, params=GREEDY))
+        futures = {name: pool.submit(grpc_generate, triton_server.grpc_url, model, request)
+                   for name, (request, _) in BAD_REQUESTS.items()}
+        assert "".join(texts(good_future.result())) == good
+        for name, future in futures.items():
+            error = future.exception()
+            assert isinstance(error, InferenceServerException), f"{name}: no error"
+            for fragment in BAD_REQUESTS[name][1]:
+                assert fragment in str(error), f"{name}: {fragment!r} not in {error}"
+    # The server is healthy afterwards and the next request succeeds.
+    assert "".join(texts(grpc_generate(triton_server.grpc_url, model,
+                                       inputs(PROMPTS[1], stream=True, params=GREEDY)))) == good
+
+
+# ---- metrics and cancellation ------------------------------------------------------------
+def test_metrics_count_the_tokens_of_each_request(triton_server, model):
+    before = scrape(triton_server.metrics_url, model)
+    assert {"vllm:num_requests_running", "vllm:num_requests_waiting",
+            "vllm:kv_cache_usage_perc"} <= set(before)
+    (result,) = grpc_generate(triton_server.grpc_url, model, inputs(
+        PROMPTS[2], params=GREEDY, return_num_input_tokens=True, return_num_output_tokens=True))
+    n_in = int(result.as_numpy("num_input_tokens")[0])
+    n_out = int(result.as_numpy("num_output_tokens")[0])
+    expected = {
+        "vllm:prompt_tokens_total": n_in,
+        "vllm:generation_tokens_total": n_out,
+        "vllm:time_to_first_token_seconds_count": 1,
+        "vllm:time_per_output_token_seconds_count": n_out - 1,  # one per later token
+        "vllm:e2e_request_latency_seconds_count": 1,
+    }
+
+    def deltas() -> dict[str, float]:
+        now = scrape(triton_server.metrics_url, model)
+        return {k: now.get(k, 0.0) - before.get(k, 0.0) for k in expected}
+
+    wait_for(lambda: deltas() == expected, timeout=10)
+    assert deltas() == expected
+    after = scrape(triton_server.metrics_url, model)
+    assert after["vllm:e2e_request_latency_seconds_sum"] > before.get(
+        "vllm:e2e_request_latency_seconds_sum", 0.0)
+
+
+def test_cancelling_20_of_40_streams_frees_the_kv_cache(triton_server, model, llm):
+    long_params = {"temperature": 0, "max_tokens": 450, "ignore_eos": True}
+    short_prompts = [f"Short request {i} about the sea" for i in range(20)]
+    refs = reference(llm, short_prompts, **GREEDY)
+    before = scrape(triton_server.metrics_url, model)
+    started: queue.Queue = queue.Queue()
+    doomed = []
+    for i in range(20):
+        client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+        client.start_stream(callback=lambda result, error: started.put(error or result))
+        # Half stream; half do not (only the poller can see those cancelled). With
+        # max_num_seqs=16 some of them are still queued when they are cancelled.
+        client.async_stream_infer(model, inputs(f"Long request {i}", stream=i % 2 == 0,
+                                                params=long_params),
+                                  enable_empty_final_response=True)
+        doomed.append(client)
+    assert not isinstance(started.get(timeout=60), Exception)  # generation is under way
+    with ThreadPoolExecutor(20) as pool:
+        futures = [pool.submit(grpc_generate, triton_server.grpc_url, model,
+                               inputs(p, stream=True, params=GREEDY)) for p in short_prompts]
+        for client in doomed:
+            client.stop_stream(cancel_requests=True)
+            client.close()
+        results = [f.result() for f in futures]
+    for result, ref in zip(results, refs):
+        assert "".join(texts(result)) == ref.outputs[0].text
+
+    def idle() -> dict[str, float] | None:
+        now = scrape(triton_server.metrics_url, model)
+        gauges = [now["vllm:kv_cache_usage_perc"], now["vllm:num_requests_running"],
+                  now["vllm:num_requests_waiting"]]
+        return now if gauges == [0, 0, 0] else None
+
+    after = wait_for(idle, timeout=30)
+    assert after, "KV cache still in use after every stream ended"
+    generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+    # Had the 20 long requests run on, they would have made 20 * 450 tokens.
+    assert generated < 20 * long_params["max_tokens"] / 4
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
+    client.close()
+    assert "".join(texts(grpc_generate(triton_server.grpc_url, model, inputs(
+        short_prompts[0], stream=True, params=GREEDY)))) == refs[0].outputs[0].text
+
+
+# ---- real weights -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> str:
+    from tritonforge.generator.examples import fetch_example
+
+    return str(fetch_example("chat", cache_dir=tmp_path_factory.mktemp("examples"),
+                             progress=False))
+
+
+def test_smollm2_streams_exactly_the_engine_greedy_text(triton_server, smollm2):
+    name = "smollm2_generate"
+    render_model("generate", triton_server.model_repository, name,
+                 context(smollm2, max_model_len=1024), force=True)
+    params = {"temperature": 0, "max_tokens": 20}
+    # The server loads its copy while this process loads the reference (GGUF
+    # dequantization is the slow part of both).
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(triton_server.load_model, name)
+        reference_llm = LLM(model=smollm2, device="cpu", dtype="float32", max_model_len=1024)
+        chat_ref = reference_llm.chat(CHAT, SamplingParams(**params))[0].outputs[0].text
+        text_ref = reference_llm.generate(["The capital of France is"],
+                                          SamplingParams(**params))[0].outputs[0].text
+        del reference_llm
+        loading.result()
+    assert "Paris" in chat_ref
+    grpc_chat = grpc_generate(triton_server.grpc_url, name,
+                              inputs(messages=CHAT, stream=True, params=params))
+    assert "".join(texts(grpc_chat)) == chat_ref
+    events = http_generate(triton_server.http_url, name, {
+        "text_input": "The capital of France is", "stream": True,
+        "sampling_parameters": json.dumps(params)}, stream=True)
+    assert "".join(e["text_output"] for e in events) == text_ref
+    (single,) = grpc_generate(triton_server.grpc_url, name, inputs(
+        "The capital of France is", params=params, exclude_input_in_output=True))
+    assert texts([single]) == [text_ref]
+    triton_server.unload_model(name)
+
+
+def test_http_errors_name_the_field(triton_server, model):
+    body = {"text_input": "Hi", "sampling_parameters": json.dumps({"top_p": 2})}
+    with pytest.raises(urllib.error.HTTPError) as info:
+        http_generate(triton_server.http_url, model, body, stream=False)
+    assert "top_p" in info.value.read().decode()
+
+
+def test_model_unloads_and_reloads_cleanly(triton_server, model):
+    triton_server.unload_model(model)
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    try:
+        assert wait_for(lambda: not client.is_model_ready(model), timeout=30)
+        # Unload waits for finalize: loading again only works once the old instance is gone.
+        triton_server.load_model(model)
+        assert client.is_model_ready(model)
+    finally:
+        client.close()
+    results = grpc_generate(triton_server.grpc_url, model,
+                            inputs(PROMPTS[0], stream=True, params=GREEDY))
+    assert is_final(results[-1])
+
