@@ -143,7 +143,7 @@ class LLM:
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 try:
-                    ids.append(engine.add_request(None, prompt, p))
+                    ids.append(engine.add_request(None, prompt, p, stream=False))
                 except ValueError as err:
                     raise ValueError(f"prompts[{i}]: {err}") from None
             finals: dict[str, RequestOutput] = {}

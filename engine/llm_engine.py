@@ -44,6 +44,7 @@ class _Request:
     generator: torch.Generator | None
     logprobs: list[dict[int, float]] | None
     cumulative_logprob: float = 0.0
+    stream: bool = True  # report every step (and keep its text current) or only the end
     text: str = ""  # the output text so far (cut at a stop string when one matched)
     reported_text: int = 0  # characters already reported in text deltas
     reported_tokens: int = 0
@@ -101,9 +102,15 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        stream: bool = True,
     ) -> str:
         """Queues a request (text, or token ids); returns its id. Raises ValueError for a
-        prompt that cannot run (empty, too long for max_model_len with max_tokens)."""
+        prompt that cannot run (empty, too long for max_model_len with max_tokens).
+
+        stream=False: step() reports the request only when it finishes, and its text is
+        decoded once at the end unless stop strings need it token by token (the offline
+        API's batch generation: detokenizing every step would cost more than the GPU).
+        """
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self._requests:
@@ -138,6 +145,7 @@ class LLMEngine:
             ),
             generator=request_generator(params, self.device),
             logprobs=[] if params.logprobs is not None else None,
+            stream=stream,
         )
         return request_id
 
@@ -178,10 +186,13 @@ class LLMEngine:
         if not seqs:
             return []
         requests = [self._requests[s.request_id] for s in seqs]
+        # Token histories only for rows that read them (penalties, min_tokens): copying
+        # every prompt every step would cost more than sampling.
+        needs_ids = [r.params.has_penalties or r.params.min_tokens > 0 for r in requests]
         metadata = SamplingMetadata.build(
             [r.params for r in requests],
-            [r.seq.prompt_token_ids for r in requests],
-            [r.seq.output_token_ids for r in requests],
+            [r.seq.prompt_token_ids if need else [] for r, need in zip(requests, needs_ids)],
+            [r.seq.output_token_ids if need else [] for r, need in zip(requests, needs_ids)],
             [r.generator for r in requests],
             self.eos_token_ids,
             logits.shape[-1],
@@ -195,22 +206,48 @@ class LLMEngine:
             request.cumulative_logprob += sampled.sampled_logprobs[i]
             if request.logprobs is not None:
                 request.logprobs.append(sampled.logprobs[i] or {})
-            outputs.append(self._process_token(request))
+            output = self._process_token(request)
+            if output is not None:
+                outputs.append(output)
         return outputs
 
-    def _process_token(self, request: _Request) -> RequestOutput:
-        seq = request.seq
+    def _process_token(self, request: _Request) -> RequestOutput | None:
+        seq, params = request.seq, request.params
+        if not request.stream and not params.stop:
+            return self._process_token_lazily(request)
         result = stop_checker.process_token(
-            request.detokenizer, request.text, seq.output_token_ids, request.params,
+            request.detokenizer, request.text, seq.output_token_ids, params,
             self.eos_token_ids, seq.num_tokens, self.max_model_len,
         )
         request.text = result.text
         if result.finish_reason is None:
-            return self._output(request)
-        seq.stop_reason = result.stop_reason
-        self.scheduler.finish(seq, result.finish_reason)
+            return self._output(request) if request.stream else None
+        return self._finish(request, result.finish_reason, result.stop_reason)
+
+    def _process_token_lazily(self, request: _Request) -> RequestOutput | None:
+        """Token-level stops only (no stop strings), text decoded once at the end: the
+        same text process_token would have built token by token."""
+        seq, params = request.seq, request.params
+        token, num_output = seq.last_token_id, seq.num_output_tokens
+        detok = request.detokenizer
+        if stop_checker.is_stop_token(token, num_output, params, self.eos_token_ids):
+            request.text = detok.push(seq.output_token_ids[:-1]) + detok.flush()
+            if params.include_stop_str_in_output:
+                request.text += detok.push([token]) + detok.flush()
+            reason = None if (not params.ignore_eos and token in self.eos_token_ids) else token
+            return self._finish(request, "stop", reason)
+        if stop_checker.reaches_length(num_output, seq.num_tokens, params, self.max_model_len):
+            request.text = detok.push(seq.output_token_ids) + detok.flush()
+            return self._finish(request, "length", None)
+        return None
+
+    def _finish(self, request: _Request, finish_reason: str,
+                stop_reason: int | str | None) -> RequestOutput:
+        seq = request.seq
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq, finish_reason)
         del self._requests[seq.request_id]
-        return self._output(request, finish_reason=result.finish_reason)
+        return self._output(request, finish_reason=finish_reason)
 
     def _output(self, request: _Request, finish_reason: str | None = None) -> RequestOutput:
         seq, params = request.seq, request.params

@@ -17,6 +17,7 @@ always make progress.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ from tritonforge.engine.sequence import Sequence
 from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.layers.attention import bind_kv_cache
 from tritonforge.models.registry import kv_cache_shape
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,7 +58,12 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(model, config.max_num_seqs, max_model_len,
                                        self.block_size, self.device)
-            self.graphs.capture()
+            try:
+                self.graphs.capture()
+            except Exception as err:  # noqa: BLE001 - e.g. a Transformers-backend model
+                # A model whose forward cannot be captured still runs, eagerly.
+                logger.warning("CUDA graph capture failed (%s); decode runs eagerly", err)
+                self.graphs = None
 
     # ---- KV cache ---------------------------------------------------------------------
     @property
