@@ -29,7 +29,13 @@ GENERATE_CONTEXT = {
     "block_size": 16, "enable_prefix_caching": True, "instance_count": 1,
     "instance_kind": "KIND_GPU",
 }
-CONTEXTS = {"embed": EMBED_CONTEXT, "generate": GENERATE_CONTEXT}
+CLASSIFY_CONTEXT = {
+    "source": "org/classifier", "model_path": "/models/classifier", "dtype": "auto",
+    "max_model_len": "", "max_batch_size": 16, "max_queue_delay_us": 1000,
+    "instance_count": 2, "instance_kind": "KIND_CPU", "num_labels": 3,
+    "labels": ["negative", "neutral", "positive"],
+}
+CONTEXTS = {"embed": EMBED_CONTEXT, "generate": GENERATE_CONTEXT, "classify": CLASSIFY_CONTEXT}
 
 
 def _parse(path) -> model_config_pb2.ModelConfig:

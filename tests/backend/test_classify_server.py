@@ -1,0 +1,253 @@
+"""The classify model: the template renders a config Triton parses and a labels.txt of one
+label per line; instances map to their devices; and, through a real tritonserver, the tiny
+BERT classifier's probabilities match the engine over gRPC and HTTP, class_count returns
+the top labels, and a bad request fails alone."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
+from tritonforge.generator.render import render_model
+
+# The context tests/generator/test_render.py renders the classify template with.
+CLASSIFY_CONTEXT = {
+    "source": "org/classifier",
+    "model_path": "/models/classifier",
+    "dtype": "auto",
+    "max_model_len": "",
+    "max_batch_size": 16,
+    "max_queue_delay_us": 1000,
+    "instance_count": 2,
+    "instance_kind": "KIND_CPU",
+    "num_labels": 3,
+    "labels": ["negative", "neutral", "positive"],
+}
+
+TEXTS = [
+    "A wonderful, delightful film.",
+    "Triton Inference Server classifies text over gRPC.",
+    "Ein Mann isst Essen. 你好世界 🙂",
+    "x",
+    "",
+]
+MAX_MODEL_LEN = 32
+TOO_LONG = " ".join(["word"] * 100)
+
+
+def _parse(folder: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+# --- rendering (fast) ---------------------------------------------------------------------------
+def test_config_has_batched_text_in_and_labelled_probabilities_out(tmp_path):
+    folder = render_model("classify", tmp_path, "c", CLASSIFY_CONTEXT)
+    config = _parse(folder)
+    assert config.backend == "python" and config.max_batch_size == 16
+    assert config.HasField("dynamic_batching")
+    [text_in] = config.input
+    assert (text_in.name, text_in.data_type, list(text_in.dims)) == (
+        "text_input", model_config_pb2.TYPE_STRING, [1])
+    [probs] = config.output
+    assert (probs.name, probs.data_type, list(probs.dims), probs.label_filename) == (
+        "probabilities", model_config_pb2.TYPE_FP32, [3], "labels.txt")
+    assert config.instance_group[0].count == 2
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert config.parameters["model"].string_value == "/models/classifier"
+    assert config.parameters["max_model_len"].string_value == ""
+    assert (folder / "labels.txt").read_text() == "negative\nneutral\npositive\n"
+    assert "tritonforge.backend.classify" in (folder / "1" / "model.py").read_text()
+
+
+def test_a_label_with_newlines_stays_on_its_own_line(tmp_path):
+    labels = ["neg\native", "neu\r\ntral", "pos\x00itive", 'quo"te\\']
+    folder = render_model("classify", tmp_path, "c",
+                          {**CLASSIFY_CONTEXT, "num_labels": 4, "labels": labels})
+    lines = (folder / "labels.txt").read_text().split("\n")
+    assert lines[-1] == "" and len(lines[:-1]) == 4  # exactly one line per label
+    assert lines[:-1] == ["neg ative", "neu tral", "pos itive", 'quo"te\\']
+
+
+def test_injected_values_stay_string_values(tmp_path):
+    evil = '/m"\n} } ] instance_group [ { count: 99 kind: KIND_GPU } ] parameters [ { key: "x'
+    folder = render_model("classify", tmp_path, "c", {
+        **CLASSIFY_CONTEXT, "model_path": evil, "dtype": evil, "max_model_len": evil})
+    config = _parse(folder)
+    assert config.parameters["model"].string_value == evil
+    assert config.parameters["max_model_len"].string_value == evil
+    assert len(config.instance_group) == 1 and config.instance_group[0].count == 2
+
+
+# --- multi-instance devices (fast; a fake pb_utils, since the real one lives in the stub) ------
+@pytest.fixture
+def triton_io_with_fake_pb_utils() -> types.ModuleType:
+    """backend/triton_io.py loaded under a private name with a FAKE
+    `triton_python_backend_utils` (an empty module), for its pure functions only. Nothing
+    leaks: sys.modules is restored and the real tritonforge.backend.triton_io is untouched."""
+    package = importlib.util.find_spec("tritonforge.backend")
+    path = Path(next(iter(package.submodule_search_locations))) / "triton_io.py"
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.__doc__ = "FAKE stand-in for the Python backend stub's module (unit tests only)"
+    with mock.patch.dict(sys.modules, {"triton_python_backend_utils": fake}):
+        spec = importlib.util.spec_from_file_location("_triton_io_under_fake_pb_utils", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("args", "device"), [
+    # Triton passes these args as strings.
+    ({"model_instance_kind": "GPU", "model_instance_device_id": "0"}, "cuda:0"),
+    ({"model_instance_kind": "GPU", "model_instance_device_id": "1"}, "cuda:1"),
+    ({"model_instance_kind": "GPU", "model_instance_device_id": "7"}, "cuda:7"),
+    ({"model_instance_kind": "GPU"}, "cuda:0"),
+    ({"model_instance_kind": "CPU", "model_instance_device_id": "0"}, "cpu"),
+    ({"model_instance_kind": "MODEL", "model_instance_device_id": "0"}, "auto"),
+    ({}, "auto"),
+])
+def test_instance_device_pins_gpu_instances_and_runs_cpu_ones_on_cpu(
+    triton_io_with_fake_pb_utils, args, device
+):
+    assert triton_io_with_fake_pb_utils.instance_device(args) == device
+
+
+# --- through a real tritonserver (slow) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def classifier_dir(tiny_model) -> Path:
+    return tiny_model("BertForSequenceClassification")
+
+
+@pytest.fixture(scope="module")
+def llm(classifier_dir):
+    from tritonforge.engine import LLM
+
+    return LLM(model=str(classifier_dir), runner="pooling", device="cpu", dtype="auto",
+               max_model_len=MAX_MODEL_LEN)
+
+
+@pytest.fixture(scope="module")
+def reference(llm) -> np.ndarray:
+    return llm.classify_tensors(TEXTS).numpy()
+
+
+@pytest.fixture(scope="module")
+def labels(llm) -> list[str]:
+    id2label = llm.pooler.id2label
+    return [id2label[i] for i in range(llm.pooler.num_labels)]
+
+
+@pytest.fixture(scope="module")
+def classify_model(triton_server, classifier_dir, labels) -> str:
+    name = "tiny_classifier"
+    render_model("classify", triton_server.model_repository, name, {
+        **CLASSIFY_CONTEXT, "source": str(classifier_dir), "model_path": str(classifier_dir),
+        "max_model_len": MAX_MODEL_LEN, "num_labels": len(labels), "labels": labels,
+    }, force=True)
+    triton_server.load_model(name)
+    return name
+
+
+def _texts_input(module, texts: list[str]):
+    text_in = module.InferInput("text_input", [len(texts), 1], "BYTES")
+    text_in.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=np.object_))
+    return text_in
+
+
+def _expected_top2(probs: np.ndarray, labels: list[str]) -> list[list[tuple[int, str]]]:
+    return [[(int(i), labels[i]) for i in np.argsort(-row, kind="stable")[:2]] for row in probs]
+
+
+def _parse_classes(served: np.ndarray) -> list[list[tuple[float, int, str]]]:
+    out = []
+    for row in served:
+        entries = []
+        for item in row:
+            score, index, label = item.decode().split(":", 2)
+            entries.append((float(score), int(index), label))
+        out.append(entries)
+    return out
+
+
+@pytest.mark.slow
+def test_labels_file_has_one_line_per_label(triton_server, classify_model, labels):
+    text = (triton_server.model_repository / classify_model / "labels.txt").read_text()
+    assert text.split("\n")[:-1] == labels and len(labels) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_probabilities_match_the_engine(triton_server, classify_model, reference, module):
+    url = triton_server.grpc_url if module is grpcclient else triton_server.http_url
+    client = module.InferenceServerClient(url)
+    try:
+        result = client.infer(classify_model, [_texts_input(module, TEXTS)],
+                              outputs=[module.InferRequestedOutput("probabilities")])
+    finally:
+        client.close()
+    served = result.as_numpy("probabilities")
+    assert served.dtype == np.float32 and served.shape == reference.shape == (len(TEXTS), 3)
+    np.testing.assert_allclose(served, reference, atol=1e-5)
+    np.testing.assert_allclose(served.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_class_count_returns_the_top2_labels(triton_server, classify_model, reference, labels,
+                                             module):
+    url = triton_server.grpc_url if module is grpcclient else triton_server.http_url
+    client = module.InferenceServerClient(url)
+    try:
+        result = client.infer(
+            classify_model, [_texts_input(module, TEXTS)],
+            outputs=[module.InferRequestedOutput("probabilities", class_count=2)])
+    finally:
+        client.close()
+    served = result.as_numpy("probabilities")
+    assert served.shape == (len(TEXTS), 2)
+    classes = _parse_classes(served)
+    assert [[(i, lab) for _, i, lab in row] for row in classes] == _expected_top2(reference,
+                                                                                 labels)
+    for row, probs in zip(classes, reference):
+        assert row[0][0] >= row[1][0]  # descending
+        for score, index, _ in row:
+            assert score == pytest.approx(float(probs[index]), abs=1e-5)
+
+
+def _one(url: str, model: str, raw: bytes) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        text_in = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+        text_in.set_data_from_numpy(np.array([[raw]], dtype=np.object_))
+        return client.infer(model, [text_in]).as_numpy("probabilities")
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_concurrent_requests_with_bad_ones_fail_alone(triton_server, classify_model, reference):
+    raws = [t.encode() for t in TEXTS] * 4 + [b"\xff\xfe not utf-8", TOO_LONG.encode()]
+    with concurrent.futures.ThreadPoolExecutor(len(raws)) as pool:
+        futures = [pool.submit(_one, triton_server.grpc_url, classify_model, r) for r in raws]
+        results = [f.exception() or f.result() for f in futures]
+    not_utf8, too_long = results[-2:]
+    assert isinstance(not_utf8, InferenceServerException)
+    assert "text_input" in str(not_utf8) and "UTF-8" in str(not_utf8)
+    assert isinstance(too_long, InferenceServerException)
+    assert "text_input" in str(too_long) and f"max_model_len={MAX_MODEL_LEN}" in str(too_long)
+    for i, served in enumerate(results[:-2]):
+        assert not isinstance(served, Exception), served
+        np.testing.assert_allclose(served[0], reference[i % len(TEXTS)], atol=1e-5)
+    # The model is still healthy afterwards.
+    np.testing.assert_allclose(_one(triton_server.grpc_url, classify_model, b"x")[0],
+                               reference[3], atol=1e-5)
