@@ -20,29 +20,44 @@ MODEL_REGISTRY: dict[str, type] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 MODEL_IMPLS = ("auto", "native", "transformers")
-_BACKEND_PENDING = ("the Transformers backend (model_impl='transformers') lands with the models "
-                    "issue and is not available yet")
+
+
+def _is_causal_lm(architecture: str) -> bool:
+    """Whether the Transformers backend (generate) can wrap `architecture`."""
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return architecture in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def resolve_model_class(architecture: str, model_impl: str = "auto") -> type:
-    """The class that serves `architecture` under `model_impl`; ValueError saying why not."""
+    """The class that serves `architecture` under `model_impl`; ValueError saying why not.
+
+    "native": the registered class or an error; "transformers": the Transformers backend for
+    any causal LM; "auto": native when registered, else the Transformers backend.
+    """
     if model_impl not in MODEL_IMPLS:
         raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, got {model_impl!r}")
-    if model_impl == "transformers":
-        raise ValueError(f"model_impl='transformers' for {architecture}: {_BACKEND_PENDING}")
-    if architecture in MODEL_REGISTRY:
+    if model_impl != "transformers" and architecture in MODEL_REGISTRY:
         return MODEL_REGISTRY[architecture]
     supported = ", ".join(sorted(MODEL_REGISTRY))
-    hint = ("the Transformers backend may serve it (model_impl='transformers')"
-            if model_impl == "native" else _BACKEND_PENDING)
-    raise ValueError(f"architecture {architecture!r} has no native implementation "
-                     f"(supported: {supported}); {hint}")
+    if model_impl == "native":
+        raise ValueError(f"architecture {architecture!r} has no native implementation "
+                         f"(supported: {supported}); the Transformers backend may serve it "
+                         "(model_impl='transformers')")
+    if not _is_causal_lm(architecture):
+        raise ValueError(f"architecture {architecture!r} has no native implementation "
+                         f"(supported: {supported}) and is not a causal LM, which the "
+                         "Transformers backend (model_impl='transformers') needs")
+    from tritonforge.models.transformers_backend import TransformersForCausalLM
+
+    return TransformersForCausalLM
 
 
 def kv_cache_shape(config: Any) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim): what the engine allocates a KV cache for."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    num_heads = text.num_attention_heads
-    num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
-    return text.num_hidden_layers, num_kv_heads, head_dim
+    from tritonforge.models.transformers_backend import head_dim_of, num_kv_heads_of
+
+    return text.num_hidden_layers, num_kv_heads_of(text), head_dim_of(text)

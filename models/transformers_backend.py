@@ -1,0 +1,256 @@
+"""The Transformers modeling backend: any HF decoder-only model, run on our paged KV cache.
+
+Design: the HF model (`AutoModelForCausalLM.from_config`) keeps its own modules and
+state-dict names; only its attention is swapped. We register one attention function,
+`tritonforge_paged`, in transformers' attention interface (`AttentionInterface.register`,
+i.e. `ALL_ATTENTION_FUNCTIONS`) and build the model with `attn_implementation` set to it.
+Every HF attention module then hands its projected, position-encoded q/k/v to that
+function, which forwards them to our `Attention` layer for the module's `layer_idx`: it
+stores this step's K/V at `attn_metadata.slot_mapping` and runs paged attention over the
+block tables. So the backend gets paged KV, chunked prefill and continuous batching exactly
+like a native model, and the engine cannot tell the two apart.
+
+The engine's step is a flat varlen batch of N tokens; HF sees it as ONE sequence
+(`input_ids[None]`, `position_ids=positions[None]`, batch 1, T = N) with `use_cache=False`.
+Because the attention name is not in transformers' mask interface, HF builds no mask (no
+O(N^2) tensor); sequence boundaries and causality come from the metadata inside our kernel.
+The per-step metadata reaches the attention function through a ContextVar set by forward.
+
+Our `Attention` modules live in `self.attn_layers` (one per decoder layer, in layer order),
+so `bind_kv_cache` finds them like a native model's. Per call the function takes scaling,
+soft-capping and sliding window from HF's arguments (OPT pre-scales q and passes 1.0; Gemma
+passes its window per layer), so what HF computes is what we compute.
+
+Limits: models that do not route attention through the interface (transformers marks them
+`_supports_attention_backend = False`, e.g. Falcon in 5.x) are refused at construction,
+naming the architecture; forward also checks every layer really called the paged function.
+Models that implement sliding windows only through HF's mask (not the `sliding_window`
+argument) or that need a 4D custom mask (prefix-LM, vision tokens) are not served correctly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from tritonforge.models.attention_metadata import AttentionMetadata
+from tritonforge.models.layers.attention import Attention
+
+ATTN_IMPLEMENTATION = "tritonforge_paged"
+# Checkpoint tensors that are not parameters of current HF modules (old buffers).
+_SKIP = ("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias", ".attn.bias",
+         ".attn.masked_bias")
+
+
+class _Step:
+    """What the attention function needs during one forward."""
+
+    __slots__ = ("layers", "metadata", "calls")
+
+    def __init__(self, layers: nn.ModuleList, metadata: AttentionMetadata) -> None:
+        self.layers, self.metadata, self.calls = layers, metadata, 0
+
+
+_STEP: ContextVar[_Step | None] = ContextVar("tritonforge_paged_step", default=None)
+
+
+def paged_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-interface signature over our paged cache.
+
+    query [1, Hq, N, D], key/value [1, Hkv, N, D] (one flat sequence: the whole step) ->
+    (output [1, N, Hq, D], None).
+    """
+    step = _STEP.get()
+    if step is None:
+        raise RuntimeError(
+            f"{ATTN_IMPLEMENTATION} attention called outside TransformersForCausalLM.forward "
+            "(it needs the step's AttentionMetadata)")
+    if query.shape[0] != 1:
+        raise ValueError(f"{ATTN_IMPLEMENTATION} expects one flat sequence (batch 1), got "
+                         f"batch {query.shape[0]}")
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_idx is None:
+        raise RuntimeError(f"{type(module).__name__} has no layer_idx; the Transformers backend "
+                           "cannot tell which KV cache it owns")
+    attn: Attention = step.layers[layer_idx]
+    _, num_heads, num_tokens, head_dim = query.shape
+    if (num_heads, key.shape[1], head_dim) != (attn.num_heads, attn.num_kv_heads, attn.head_dim):
+        raise ValueError(
+            f"layer {layer_idx}: HF attention gives {num_heads} query heads, {key.shape[1]} KV "
+            f"heads of dim {head_dim}; the KV cache was sized for {attn.num_heads}, "
+            f"{attn.num_kv_heads}, {attn.head_dim}")
+    # Per-call parameters, exactly as HF would apply them.
+    attn.scale = head_dim**-0.5 if scaling is None else float(scaling)
+    attn.logits_soft_cap = softcap or None
+    attn.sliding_window = sliding_window or None
+    q = query[0].transpose(0, 1).reshape(num_tokens, num_heads * head_dim)
+    k = key[0].transpose(0, 1).reshape(num_tokens, -1)
+    v = value[0].transpose(0, 1).reshape(num_tokens, -1)
+    out = attn(q, k, v, step.metadata)
+    step.calls += 1
+    return out.view(1, num_tokens, num_heads, head_dim), None
+
+
+transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+
+
+def num_kv_heads_of(config: Any) -> int:
+    """KV heads, including configs that describe them another way (Falcon's multi_query)."""
+    num_heads = config.num_attention_heads
+    if getattr(config, "num_key_value_heads", None):
+        return config.num_key_value_heads
+    if hasattr(config, "multi_query") or hasattr(config, "new_decoder_architecture"):
+        if getattr(config, "new_decoder_architecture", False):
+            return getattr(config, "num_kv_heads", None) or num_heads
+        return 1 if getattr(config, "multi_query", False) else num_heads
+    return getattr(config, "num_kv_heads", None) or num_heads
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _hf_causal_lm_class(config: Any) -> type | None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+class TransformersForCausalLM(nn.Module):
+    """An HF causal LM whose attention runs on the engine's paged KV cache."""
+
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        from transformers.initialization import no_init_weights
+
+        architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        hf_class = _hf_causal_lm_class(config)
+        if hf_class is None:
+            raise ValueError(f"{architecture}: transformers has no causal-LM class for model_type "
+                             f"{getattr(config, 'model_type', None)!r}; the Transformers backend "
+                             "serves decoder-only *ForCausalLM models")
+        if not getattr(hf_class, "_supports_attention_backend", False):
+            raise ValueError(
+                f"{architecture} ({hf_class.__name__}) does not route its attention through "
+                "transformers' attention interface, so the Transformers backend cannot put it on "
+                "the paged KV cache; it needs a native implementation")
+        self.config = config
+        self.architecture = architecture
+        hf_config = copy.deepcopy(config)
+        hf_config.use_cache = False
+        with no_init_weights():  # every parameter is overwritten by the checkpoint
+            self.model = transformers.AutoModelForCausalLM.from_config(
+                hf_config, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        if getattr(hf_config, "tie_word_embeddings", False):
+            self.model.tie_weights()  # no_init_weights skips post_init's tying
+        self.model.eval()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        num_heads, head_dim = text.num_attention_heads, head_dim_of(text)
+        num_kv_heads = num_kv_heads_of(text)
+        # Scale, window and soft-cap are set per call from HF's own arguments.
+        self.attn_layers = nn.ModuleList(
+            Attention(num_heads, head_dim, head_dim**-0.5, num_kv_heads)
+            for _ in range(text.num_hidden_layers))
+        self.final_logit_softcapping = getattr(text, "final_logit_softcapping", None)
+        self.logit_scale = getattr(text, "logit_scale", None)  # Cohere: multiply
+        self.logits_scaling = getattr(text, "logits_scaling", None)  # Granite: divide
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [N] int64 -> hidden states [N, H]
+        step = _Step(self.attn_layers, attn_metadata)
+        token = _STEP.set(step)
+        try:
+            out = self.model.base_model(input_ids=input_ids[None], position_ids=positions[None],
+                                        use_cache=False, return_dict=True)
+        finally:
+            _STEP.reset(token)
+        if step.calls != len(self.attn_layers):
+            raise RuntimeError(
+                f"{self.architecture}: {step.calls} of {len(self.attn_layers)} attention layers "
+                f"called the {ATTN_IMPLEMENTATION} attention; the others bypass the paged KV "
+                "cache, so the Transformers backend cannot serve this model")
+        return out.last_hidden_state[0]
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # hidden_states: [S, H] -> logits [S, V] float32
+        logits = self.model.get_output_embeddings()(hidden_states).float()
+        if self.logit_scale:
+            logits = logits * self.logit_scale
+        if self.logits_scaling:
+            logits = logits / self.logits_scaling
+        if self.final_logit_softcapping:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads HF-named tensors (the HF model's own state-dict names) into `self.model`;
+        returns the loaded parameter names as `named_parameters()` of this module gives them."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        # HF's own key renamings (checkpoints saved by older transformers, legacy gamma/beta,
+        # GPT-NeoX's embed_out -> lm_head), as from_pretrained applies them.
+        transforms = get_model_conversion_mapping(self.model)
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        meta_state_dict = self.model.state_dict()
+        base_prefix = self.model.base_model_prefix or None
+        prefix = "model."
+        canonical = {id(p): prefix + n for n, p in self.model.named_parameters()}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        buffers = dict(self.model.named_buffers(remove_duplicate=False))
+        loaded: set[str] = set()
+        unexpected: list[str] = []
+        for checkpoint_name, tensor in weights:
+            name, converter = rename_source_key(checkpoint_name, renamings, converters,
+                                                base_prefix, meta_state_dict)
+            if converter is not None:
+                raise ValueError(
+                    f"{self.architecture}: checkpoint tensor {checkpoint_name!r} needs "
+                    f"transformers' weight conversion {converter!r} (tensors fused on load), "
+                    "which the Transformers backend does not apply yet")
+            param = params.get(name)
+            if param is None:
+                if name in buffers:
+                    _copy(buffers[name], tensor, name)
+                elif not any(pattern in name for pattern in _SKIP):
+                    unexpected.append(name)
+                continue
+            full = prefix + name
+            if canonical[id(param)] != full and canonical[id(param)] in loaded:
+                continue  # a tied alias (lm_head of a tied model): the embedding wins
+            _copy(param, tensor, name)
+            loaded.add(canonical[id(param)])
+        if unexpected:
+            raise ValueError(f"{type(self).__name__} ({self.architecture}) has no parameter for "
+                             f"checkpoint tensor(s): {', '.join(sorted(unexpected)[:10])}")
+        return loaded
+
+
+@torch.no_grad()
+def _copy(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if target.shape != tensor.shape:
+        raise ValueError(f"checkpoint tensor {name!r}: expected shape {tuple(target.shape)}, "
+                         f"got {tuple(tensor.shape)}")
+    target.data.copy_(tensor)
