@@ -61,7 +61,7 @@ from benchmarks.common import (
 )
 
 OURS = "tritonforge"
-PEERS = ("hf-static", "hf-cb")
+PEERS = ("hf-static", "hf-cb", "tritonforge-transformers")
 WARMUP_TIMEOUT_S = 120.0
 
 
@@ -138,7 +138,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
               max_num_seqs=spec["max_num_seqs"],
               max_num_batched_tokens=spec["max_num_batched_tokens"],
               gpu_memory_utilization=spec["gpu_memory_utilization"],
-              enforce_eager=spec["enforce_eager"])
+              enforce_eager=spec["enforce_eager"],
+              model_impl=spec.get("model_impl", "auto"))
     llm.generate(w.warmup_prompts(), SamplingParams(temperature=w.temperature, max_tokens=8,
                                                     ignore_eos=True))
     setup_s = time.perf_counter() - t0
@@ -380,7 +381,13 @@ def run_hf_cb(spec: dict[str, Any]) -> dict[str, Any]:
     return _row("hf-cb", status, tokens, requested, wall, setup_s, "; ".join(notes))
 
 
-ENGINES = {OURS: run_ours, "hf-static": run_hf_static, "hf-cb": run_hf_cb}
+def run_ours_transformers(spec: dict[str, Any]) -> dict[str, Any]:
+    """Our engine with the Transformers backend forced: the seed's native-vs-backend claim."""
+    return run_ours({**spec, "model_impl": "transformers"})
+
+
+ENGINES = {OURS: run_ours, "hf-static": run_hf_static, "hf-cb": run_hf_cb,
+           "tritonforge-transformers": run_ours_transformers}
 
 
 def run_engine(name: str, spec: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""Llama-family decoders (Llama, Mistral, SmolLM2) and the decoder layer Qwen2/Qwen3 reuse.
+"""Llama-family decoders (Llama, Mistral, SmolLM2) and the decoder Qwen2/Qwen3, Gemma2/Gemma3
+and Phi3 reuse.
 
 Wiring only: module names equal the checkpoint's (`model.layers.N.self_attn.q_proj` loads
 into the fused `qkv_proj` through packed_modules_mapping). The families differ by config
-alone, captured in `DecoderOptions` (biases, per-head q/k norms); each family class says
-which options it has. Mistral is Llama plus a sliding window, read from the config per
-layer (`layer_types` where the config has them, else `sliding_window`).
+alone, captured in `DecoderOptions` (biases, per-head q/k norms, Gemma's (1 + w) norms,
+sandwich norms, embedding scale, attention scale and logit soft-capping); each family class
+says which options it has. Sliding windows are read from the config per layer
+(`layer_types` where the config has them, else `sliding_window`), and so are RoPE
+parameters where the config keeps one set per layer type (Gemma3's local/global bases).
 """
 
 from __future__ import annotations
@@ -34,11 +37,34 @@ class DecoderOptions:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3, Gemma3)
+    norm_weight_offset: float = 0.0  # every RMSNorm scales by (offset + w): Gemma's (1 + w)
+    # Gemma: the attention output is normed before it joins the residual stream, and the MLP
+    # sits between pre_feedforward_layernorm and post_feedforward_layernorm.
+    sandwich_norms: bool = False
+    scale_embeddings: bool = False  # token embeddings * sqrt(hidden_size) (Gemma)
+    attn_scale: float | None = None  # softmax scale; None means head_dim ** -0.5
+    attn_logit_soft_cap: float | None = None  # cap * tanh(scores / cap) before the softmax
+    final_logit_soft_cap: float | None = None  # the same on the LM head's logits
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def hidden_act_of(config: PretrainedConfig) -> str:
+    # Gemma configs name the MLP activation `hidden_activation`.
+    return getattr(config, "hidden_activation", None) or config.hidden_act
+
+
+def rope_layer_type_of(config: PretrainedConfig, layer_idx: int) -> str | None:
+    """The layer type whose own RoPE parameters layer `layer_idx` uses (Gemma3 keeps one set
+    per type in `rope_parameters`); None where the config has a single set for all layers."""
+    params = getattr(config, "rope_parameters", None) or {}
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None or not any(isinstance(v, dict) for v in params.values()):
+        return None
+    return layer_types[layer_idx]
 
 
 def sliding_window_of(config: PretrainedConfig, layer_idx: int) -> int | None:
@@ -56,7 +82,7 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], options.mlp_bias,
                                                        dtype)
         self.down_proj = RowParallelLinear(inter, hidden, options.mlp_bias, dtype)
-        self.act_fn = get_act_and_mul(config.hidden_act)
+        self.act_fn = get_act_and_mul(hidden_act_of(config))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -74,12 +100,16 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(num_heads * head_dim, config.hidden_size, options.o_bias,
                                         dtype)
         if options.qk_norm:
-            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, params_dtype=dtype)
-            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, params_dtype=dtype)
+            offset = options.norm_weight_offset
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, offset, params_dtype=dtype)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, offset, params_dtype=dtype)
         self.qk_norm = options.qk_norm
-        self.rotary_emb = rotary_emb  # shared by all layers: one cos/sin cache per model
-        self.attn = Attention(self.qkv_proj.num_heads, head_dim, head_dim**-0.5,
-                              self.qkv_proj.num_kv_heads, sliding_window_of(config, layer_idx))
+        # Shared by all layers (of one type): one cos/sin cache per model (per layer type).
+        self.rotary_emb = rotary_emb
+        scale = options.attn_scale if options.attn_scale is not None else head_dim**-0.5
+        self.attn = Attention(self.qkv_proj.num_heads, head_dim, scale,
+                              self.qkv_proj.num_kv_heads, sliding_window_of(config, layer_idx),
+                              options.attn_logit_soft_cap)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -96,11 +126,15 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_idx: int, options: DecoderOptions,
                  rotary_emb: RotaryEmbedding, dtype: torch.dtype):
         super().__init__()
-        eps = config.rms_norm_eps
+        eps, offset, hidden = config.rms_norm_eps, options.norm_weight_offset, config.hidden_size
         self.self_attn = LlamaAttention(config, layer_idx, options, rotary_emb, dtype)
         self.mlp = LlamaMLP(config, options, dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, params_dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, params_dtype=dtype)
+        self.input_layernorm = RMSNorm(hidden, eps, offset, params_dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, offset, params_dtype=dtype)
+        self.sandwich_norms = options.sandwich_norms
+        if options.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(hidden, eps, offset, params_dtype=dtype)
+            self.post_feedforward_layernorm = RMSNorm(hidden, eps, offset, params_dtype=dtype)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None, attn_metadata: AttentionMetadata):
@@ -110,6 +144,10 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states, attn_metadata)
+        if self.sandwich_norms:  # each branch output is normed before it joins the residual
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
+            return self.post_feedforward_layernorm(self.mlp(hidden_states)), residual
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
@@ -118,16 +156,25 @@ class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig, options: DecoderOptions, dtype: torch.dtype):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.rotary_emb = get_rope_from_config(config, head_dim_of(config))
+        # Rounded to the parameter dtype first, as transformers does (sqrt(3072) is 55.5 in bf16).
+        self.embed_scale = (float(torch.tensor(config.hidden_size**0.5).to(dtype))
+                            if options.scale_embeddings else None)
+        rope_types = [rope_layer_type_of(config, i) for i in range(config.num_hidden_layers)]
+        ropes = {key: get_rope_from_config(config, head_dim_of(config), key)
+                 for key in dict.fromkeys(rope_types)}
+        self.rotary_emb = ropes[None] if None in ropes else nn.ModuleDict(ropes)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, options, self.rotary_emb, dtype)
+            LlamaDecoderLayer(config, i, options, ropes[rope_types[i]], dtype)
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype=dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.norm_weight_offset,
+                            params_dtype=dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None
+        if self.embed_scale is not None:
+            hidden_states = hidden_states * self.embed_scale
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
         hidden_states, _ = self.norm(hidden_states, residual)
@@ -149,7 +196,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.decoder_options(config), dtype)
+        self.options = self.decoder_options(config)
+        self.model = LlamaModel(config, self.options, dtype)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)
@@ -161,7 +209,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [S, H] -> logits [S, V] float32
-        return self.lm_head(hidden_states)
+        logits = self.lm_head(hidden_states)
+        cap = self.options.final_logit_soft_cap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # Tied checkpoints may still carry lm_head.weight; the embedding is the one we keep.

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from tritonforge.models.gemma2 import Gemma2ForCausalLM
+from tritonforge.models.gemma3 import Gemma3ForCausalLM
 from tritonforge.models.llama import LlamaForCausalLM, MistralForCausalLM
+from tritonforge.models.phi3 import Phi3ForCausalLM
 from tritonforge.models.qwen2 import Qwen2ForCausalLM
 from tritonforge.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type] = {
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
