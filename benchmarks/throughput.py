@@ -383,7 +383,8 @@ def run_hf_cb(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_ours_transformers(spec: dict[str, Any]) -> dict[str, Any]:
     """Our engine with the Transformers backend forced: the seed's native-vs-backend claim."""
-    return run_ours({**spec, "model_impl": "transformers"})
+    row = run_ours({**spec, "model_impl": "transformers"})
+    return {**row, "engine": "tritonforge-transformers"}
 
 
 ENGINES = {OURS: run_ours, "hf-static": run_hf_static, "hf-cb": run_hf_cb,
