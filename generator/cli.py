@@ -12,17 +12,26 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tritonforge.generator.commands import demo, fetch_example
+from tritonforge.generator.commands import build, demo, fetch_example, inspect, list_models, serve
 from tritonforge.generator.errors import UserError
 
 from tritonforge import __version__
 
 COMMANDS = {
+    "inspect": inspect,
+    "build": build,
+    "serve": serve,
+    "list": list_models,
     "fetch-example": fetch_example,
     "demo": demo,
 }
 
 EPILOG = """examples:
+  generator inspect Qwen/Qwen3-0.6B     architecture, tasks, size and KV-cache needs (no weights)
+  generator build Qwen/Qwen3-0.6B       render it into ./model_repository
+  generator build ./bge --task embed -o ./model_repository
+  generator serve ./my-model            build in a temp dir and serve on a local tritonserver
+  generator list                        supported architectures per task
   generator demo                        serve the bundled embedding example and query it once
   generator fetch-example chat          cache SmolLM2-135M-Instruct (GGUF) for offline use
   generator fetch-example embed --path  print where all-MiniLM-L6-v2 is cached

@@ -1,0 +1,228 @@
+"""`build_model`: one model of a Triton repository, from a local folder or a hub id.
+
+Design: the task template (model_repo_templates/<task>) renders config.pbtxt (engine
+settings as its parameters) and the thin model.py shim; engine.json beside config.pbtxt
+repeats the same settings for humans; `--download` puts the serving files in
+<repo>/<name>/weights (Triton ignores non-numeric folders in a model folder).
+
+Invariants: a model folder appears in the repository complete or not at all (everything is
+staged in a hidden folder inside the repository and renamed into place last); an existing
+model is replaced only with `force`; all checks that need no download run before any.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tritonforge.generator import model_source
+from tritonforge.generator.architectures import TASKS, unsupported_reason
+from tritonforge.generator.demo import instance_kind
+from tritonforge.generator.errors import UserError
+from tritonforge.generator.model_info import DTYPES, ModelInfo, describe
+from tritonforge.generator.render import render_model, sanitize_model_name, validate_model_name
+
+from tritonforge import __version__
+
+KINDS = ("auto", "gpu", "cpu")
+MODEL_IMPLS = ("auto", "native", "transformers")
+POOLING_BATCH = 64  # dynamic batching of embed / classify: max_batch_size
+POOLING_QUEUE_DELAY_US = 2000
+
+
+@dataclass
+class BuildOptions:
+    """What `generator build` was asked for; validated in __post_init__ (ValueError names
+    the flag)."""
+
+    model: str
+    output: Path
+    task: str | None = None
+    name: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_seqs: int | None = None
+    instance_count: int = 1
+    kind: str = "auto"
+    model_impl: str = "auto"
+    revision: str | None = None
+    hub: str | None = None
+    download: bool = False
+    trust_remote_code: bool = False
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        choices = {"task": (self.task, (None, *TASKS)), "dtype": (self.dtype, DTYPES),
+                   "kind": (self.kind, KINDS), "model-impl": (self.model_impl, MODEL_IMPLS),
+                   "hub": (self.hub, (None, *model_source.HUBS))}
+        for flag, (value, allowed) in choices.items():
+            if value not in allowed:
+                shown = ", ".join(a for a in allowed if a)
+                raise ValueError(f"--{flag} must be one of {shown}, got {value!r}")
+        for flag, value in (("max-model-len", self.max_model_len),
+                            ("max-num-seqs", self.max_num_seqs),
+                            ("instance-count", self.instance_count)):
+            if value is not None and value < 1:
+                raise ValueError(f"--{flag} must be an integer >= 1, got {value}")
+        gmu = self.gpu_memory_utilization
+        if gmu is not None and not 0.0 < gmu <= 1.0:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {gmu}")
+        if gmu is not None and self.kind == "cpu":
+            raise ValueError("--gpu-memory-utilization conflicts with --kind cpu "
+                             "(a CPU instance uses no GPU memory); drop one of them")
+        if self.task is not None:
+            check_task_flags(self, self.task)
+
+
+def check_task_flags(opts: BuildOptions, task: str) -> None:
+    """Generate-only flags with a pooling task are a conflict, not something to ignore."""
+    if task == "generate":
+        return
+    for flag, value in (("gpu-memory-utilization", opts.gpu_memory_utilization),
+                        ("max-num-seqs", opts.max_num_seqs)):
+        if value is not None:
+            raise ValueError(f"--{flag} applies to --task generate only, not {task}")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    name: str
+    task: str
+    folder: Path
+    info: ModelInfo
+    settings: dict[str, Any]
+
+
+def build_model(opts: BuildOptions) -> BuildResult:
+    """Renders opts.model into opts.output; returns what was built."""
+    ref = model_source.resolve(opts.model, opts.hub, opts.revision)
+    with model_source.fetch_config(ref) as folder:
+        info = describe(folder, opts.model, ref.hub, opts.dtype)
+    task = opts.task or info.default_task
+    if task is None:
+        raise UserError(f"cannot tell a task for architecture {info.architecture}: it is not "
+                        "supported (see `generator list`)")
+    try:
+        check_task_flags(opts, task)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if task not in info.tasks:
+        raise UserError(unsupported_reason(info.architecture, task))
+    _check_model_impl(opts.model_impl, info, task)
+    if info.auto_map and not opts.trust_remote_code:
+        raise UserError(f"{opts.model} asks for remote code (auto_map in config.json); "
+                        "review it and pass --trust-remote-code")
+    name = validate_model_name(opts.name) if opts.name else _default_name(opts.model)
+    repo = Path(opts.output).expanduser().resolve()
+    if repo.exists() and not repo.is_dir():
+        raise UserError(f"output {repo} exists and is not a folder")
+    target = repo / name
+    if target.exists() and any(target.iterdir()) and not opts.force:
+        raise UserError(f"{target} exists and is not empty; pass --force to replace it")
+    settings = _settings(opts, ref, info, task, target)
+    repo_created = not repo.exists()
+    repo.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".build-{name}.", dir=repo))
+    try:
+        folder = render_model(task, staging, name, _context(task, settings, ref))
+        if opts.download:
+            model_source.download_weights(ref, folder / "weights")
+        (folder / "engine.json").write_text(json.dumps(settings, indent=2) + "\n",
+                                            encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        folder.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if repo_created and not any(repo.iterdir()):
+            repo.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return BuildResult(name, task, target, info, settings)
+
+
+def _default_name(model: str) -> str:
+    base = model.rstrip("/").split("/")[-1]
+    return sanitize_model_name(base[: -len(".gguf")] if base.endswith(".gguf") else base)
+
+
+def _check_model_impl(model_impl: str, info: ModelInfo, task: str) -> None:
+    if model_impl == "native" and info.implementation != "native":
+        raise UserError(f"--model-impl native: {info.architecture} has no native implementation "
+                        f"(it runs through {info.implementation}); use --model-impl auto")
+    if model_impl == "transformers" and info.implementation == "native":
+        # auto already picks the Transformers backend for every non-native architecture.
+        raise UserError(f"--model-impl transformers for natively supported {info.architecture} "
+                        "needs a model_impl parameter the generate template does not have yet; "
+                        "use --model-impl auto")
+
+
+def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo, task: str,
+              target: Path) -> dict[str, Any]:
+    """The engine settings: config.pbtxt parameters and engine.json hold the same values."""
+    if opts.download:
+        # generate resolves a relative path against its model folder; the pooling models
+        # take the path as given, so they get the final absolute one.
+        model_path = "weights" if task == "generate" else str(target / "weights")
+        if ref.is_local and ref.local_path is not None and ref.local_path.is_file():
+            model_path = f"{model_path}/{ref.local_path.name}"
+    elif ref.is_local:
+        model_path = str(ref.local_path)
+    else:
+        model_path = ref.name
+    settings: dict[str, Any] = {
+        "generator_version": __version__,
+        "task": task,
+        "source": ref.name if not ref.is_local else str(ref.local_path),
+        "hub": ref.hub,
+        "revision": opts.revision,
+        "architecture": info.architecture,
+        "implementation": info.implementation,
+        "model": model_path,
+        "downloaded": opts.download,
+        "dtype": opts.dtype,
+        "max_model_len": opts.max_model_len,
+        "instance_count": opts.instance_count,
+        "instance_kind": instance_kind(opts.kind),
+        "model_impl": opts.model_impl,
+        "trust_remote_code": opts.trust_remote_code,
+    }
+    if task == "generate":
+        settings["gpu_memory_utilization"] = opts.gpu_memory_utilization
+        settings["max_num_seqs"] = opts.max_num_seqs
+    else:
+        settings["max_batch_size"] = POOLING_BATCH
+        settings["max_queue_delay_us"] = POOLING_QUEUE_DELAY_US
+    if task == "classify":
+        settings["labels"] = info.labels
+    return settings
+
+
+def _blank(value: object) -> str:
+    """Unset settings render as "" (the engine's default)."""
+    return "" if value is None else str(value)
+
+
+def _context(task: str, s: dict[str, Any], ref: model_source.ModelRef) -> dict[str, Any]:
+    common = {"model_path": s["model"], "dtype": s["dtype"],
+              "max_model_len": _blank(s["max_model_len"]),
+              "instance_count": s["instance_count"], "instance_kind": s["instance_kind"]}
+    if task == "generate":
+        return {**common, "max_num_seqs": _blank(s["max_num_seqs"]),
+                "gpu_memory_utilization": _blank(s["gpu_memory_utilization"]),
+                "max_num_batched_tokens": "", "block_size": "", "enable_prefix_caching": ""}
+    pooling = {**common, "source": s["source"], "max_batch_size": s["max_batch_size"],
+               "max_queue_delay_us": s["max_queue_delay_us"]}
+    if task == "classify":
+        pooling.update(num_labels=len(s["labels"]), labels=s["labels"])
+    return pooling
+
+
+def settings_json(result: BuildResult) -> dict[str, Any]:
+    return {"name": result.name, "task": result.task, "folder": str(result.folder),
+            "settings": result.settings, "model": asdict(result.info)}

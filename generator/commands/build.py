@@ -1,0 +1,93 @@
+"""`generator build`: render a model into a Triton model repository (parse, call, print)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from tritonforge.generator import model_source
+from tritonforge.generator.architectures import TASKS
+from tritonforge.generator.build import KINDS, MODEL_IMPLS, BuildOptions, BuildResult, build_model
+from tritonforge.generator.commands.inspect import add_model_arguments
+from tritonforge.generator.errors import UserError
+from tritonforge.generator.model_info import DTYPES
+
+DEFAULT_OUTPUT = Path("model_repository")
+EPILOG = """examples:
+  generator build Qwen/Qwen3-0.6B                        task detected: generate
+  generator build BAAI/bge-small-en-v1.5 --task embed -o ./model_repository
+  generator build ./my-classifier --name sentiment --kind cpu
+  generator build Qwen/Qwen3-0.6B --download             weights inside the repository
+  generator build qwen/Qwen3-0.6B --hub modelscope --max-model-len 4096
+  generator build Qwen/Qwen3-0.6B --force                replace the existing model
+
+Several builds into one repository add models; an existing model needs --force.
+Engine settings land in config.pbtxt parameters and, for people, in engine.json.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+    parser = sub.add_parser(
+        name, help="render a model into a Triton model repository",
+        description="Render MODEL (a local folder or .gguf, a Hugging Face or ModelScope id) "
+        "as a Triton model (config.pbtxt, model.py shim, engine.json) in a model repository.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    add_build_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print what was built as JSON")
+
+
+def add_build_arguments(parser: argparse.ArgumentParser, output_default: Path | None =
+                        DEFAULT_OUTPUT) -> None:
+    parser.add_argument("--task", choices=TASKS,
+                        help="what to serve (default: detected from the architecture)")
+    parser.add_argument("-o", "--output", type=Path, default=output_default,
+                        help=f"model repository folder (default: {output_default or 'a temp dir'})")
+    parser.add_argument("--name", help="model name in the repository (default: the model's "
+                                       "name, sanitized)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    parser.add_argument("--gpu-memory-utilization", type=float,
+                        help="share of GPU memory for weights + KV cache (generate only)")
+    parser.add_argument("--max-num-seqs", type=int,
+                        help="max sequences per engine step (generate only)")
+    parser.add_argument("--instance-count", type=int, default=1)
+    parser.add_argument("--kind", choices=KINDS, default="auto",
+                        help="instance kind (default: gpu when nvidia-smi exists, else cpu)")
+    parser.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto")
+    parser.add_argument("--download", action="store_true",
+                        help="copy the weights into <output>/<name>/weights (air-gapped use)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow models whose config asks for remote code")
+    parser.add_argument("--force", action="store_true", help="replace an existing model")
+
+
+def options(args: argparse.Namespace, output: Path) -> BuildOptions:
+    try:
+        return BuildOptions(
+            model=args.model, output=output, task=args.task, name=args.name, dtype=args.dtype,
+            max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_seqs=args.max_num_seqs, instance_count=args.instance_count, kind=args.kind,
+            model_impl=args.model_impl, revision=args.revision,
+            hub=args.hub or model_source.default_hub(),
+            download=args.download, trust_remote_code=args.trust_remote_code, force=args.force)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    result = build_model(options(args, args.output))
+    if args.json:
+        print(json.dumps({"name": result.name, "task": result.task,
+                          "folder": str(result.folder), "settings": result.settings}, indent=2))
+    else:
+        print_result(Console(), result)
+    return 0
+
+
+def print_result(console: Console, result: BuildResult) -> None:
+    console.print(f"built [bold]{result.name}[/bold] ({result.task}, {result.info.architecture}, "
+                  f"{result.info.implementation}) in {result.folder}", highlight=False,
+                  soft_wrap=True)

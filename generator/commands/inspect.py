@@ -1,0 +1,103 @@
+"""`generator inspect`: what a model is and what serving it costs, from its config files only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+from tritonforge.generator import model_source
+from tritonforge.generator.model_info import DTYPES, ModelInfo, describe
+
+EPILOG = """examples:
+  generator inspect Qwen/Qwen3-0.6B                     config files only, no weights
+  generator inspect ./my-model --dtype float16          a local folder, memory in fp16
+  generator inspect ./SmolLM2-135M-Instruct.Q4_1.gguf   GGUF metadata
+  generator inspect BAAI/bge-small-en-v1.5 --json       for scripts
+  generator inspect qwen/Qwen3-0.6B --hub modelscope    from ModelScope
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+    parser = sub.add_parser(
+        name, help="show a model's architecture, tasks, pooling, size and memory needs",
+        description="Read a model's config.json (and sentence-transformers / tokenizer files) "
+        "from a local folder, a .gguf file, the Hugging Face Hub or ModelScope, without "
+        "downloading weights, and show how tritonforge would serve it.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="dtype for the memory numbers (default: the config's, else bfloat16)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="a local folder or .gguf file, or a hub id (org/name)")
+    parser.add_argument("--revision", help="hub branch, tag or commit (default: main)")
+    parser.add_argument("--hub", choices=model_source.HUBS, default=None,
+                        help="where hub ids live (default: hf; modelscope when "
+                             "TRITONFORGE_USE_MODELSCOPE=1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    ref = model_source.resolve(args.model, args.hub or model_source.default_hub(), args.revision)
+    with model_source.fetch_config(ref) as folder:
+        info = describe(folder, args.model, ref.hub, args.dtype)
+    if args.json:
+        print(json.dumps(info.to_json(), indent=2))
+    else:
+        Console().print(info_table(info))
+    return 0
+
+
+def human_bytes(value: int | None) -> str:
+    if value is None:
+        return "unknown"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return str(value)
+
+
+def human_count(value: int | None) -> str:
+    if value is None:
+        return "unknown"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit} ({value:,})"
+    return f"{value:,}"
+
+
+def info_table(info: ModelInfo) -> Table:
+    table = Table(title=f"{info.model}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    tasks = ", ".join(info.tasks) or "none (see `generator list`)"
+    kv = (f"{human_bytes(info.kv_cache_bytes_per_token)} / token ({info.dtype})"
+          if info.kv_cache_bytes_per_token else "none (pooling models allocate no KV cache)")
+    rows = [
+        ("source", f"{info.source} ({info.format})"),
+        ("architecture", f"{info.architecture} (model_type {info.model_type})"),
+        ("implementation", info.implementation),
+        ("tasks", tasks),
+        ("default task", info.default_task or "-"),
+        ("pooling", (info.pooling or "-") + (" + normalize" if info.normalize else "")),
+        ("labels", ", ".join(info.labels) if info.labels else "-"),
+        ("layers / hidden / heads / kv heads",
+         f"{info.num_layers} / {info.hidden_size} / {info.num_attention_heads} / "
+         f"{info.num_kv_heads}"),
+        ("max model len", str(info.max_model_len)),
+        ("chat template", "yes" if info.has_chat_template else "no"),
+        ("parameters", f"{human_count(info.num_params)} [{info.params_source}]"),
+        ("weight memory", f"{human_bytes(info.weight_bytes)} ({info.dtype})"),
+        ("KV cache", kv),
+    ]
+    if info.auto_map:
+        rows.append(("remote code", "config asks for it (auto_map): needs --trust-remote-code"))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

@@ -1,0 +1,511 @@
+"""`generator build` / `serve`: repositories Triton parses and serves, from local folders and
+(faked at the network boundary) hub ids; bad input is one line, exit 1, nothing left behind."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+from tritonforge.generator import cli
+from tritonforge.generator.commands.serve import client_example
+from tritonforge.generator.examples import fetch_example
+
+from tritonforge import __version__
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE_GOLDEN = os.environ.get("TRITONFORGE_UPDATE_GOLDEN") == "1"
+TINY = {"generate": ("LlamaForCausalLM", {}),
+        "embed": ("BertModel", {"sentence_transformers": True}),
+        "classify": ("BertForSequenceClassification", {})}
+PUBLIC_OUTPUTS = {"generate": "text_output", "embed": "embedding", "classify": "probabilities"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return {task: tiny_model(arch, **kw) for task, (arch, kw) in TINY.items()}
+
+
+def generator(*argv: object) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+def parse_config(folder: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse((folder / "config.pbtxt").read_text(),
+                             model_config_pb2.ModelConfig())
+
+
+def parameters(config: model_config_pb2.ModelConfig) -> dict[str, str]:
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def snapshot(folder: Path) -> list[str]:
+    """Every path under `folder` (hidden staging folders included)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+# ---- builds from local folders -----------------------------------------------------------------
+@pytest.mark.parametrize("task", list(TINY))
+def test_build_detects_the_task_and_renders_a_config_triton_parses(tmp_path, tiny, task):
+    repo = tmp_path / "repo"
+    assert generator("build", tiny[task], "-o", repo, "--name", "m", "--kind", "cpu") == 0
+    config = parse_config(repo / "m")
+    assert config.name == "m" and config.backend == "python"
+    assert PUBLIC_OUTPUTS[task] in [o.name for o in config.output]
+    assert "text_input" in [i.name for i in config.input]
+    assert config.model_transaction_policy.decoupled == (task == "generate")
+    params = parameters(config)
+    assert params["model"] == str(tiny[task].resolve())
+    engine = json.loads((repo / "m" / "engine.json").read_text())
+    assert engine["task"] == task and engine["model"] == params["model"]
+    assert engine["dtype"] == params["dtype"] == "auto"
+    assert "from tritonforge.backend." in (repo / "m" / "1" / "model.py").read_text()
+    # no hidden staging folder left behind
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]
+
+
+def test_build_writes_engine_settings_into_config_and_engine_json(tmp_path, tiny):
+    repo = tmp_path / "repo"
+    assert generator("build", tiny["generate"], "-o", repo, "--task", "generate",
+                     "--name", "llama", "--dtype", "float32", "--max-model-len", 256,
+                     "--gpu-memory-utilization", 0.5, "--max-num-seqs", 8,
+                     "--instance-count", 2, "--kind", "gpu") == 0
+    config = parse_config(repo / "llama")
+    params = parameters(config)
+    engine = json.loads((repo / "llama" / "engine.json").read_text())
+    assert params["max_model_len"] == "256" == str(engine["max_model_len"])
+    assert params["gpu_memory_utilization"] == "0.5" == str(engine["gpu_memory_utilization"])
+    assert params["max_num_seqs"] == "8" == str(engine["max_num_seqs"])
+    assert params["dtype"] == "float32" == engine["dtype"]
+    group = config.instance_group[0]
+    assert group.count == 2 and group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+def test_classify_writes_id2label_as_the_label_file(tmp_path, tiny):
+    repo = tmp_path / "repo"
+    assert generator("build", tiny["classify"], "-o", repo, "--name", "c", "--kind", "cpu") == 0
+    id2label = json.loads((tiny["classify"] / "config.json").read_text())["id2label"]
+    labels = [id2label[str(i)] for i in range(len(id2label))]
+    config = parse_config(repo / "c")
+    assert list(config.output[0].dims) == [len(labels)]
+    assert config.output[0].label_filename == "labels.txt"
+    assert (repo / "c" / "labels.txt").read_text().splitlines() == labels
+
+
+def test_embed_example_builds_with_its_default_name(tmp_path):
+    example = fetch_example("embed", progress=False)
+    repo = tmp_path / "repo"
+    assert generator("build", example, "-o", repo, "--kind", "cpu") == 0
+    (model,) = [p for p in repo.iterdir()]
+    assert model.name == "embed" and parse_config(model).max_batch_size > 0
+
+
+def test_two_builds_add_models_and_force_replaces_one(tmp_path, tiny, capsys):
+    repo = tmp_path / "repo"
+    assert generator("build", tiny["embed"], "-o", repo, "--name", "a", "--kind", "cpu") == 0
+    assert generator("build", tiny["generate"], "-o", repo, "--name", "b", "--kind", "cpu") == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["a", "b"]
+    before = (repo / "a" / "config.pbtxt").read_text()
+    assert generator("build", tiny["classify"], "-o", repo, "--name", "a", "--kind", "cpu") == 1
+    assert "--force" in capsys.readouterr().err
+    assert (repo / "a" / "config.pbtxt").read_text() == before
+    assert generator("build", tiny["classify"], "-o", repo, "--name", "a", "--kind", "cpu",
+                     "--force") == 0
+    assert parse_config(repo / "a").output[0].name == "probabilities"
+    assert sorted(p.name for p in repo.iterdir()) == ["a", "b"]
+
+
+def test_download_copies_a_local_model_into_the_repository(tmp_path, tiny):
+    repo = tmp_path / "repo"
+    assert generator("build", tiny["generate"], "-o", repo, "--name", "g", "--kind", "cpu",
+                     "--download") == 0
+    weights = repo / "g" / "weights"
+    assert (weights / "config.json").is_file() and list(weights.glob("*.safetensors"))
+    # generate resolves a relative path against its model folder: the repository can move.
+    assert parameters(parse_config(repo / "g"))["model"] == "weights"
+
+
+def test_the_generator_imports_no_torch_while_building(tmp_path, tiny):
+    code = ("import sys; from tritonforge.generator import cli; "
+            f"rc = cli.main(['build', {str(tiny['embed'])!r}, '-o', {str(tmp_path)!r}, "
+            "'--kind', 'cpu']); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---- golden files ------------------------------------------------------------------------------
+def normalized_files(folder: Path, model_dir: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            text = path.read_text().replace(str(model_dir.resolve()), "<MODEL>")
+            out[str(path.relative_to(folder))] = text.replace(__version__, "<VERSION>")
+    return out
+
+
+@pytest.mark.parametrize("task", list(TINY))
+def test_rendered_files_match_the_golden_files(tmp_path, tiny, task):
+    repo = tmp_path / "repo"
+    assert generator("build", tiny[task], "-o", repo, "--name", f"golden_{task}",
+                     "--kind", "cpu", "--max-model-len", 128) == 0
+    files = normalized_files(repo / f"golden_{task}", tiny[task])
+    golden = GOLDEN / task
+    if UPDATE_GOLDEN:
+        shutil.rmtree(golden, ignore_errors=True)
+        for rel, text in files.items():
+            (golden / rel).parent.mkdir(parents=True, exist_ok=True)
+            (golden / rel).write_text(text)
+    expected = {str(p.relative_to(golden)): p.read_text()
+                for p in sorted(golden.rglob("*")) if p.is_file()}
+    assert files == expected, "rendering changed: TRITONFORGE_UPDATE_GOLDEN=1 regenerates"
+
+
+# ---- bad input: one line, exit 1, nothing left behind ------------------------------------------
+def _fake_hub_unreachable(*args, **kwargs):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    raise LocalEntryNotFoundError("cannot reach the Hub and the file is not in the cache")
+
+
+def _fake_hub_unknown_repo(*args, **kwargs):
+    import httpx2
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    request = httpx2.Request("HEAD", "https://huggingface.co/nobody/nothing/resolve/main/x")
+    raise RepositoryNotFoundError("404 Client Error. Repository Not Found",
+                                  response=httpx2.Response(404, request=request))
+
+
+BAD_INPUTS = {
+    "no config.json": (lambda t, e: [e], "no config.json"),
+    "missing path": (lambda t, e: ["./does/not/exist"], "no such file"),
+    "arch cannot do task": (lambda t, e: [t["embed"], "--task", "generate"], "cannot do"),
+    "classify on a decoder": (lambda t, e: [t["generate"], "--task", "classify"], "cannot do"),
+    "cpu with gpu memory": (lambda t, e: [t["generate"], "--kind", "cpu",
+                                          "--gpu-memory-utilization", "0.5"], "conflicts"),
+    "generate flag on embed": (lambda t, e: [t["embed"], "--max-num-seqs", "4"], "generate only"),
+    "bad name": (lambda t, e: [t["embed"], "--name", "../escape"], "invalid model name"),
+    "native pooling": (lambda t, e: [t["embed"], "--model-impl", "native"], "no native"),
+    "transformers impl of a native arch": (
+        lambda t, e: [t["generate"], "--model-impl", "transformers"], "use --model-impl auto"),
+    "zero instances": (lambda t, e: [t["embed"], "--instance-count", "0"], ">= 1"),
+    "unknown hub id": (lambda t, e: ["nobody/nothing"], "unknown model id"),
+    "no network": (lambda t, e: ["org/model"], "no network"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_1_and_leaves_nothing(tmp_path, tiny, capsys, monkeypatch,
+                                                         case):
+    import huggingface_hub
+
+    fake = _fake_hub_unknown_repo if case == "unknown hub id" else _fake_hub_unreachable
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv, expected = BAD_INPUTS[case]
+    repo = tmp_path / "repo"
+    assert generator("build", *argv(tiny, empty), "-o", repo) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert expected in err
+    assert not repo.exists()
+
+
+def test_a_decoder_without_native_code_builds_for_the_transformers_backend(tmp_path,
+                                                                           tiny_model):
+    repo = tmp_path / "r"
+    assert generator("build", tiny_model("GPTNeoXForCausalLM"), "-o", repo, "--name", "neox",
+                     "--kind", "cpu") == 0
+    engine = json.loads((repo / "neox" / "engine.json").read_text())
+    assert engine["task"] == "generate" and engine["implementation"] == "transformers"
+
+
+def test_an_architecture_no_task_supports_is_one_line(tmp_path, capsys):
+    model = tmp_path / "t5"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["T5ForConditionalGeneration"]}')
+    assert generator("build", model, "-o", tmp_path / "r") == 1
+    err = capsys.readouterr().err
+    assert "T5ForConditionalGeneration" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_existing_model_is_not_touched_without_force(tmp_path, tiny, capsys):
+    repo = tmp_path / "repo"
+    (repo / "m").mkdir(parents=True)
+    (repo / "m" / "keep.txt").write_text("mine")
+    assert generator("build", tiny["embed"], "-o", repo, "--name", "m") == 1
+    assert "--force" in capsys.readouterr().err
+    assert snapshot(repo) == ["m", "m/keep.txt"]
+
+
+def test_a_failed_download_leaves_no_half_written_model(tmp_path, tiny, monkeypatch, capsys):
+    from tritonforge.generator import model_source
+
+    def broken(ref, dest):
+        (dest / "partial.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (dest / "partial.safetensors").write_text("half")
+        raise model_source.UserError("disk full")
+
+    monkeypatch.setattr(model_source, "download_weights", broken)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert generator("build", tiny["embed"], "-o", repo, "--download") == 1
+    assert capsys.readouterr().err == "error: disk full\n"
+    assert snapshot(repo) == []
+
+
+# ---- hub ids, faked at the network boundary ----------------------------------------------------
+def fake_hf(monkeypatch, source: Path, calls: list) -> None:
+    """hf_hub_download / snapshot_download that copy from `source` instead of the network."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def hf_hub_download(repo_id, filename, *, revision=None, **kwargs):
+        calls.append(("file", repo_id, filename, revision))
+        src = source / filename
+        if not src.is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        cached = source.parent / f"hf-cache-{source.name}" / filename
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, cached)
+        return str(cached)
+
+    def snapshot_download(repo_id, *, revision=None, local_dir=None, allow_patterns=None, **kw):
+        calls.append(("snapshot", repo_id, tuple(allow_patterns or ()), revision))
+        copy_matching(source, Path(local_dir), allow_patterns)
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def copy_matching(source: Path, dest: Path, patterns) -> None:
+    for path in source.rglob("*"):
+        rel = str(path.relative_to(source))
+        if path.is_file() and any(fnmatch.fnmatch(rel, p) for p in patterns):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest / rel)
+
+
+def test_hf_id_builds_from_config_files_only(tmp_path, tiny, monkeypatch):
+    calls: list = []
+    fake_hf(monkeypatch, tiny["generate"], calls)
+    repo = tmp_path / "repo"
+    assert generator("build", "my-org/Tiny-Llama-1B", "-o", repo, "--revision", "v1",
+                     "--kind", "cpu") == 0
+    params = parameters(parse_config(repo / "Tiny-Llama-1B"))
+    assert params["model"] == "my-org/Tiny-Llama-1B"
+    assert all(kind == "file" and rev == "v1" for kind, _, _, rev in calls)
+    assert not any(name.endswith(".safetensors") for _, _, name, _ in calls)
+    engine = json.loads((repo / "Tiny-Llama-1B" / "engine.json").read_text())
+    assert engine["hub"] == "hf" and engine["revision"] == "v1"
+
+
+def test_hf_id_download_snapshots_only_serving_files(tmp_path, tiny, monkeypatch):
+    calls: list = []
+    fake_hf(monkeypatch, tiny["embed"], calls)
+    repo = tmp_path / "repo"
+    assert generator("build", "org/tiny-bert", "-o", repo, "--download", "--kind", "cpu") == 0
+    weights = repo / "tiny-bert" / "weights"
+    assert (weights / "config.json").is_file() and list(weights.glob("*.safetensors"))
+    assert (weights / "modules.json").is_file()
+    (snap,) = [c for c in calls if c[0] == "snapshot"]
+    assert "*.safetensors" in snap[2] and "*.bin" not in snap[2]
+    assert parameters(parse_config(repo / "tiny-bert"))["model"] == str(weights)
+
+
+def fake_modelscope(monkeypatch, source: Path, calls: list) -> None:
+    module = types.ModuleType("modelscope")
+
+    def snapshot_download(model_id, revision=None, local_dir=None, allow_patterns=None, **kw):
+        calls.append((model_id, revision, tuple(allow_patterns or ())))
+        copy_matching(source, Path(local_dir), allow_patterns)
+        return str(local_dir)
+
+    module.snapshot_download = snapshot_download
+    monkeypatch.setitem(sys.modules, "modelscope", module)
+
+
+def test_modelscope_id_builds_and_downloads(tmp_path, tiny, monkeypatch):
+    calls: list = []
+    fake_modelscope(monkeypatch, tiny["classify"], calls)
+    repo = tmp_path / "repo"
+    assert generator("build", "damo/tiny-classifier", "--hub", "modelscope", "-o", repo,
+                     "--kind", "cpu") == 0
+    assert parameters(parse_config(repo / "tiny-classifier"))["model"] == "damo/tiny-classifier"
+    assert not any("*.safetensors" in patterns for _, _, patterns in calls)
+    assert generator("build", "damo/tiny-classifier", "--hub", "modelscope", "-o", repo,
+                     "--name", "dl", "--download", "--kind", "cpu") == 0
+    assert list((repo / "dl" / "weights").glob("*.safetensors"))
+    assert json.loads((repo / "dl" / "engine.json").read_text())["hub"] == "modelscope"
+
+
+def test_modelscope_without_the_package_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "modelscope", None)
+    assert generator("build", "damo/x", "--hub", "modelscope", "-o", tmp_path / "r") == 1
+    err = capsys.readouterr().err
+    assert "pip install 'tritonforge[modelscope]'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("task", list(PUBLIC_OUTPUTS))
+def test_serve_prints_a_client_example_for_the_public_interface(task):
+    text = client_example(task, "m", "127.0.0.1:8000", "127.0.0.1:8001")
+    assert "curl" in text and "tritonclient.grpc" in text and PUBLIC_OUTPUTS[task] in text
+    code = text[text.index("import "):]
+    compile(code, "<client example>", "exec")
+
+
+def test_help_of_every_new_command_has_examples(capsys):
+    for command in ("inspect", "build", "serve", "list"):
+        with pytest.raises(SystemExit):
+            generator(command, "--help")
+        assert "examples:" in capsys.readouterr().out
+
+
+# ---- a real tritonserver serves what build wrote -----------------------------------------------
+def build_into_server(triton_server, model: Path, name: str, task: str, *extra: object) -> str:
+    assert generator("build", model, "-o", triton_server.model_repository, "--name", name,
+                     "--task", task, "--dtype", "float32", "--force", *extra) == 0
+    triton_server.load_model(name)
+    return name
+
+
+def stream_deltas(triton_server, name: str, prompt: bytes, max_tokens: int) -> list[str]:
+    """The text deltas of one streamed request over gRPC, through the public interface."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    try:
+        text = grpcclient.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([prompt], dtype=np.object_))
+        stream = grpcclient.InferInput("stream", [1], "BOOL")
+        stream.set_data_from_numpy(np.array([True]))
+        params = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+        raw = json.dumps({"max_tokens": max_tokens, "temperature": 0}).encode()
+        params.set_data_from_numpy(np.array([raw], dtype=np.object_))
+        client.start_stream(callback=lambda result, error: responses.put(error or result))
+        client.async_stream_infer(name, [text, stream, params], enable_empty_final_response=True)
+        deltas = []
+        while True:
+            item = responses.get(timeout=300)
+            assert not isinstance(item, Exception), item
+            out = item.as_numpy("text_output")
+            if out is not None and out.size:
+                deltas.append(out.reshape(-1)[0].decode())
+            if item.get_response().parameters["triton_final_response"].bool_param:
+                return deltas
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+@pytest.mark.slow
+def test_server_streams_from_a_built_generate_model(triton_server, tiny):
+    name = build_into_server(triton_server, tiny["generate"], "built_generate", "generate")
+    try:
+        deltas = stream_deltas(triton_server, name, b"The quick brown fox", 5)
+        assert len(deltas) >= 2 and "".join(deltas)
+    finally:
+        triton_server.unload_model(name)
+
+
+@pytest.mark.slow
+def test_server_streams_from_the_built_gguf_chat_example(triton_server):
+    example = fetch_example("chat", progress=False)
+    name = build_into_server(triton_server, example, "built_chat", "generate",
+                             "--max-model-len", 256)
+    try:
+        deltas = stream_deltas(triton_server, name, b"The capital of France is", 6)
+        assert len(deltas) >= 2 and "".join(deltas).strip()
+    finally:
+        triton_server.unload_model(name)
+
+
+def _infer(triton_server, name: str, output: str, texts: list[str], **kw) -> np.ndarray:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    try:
+        inp = grpcclient.InferInput("text_input", [len(texts), 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=np.object_))
+        result = client.infer(name, [inp], outputs=[grpcclient.InferRequestedOutput(output, **kw)])
+        return result.as_numpy(output)
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_server_embeds_with_a_built_embed_model(triton_server, tiny):
+    name = build_into_server(triton_server, tiny["embed"], "built_embed", "embed")
+    try:
+        hidden = json.loads((tiny["embed"] / "config.json").read_text())["hidden_size"]
+        assert _infer(triton_server, name, "embedding", ["a b", "hello"]).shape == (2, hidden)
+    finally:
+        triton_server.unload_model(name)
+
+
+@pytest.mark.slow
+def test_server_embeds_with_the_built_embed_example(triton_server):
+    name = build_into_server(triton_server, fetch_example("embed", progress=False),
+                             "built_minilm", "embed")
+    try:
+        embeddings = _infer(triton_server, name, "embedding", ["a sentence", "another one"])
+        assert embeddings.shape == (2, 384)
+        assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-3)
+    finally:
+        triton_server.unload_model(name)
+
+
+@pytest.mark.slow
+def test_server_classifies_with_a_built_classify_model(triton_server, tiny):
+    name = build_into_server(triton_server, tiny["classify"], "built_classify", "classify")
+    try:
+        probs = _infer(triton_server, name, "probabilities", ["good", "bad", "fine"])
+        assert probs.shape[0] == 3 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+        top = _infer(triton_server, name, "probabilities", ["good"], class_count=1)
+        assert b":" in top.reshape(-1)[0]  # "score:index:label" from labels.txt
+    finally:
+        triton_server.unload_model(name)
+
+
+@pytest.mark.slow
+def test_serve_answers_and_stops_cleanly_on_ctrl_c(tmp_path, tiny):
+    import signal
+    import urllib.request
+
+    repo = tmp_path / "repo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tritonforge.generator.cli", "serve", str(tiny["embed"]),
+         "-o", str(repo), "--name", "served", "--kind", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving; press Ctrl-C" in line:
+                break
+        http = next(ln.split()[-1] for ln in lines if ln.strip().startswith("HTTP"))
+        assert any("curl" in ln for ln in lines), "".join(lines)
+        with urllib.request.urlopen(f"{http}/v2/models/served/ready", timeout=10) as resp:
+            assert resp.status == 200
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0 and "tritonserver stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (repo / "served" / "config.pbtxt").is_file()
