@@ -27,17 +27,14 @@ vllm_backend behaviour kept (src/model.py, src/utils/request.py):
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import itertools
 import json
 import math
-import re
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +51,7 @@ from tritonforge.backend.triton_io import (
     optional_bool,
     optional_text,
     request_parameters,
+    resolve_model_path,
     text_tensor,
 )
 from tritonforge.engine import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
@@ -103,42 +101,9 @@ def engine_config(params: dict[str, str], device: str, model_dir: str | None) ->
     if "model" not in values:
         raise ValueError("config.pbtxt must set parameter 'model' (a model folder or id)")
     for key in ("model", "tokenizer"):
-        # A relative path may be relative to the model's folder in the repository.
-        if key in values and model_dir and (Path(model_dir) / values[key]).exists():
-            values[key] = str(Path(model_dir) / values[key])
+        if key in values:
+            values[key] = resolve_model_path(values[key], model_dir)
     return EngineConfig(device=device, **values)
-
-
-def _field_kinds() -> dict[str, str]:
-    kinds = {}
-    for f in fields(SamplingParams):
-        base = str(f.type).split("|")[0].strip()
-        if base in {"int", "float", "bool"}:
-            kinds[f.name] = base
-    return kinds
-
-
-_FIELD_KINDS = _field_kinds()
-_INT_RE = re.compile(r"[+-]?\d+")
-
-
-def coerce_strings(data: dict[str, Any]) -> dict[str, Any]:
-    """"0.7" -> 0.7, "16" -> 16, "true" -> True for numeric and boolean fields; a string
-    that does not parse is left for SamplingParams to reject, naming the field."""
-    out = {}
-    for key, value in data.items():
-        kind = _FIELD_KINDS.get(key)
-        if isinstance(value, str) and kind:
-            text = value.strip()
-            if kind == "int" and _INT_RE.fullmatch(text):
-                value = int(text)
-            elif kind == "float":
-                with contextlib.suppress(ValueError):
-                    value = float(text)
-            elif kind == "bool" and text.lower() in {"true", "false"}:
-                value = text.lower() == "true"
-        out[key] = value
-    return out
 
 
 @dataclass(eq=False)
@@ -262,7 +227,7 @@ class TritonPythonModel:
         if not isinstance(data, dict):
             raise RequestError(f"{source} must be a JSON object, got {type(data).__name__}")
         try:
-            return SamplingParams.from_dict(coerce_strings(data))
+            return SamplingParams.from_dict(data)
         except ValueError as err:
             raise RequestError(f"{source}: {err}") from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,3 +129,12 @@ def log_exception(message: str) -> None:
 
 def log_info(message: str) -> None:
     pb_utils.Logger.log_info(message)
+
+
+def resolve_model_path(value: str, model_dir: str | None) -> str:
+    """A model/tokenizer path from config.pbtxt: relative paths may be relative to the
+    model's folder in the repository (`generator build --download` writes `weights`), so
+    the repository can move as a whole."""
+    if model_dir and not Path(value).is_absolute() and (Path(model_dir) / value).exists():
+        return str(Path(model_dir) / value)
+    return value
