@@ -6,20 +6,27 @@ through the engine."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from tritonforge.engine import LLM, SamplingParams
-from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.gemma2 import Gemma2ForCausalLM
 from tritonforge.models.gemma3 import Gemma3ForCausalLM
-from tritonforge.models.layers.attention import Attention, bind_kv_cache
+from tritonforge.models.layers.attention import Attention
 from tritonforge.models.phi3 import Phi3ForCausalLM
-from tritonforge.models.registry import MODEL_REGISTRY, kv_cache_shape
+from tritonforge.models.registry import MODEL_REGISTRY
 from tritonforge.models.weight_utils import iterate_weights, load_model
+
+from tests.models.paged_harness import (
+    ATOL,
+    alone_and_in_batch_logits,
+    chunked_prefill_and_decode_logits,
+    hf_logits,
+    random_prompts,
+    run_prompts,
+)
 
 NATIVE = {"Gemma2ForCausalLM": Gemma2ForCausalLM, "Gemma3ForCausalLM": Gemma3ForCausalLM,
           "Phi3ForCausalLM": Phi3ForCausalLM}
@@ -32,10 +39,7 @@ CASES = {
     "phi3-partial-rotary-window": ("Phi3ForCausalLM",
                                    {"partial_rotary_factor": 0.5, "sliding_window": 32}),
 }
-BLOCK_SIZE = 16
-NUM_BLOCKS = 40
 PROMPT_LENS = [100, 37, 5, 1, 16]  # 100 and 37 > the sliding window of 32
-ATOL = 1e-4
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,67 +60,11 @@ def models(request, tiny_model, registered):
     return request.param, ours, hf, config, folder
 
 
-def _fresh_cache(model, config) -> None:
-    num_layers, num_kv_heads, head_dim = kv_cache_shape(config)
-    shape = (NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, head_dim)
-    # NaN-filled: a read of a slot this step did not write, or a wrong block, poisons the logits.
-    bind_kv_cache(model, [(torch.full(shape, float("nan")), torch.full(shape, float("nan")))
-                          for _ in range(num_layers)])
-
-
-def _prompts(config, lens, seed=0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, config.vocab_size, (n,), generator=gen) for n in lens]
-
-
-@torch.no_grad()
-def _hf_logits(hf, ids: torch.Tensor) -> torch.Tensor:
-    return hf(ids[None]).logits[0].float()
-
-
-@torch.no_grad()
-def _run_prompts(model, config, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Whole prompts as one step in fresh consecutive blocks; per-prompt logits [L, V]."""
-    _fresh_cache(model, config)
-    lens = [len(p) for p in prompts]
-    metadata = AttentionMetadata.for_prompts(lens, BLOCK_SIZE)
-    positions = torch.cat([torch.arange(n) for n in lens])
-    logits = model.compute_logits(model(torch.cat(prompts), positions, metadata))
-    return list(logits.split(lens))
-
-
-def _step_metadata(
-    steps: list[tuple[list[int], int, int]],
-) -> tuple[AttentionMetadata, torch.Tensor]:
-    """Metadata for one step over sequences given as (block_table, num_computed, query_len)."""
-    slots, positions, starts = [], [], [0]
-    max_blocks = max(len(table) for table, _, _ in steps)
-    tables = torch.zeros(len(steps), max_blocks, dtype=torch.int32)
-    for b, (table, computed, query_len) in enumerate(steps):
-        tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
-        for p in range(computed, computed + query_len):
-            slots.append(table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE)
-            positions.append(p)
-        starts.append(starts[-1] + query_len)
-    seq_lens = [computed + query_len for _, computed, query_len in steps]
-    metadata = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=tables,
-        max_query_len=max(q for _, _, q in steps),
-        max_seq_len=max(seq_lens),
-        block_size=BLOCK_SIZE,
-        is_decode_only=all(q == 1 for _, _, q in steps),
-    )
-    return metadata, torch.tensor(positions, dtype=torch.int64)
-
-
 def test_whole_prompt_batch_logits_equal_transformers(models) -> None:
     case, ours, hf, config, _ = models
-    prompts = _prompts(config, PROMPT_LENS)
-    for prompt, logits in zip(prompts, _run_prompts(ours, config, prompts)):
-        torch.testing.assert_close(logits, _hf_logits(hf, prompt), atol=ATOL, rtol=0)
+    prompts = random_prompts(config, PROMPT_LENS)
+    for prompt, logits in zip(prompts, run_prompts(ours, config, prompts)):
+        torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=ATOL, rtol=0)
     windows = [m.sliding_window for m in ours.modules() if isinstance(m, Attention)]
     if case == "phi3":
         assert windows == [None, None]
@@ -129,30 +77,13 @@ def test_chunked_prefill_and_decode_over_shuffled_blocks_equal_transformers(mode
     # Sequence A: prefill 45 (past the window of 32), a chunk of 20, 5 decodes.
     # Sequence B joins at step 2 with a 30-token prefill, then decodes alongside A.
     _, ours, hf, config, _ = models
-    seq_a, seq_b = _prompts(config, [70, 35], seed=1)
-    shuffled = random.Random(0).sample(range(NUM_BLOCKS), 10)
-    tables = {"a": shuffled[0::2], "b": shuffled[1::2][:3]}  # interleaved, out of order
-    schedule = [[("a", 0, 45)], [("a", 45, 20), ("b", 0, 30)]]
-    schedule += [[("a", 65 + i, 1), ("b", 30 + i, 1)] for i in range(5)]
-    tokens = {"a": seq_a, "b": seq_b}
-    expected = {"a": _hf_logits(hf, seq_a), "b": _hf_logits(hf, seq_b)}
-    _fresh_cache(ours, config)
-    for step in schedule:
-        metadata, positions = _step_metadata([(tables[s], c, q) for s, c, q in step])
-        input_ids = torch.cat([tokens[s][c:c + q] for s, c, q in step])
-        with torch.no_grad():
-            logits = ours.compute_logits(ours(input_ids, positions, metadata))
-        for (name, computed, query_len), rows in zip(step, logits.split([q for *_, q in step])):
-            want = expected[name][computed:computed + query_len]
-            torch.testing.assert_close(rows, want, atol=ATOL, rtol=0)
+    for rows, want in chunked_prefill_and_decode_logits(ours, hf, config):
+        torch.testing.assert_close(rows, want, atol=ATOL, rtol=0)
 
 
 def test_a_prompt_alone_equals_the_same_prompt_in_a_batch(models) -> None:
     _, ours, _, config, _ = models
-    prompts = _prompts(config, PROMPT_LENS, seed=2)
-    batched = _run_prompts(ours, config, prompts)
-    for prompt, in_batch in zip(prompts, batched):
-        (alone,) = _run_prompts(ours, config, [prompt])
+    for alone, in_batch in alone_and_in_batch_logits(ours, config, PROMPT_LENS, seed=2):
         torch.testing.assert_close(alone, in_batch, atol=1e-5, rtol=0)
         assert torch.equal(alone.argmax(-1), in_batch.argmax(-1))
 
