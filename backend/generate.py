@@ -138,7 +138,8 @@ class TritonPythonModel:
         self.max_model_len = self.engine.engine.max_model_len
         # execute() tokenizes with its own tokenizer: the engine thread uses the engine's,
         # and a Rust tokenizer must not be used from two threads at once.
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        resolved = self.engine.engine.config  # hub ids are local snapshots by now
+        self.tokenizer = load_tokenizer(resolved.tokenizer or resolved.model)
         self._ids = itertools.count()
         self._pending: dict[str, _Stream] = {}
         self.metrics = GenerateMetrics(

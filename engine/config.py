@@ -14,6 +14,7 @@ RUNNERS = ("auto", "generate", "pooling")  # auto: by the architecture
 MODEL_IMPLS = ("auto", "native", "transformers")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+HUBS = ("hf", "modelscope")  # where a model id (not a local path) is downloaded from
 
 # The CPU path has no memory profiler to size the cache from: by default it takes up to
 # this many bytes, but never more than max_num_seqs full-length sequences need.
@@ -47,6 +48,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     revision: str | None = None
     tokenizer: str | Path | None = None
+    hub: str = "hf"  # hf | modelscope (the LLM edge maps TRITONFORGE_USE_MODELSCOPE=1 here)
 
     def __post_init__(self) -> None:
         def one_of(field: str, allowed: tuple[str, ...]) -> None:
@@ -67,6 +69,7 @@ class EngineConfig:
         one_of("runner", RUNNERS)
         one_of("model_impl", MODEL_IMPLS)
         one_of("dtype", DTYPES)
+        one_of("hub", HUBS)
         if not (isinstance(self.device, str) and
                 (self.device in DEVICES or self.device.startswith("cuda:"))):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
@@ -87,6 +90,24 @@ class EngineConfig:
         for flag in ("enable_prefix_caching", "enforce_eager", "trust_remote_code"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False; got {getattr(self, flag)!r}")
+
+    def resolved(self) -> EngineConfig:
+        """A copy whose `model` (and `tokenizer`) are local paths: hub ids are downloaded
+        (models/hub.py) once here, so every later loader sees a folder or a .gguf file.
+        Local paths are left as given, and then `self` is returned."""
+        from tritonforge.models.hub import resolve_model
+
+        def local(value: str | Path) -> str | Path:
+            if Path(value).expanduser().exists():
+                return value
+            return str(resolve_model(value, revision=self.revision, hub=self.hub,
+                                     trust_remote_code=self.trust_remote_code))
+
+        model = local(self.model)
+        tokenizer = None if self.tokenizer is None else local(self.tokenizer)
+        if model is self.model and tokenizer is self.tokenizer:
+            return self
+        return replace(self, model=model, tokenizer=tokenizer)
 
     def for_runner(self, runner: str) -> EngineConfig:
         """A copy with the runner decided and the budget defaulted for it."""

@@ -9,10 +9,15 @@
 Generation runs the paged-KV continuous-batching engine to completion for a batch of
 prompts; pooling runs the pooling runner. Either way a failure partway (a bad prompt among
 many) aborts what was queued, so nothing leaks.
+
+A model that is not a local path is downloaded once, here, from the Hugging Face Hub (or
+ModelScope: hub="modelscope", or TRITONFORGE_USE_MODELSCOPE=1 when hub is not given; this
+module is the edge that reads the environment, see hub_from_environment).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,13 @@ from tritonforge.models.weight_utils import load_config
 _GENERATE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 Prompt = str | list[int]
+
+
+def hub_from_environment() -> str:
+    """The hub for model ids when LLM(hub=...) is not given: "modelscope" when
+    TRITONFORGE_USE_MODELSCOPE is 1/true/yes, else "hf". The only environment read."""
+    flag = os.environ.get("TRITONFORGE_USE_MODELSCOPE", "").strip().lower()
+    return "modelscope" if flag in ("1", "true", "yes") else "hf"
 
 
 def resolve_runner(config: EngineConfig) -> str:
@@ -62,14 +74,15 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  device: str = "auto", seed: int = 0, trust_remote_code: bool = False,
-                 **engine_kwargs: Any) -> None:
+                 hub: str | None = None, **engine_kwargs: Any) -> None:
         config = EngineConfig(
             model=model, runner=runner, model_impl=model_impl, dtype=dtype,
             max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, device=device, seed=seed,
-            trust_remote_code=trust_remote_code, **engine_kwargs,
-        )
+            trust_remote_code=trust_remote_code,
+            hub=hub if hub is not None else hub_from_environment(), **engine_kwargs,
+        ).resolved()  # hub ids -> local snapshot folders, once, before anything loads
         self.config = config.for_runner(resolve_runner(config))
         self.engine: LLMEngine | None = None
         self.pooler: PoolingRunner | None = None

@@ -63,6 +63,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        config = config.resolved()  # a hub id -> its local snapshot (no-op for local paths)
         self.config = config
         self.device = resolve_device(config.device)
         hf_config = load_config(config.model, trust_remote_code=config.trust_remote_code)

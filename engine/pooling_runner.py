@@ -93,7 +93,8 @@ class PoolingRunner:
 
         from transformers import AutoConfig, AutoTokenizer
 
-        model_dir = resolve_model_dir(engine_config.model)
+        # .resolved(): a hub id -> its local snapshot (no-op for local paths)
+        model_dir = resolve_model_dir(engine_config.resolved().model)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         architecture = resolve_architecture(config)
         self._architecture = architecture
