@@ -155,20 +155,18 @@ def _check_model_impl(model_impl: str, info: ModelInfo, task: str) -> None:
     if model_impl == "native" and info.implementation != "native":
         raise UserError(f"--model-impl native: {info.architecture} has no native implementation "
                         f"(it runs through {info.implementation}); use --model-impl auto")
-    if model_impl == "transformers" and info.implementation == "native":
-        # auto already picks the Transformers backend for every non-native architecture.
-        raise UserError(f"--model-impl transformers for natively supported {info.architecture} "
-                        "needs a model_impl parameter the generate template does not have yet; "
-                        "use --model-impl auto")
+    if model_impl == "transformers" and task != "generate":
+        raise UserError("--model-impl transformers applies to --task generate; pooling "
+                        "models always run their Transformers implementation")
 
 
 def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo, task: str,
               target: Path) -> dict[str, Any]:
     """The engine settings: config.pbtxt parameters and engine.json hold the same values."""
     if opts.download:
-        # generate resolves a relative path against its model folder; the pooling models
-        # take the path as given, so they get the final absolute one.
-        model_path = "weights" if task == "generate" else str(target / "weights")
+        # The backend resolves a relative path against the model's folder, so the
+        # repository can move as a whole (air-gapped copies).
+        model_path = "weights"
         if ref.is_local and ref.local_path is not None and ref.local_path.is_file():
             model_path = f"{model_path}/{ref.local_path.name}"
     elif ref.is_local:
@@ -215,7 +213,8 @@ def _context(task: str, s: dict[str, Any], ref: model_source.ModelRef) -> dict[s
     if task == "generate":
         return {**common, "max_num_seqs": _blank(s["max_num_seqs"]),
                 "gpu_memory_utilization": _blank(s["gpu_memory_utilization"]),
-                "max_num_batched_tokens": "", "block_size": "", "enable_prefix_caching": ""}
+                "max_num_batched_tokens": "", "block_size": "", "enable_prefix_caching": "",
+                "model_impl": s["model_impl"]}
     pooling = {**common, "source": s["source"], "max_batch_size": s["max_batch_size"],
                "max_queue_delay_us": s["max_queue_delay_us"]}
     if task == "classify":

@@ -196,8 +196,8 @@ BAD_INPUTS = {
     "generate flag on embed": (lambda t, e: [t["embed"], "--max-num-seqs", "4"], "generate only"),
     "bad name": (lambda t, e: [t["embed"], "--name", "../escape"], "invalid model name"),
     "native pooling": (lambda t, e: [t["embed"], "--model-impl", "native"], "no native"),
-    "transformers impl of a native arch": (
-        lambda t, e: [t["generate"], "--model-impl", "transformers"], "use --model-impl auto"),
+    "transformers impl for pooling": (
+        lambda t, e: [t["embed"], "--model-impl", "transformers"], "applies to --task generate"),
     "zero instances": (lambda t, e: [t["embed"], "--instance-count", "0"], ">= 1"),
     "unknown hub id": (lambda t, e: ["nobody/nothing"], "unknown model id"),
     "no network": (lambda t, e: ["org/model"], "no network"),
@@ -323,7 +323,8 @@ def test_hf_id_download_snapshots_only_serving_files(tmp_path, tiny, monkeypatch
     assert (weights / "modules.json").is_file()
     (snap,) = [c for c in calls if c[0] == "snapshot"]
     assert "*.safetensors" in snap[2] and "*.bin" not in snap[2]
-    assert parameters(parse_config(repo / "tiny-bert"))["model"] == str(weights)
+    # Relative to the model folder (the backend resolves it), so the repository can move.
+    assert parameters(parse_config(repo / "tiny-bert"))["model"] == "weights"
 
 
 def fake_modelscope(monkeypatch, source: Path, calls: list) -> None:
@@ -509,3 +510,15 @@ def test_serve_answers_and_stops_cleanly_on_ctrl_c(tmp_path, tiny):
             proc.kill()
             proc.wait()
     assert (repo / "served" / "config.pbtxt").is_file()
+
+
+def test_model_impl_transformers_reaches_the_generate_config(tmp_path, tiny_model):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    from tritonforge.generator.cli import main
+
+    assert main(["build", str(tiny_model("LlamaForCausalLM")), "--task", "generate",
+                 "--model-impl", "transformers", "-o", str(tmp_path), "--name", "m"]) == 0
+    config = text_format.Parse((tmp_path / "m" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    assert config.parameters["model_impl"].string_value == "transformers"
