@@ -12,7 +12,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tritonforge.generator.commands import build, demo, fetch_example, inspect, list_models, serve
+from tritonforge.generator.commands import (
+    build,
+    demo,
+    deploy,
+    fetch_example,
+    inspect,
+    list_models,
+    serve,
+)
 from tritonforge.generator.errors import UserError
 
 from tritonforge import __version__
@@ -24,6 +32,7 @@ COMMANDS = {
     "list": list_models,
     "fetch-example": fetch_example,
     "demo": demo,
+    "deploy": deploy,
 }
 
 EPILOG = """examples:
@@ -32,6 +41,8 @@ EPILOG = """examples:
   generator build ./bge --task embed -o ./model_repository
   generator serve ./my-model            build in a temp dir and serve on a local tritonserver
   generator list                        supported architectures per task
+  generator deploy k8s --model-repository ./model_repository --name qwen
+                                        Kubernetes manifests (Deployment, Service, HPA, ...)
   generator demo                        serve the bundled embedding example and query it once
   generator fetch-example chat          cache SmolLM2-135M-Instruct (GGUF) for offline use
   generator fetch-example embed --path  print where all-MiniLM-L6-v2 is cached
