@@ -66,6 +66,11 @@ class LLMEngine:
         config = config.resolved()  # a hub id -> its local snapshot (no-op for local paths)
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Triton kernels and CUDA graphs run on the *current* device, not the tensors':
+            # a Triton model instance pinned to GPU N (its own stub process) must make N
+            # current before anything is launched.
+            torch.cuda.set_device(self.device)
         hf_config = load_config(config.model, trust_remote_code=config.trust_remote_code)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
