@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tritonforge.models.transformers_encoder import load_hf_module
 
 ACTIVATIONS = ("softmax", "sigmoid", "identity", "tanh")
 # sentence-transformers saves activation_fn as a dotted class path; the class name decides.
@@ -41,11 +42,11 @@ class TransformersSequenceClassifier(nn.Module):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
-        self.model = _load_classifier(model_dir, dtype, trust_remote_code).to(device).eval()
+        from transformers import AutoModelForSequenceClassification
+
+        self.model = load_hf_module(AutoModelForSequenceClassification, model_dir, dtype,
+                                    device, trust_remote_code)
         self.config = self.model.config
-        # Each prompt is read once: a decoder's KV cache would be allocated for nothing.
-        if hasattr(self.config, "use_cache"):
-            self.config.use_cache = False
         self.hidden_size: int = self.config.get_text_config().hidden_size
         self.num_labels: int = int(self.config.num_labels)
         self.id2label: dict[int, str] = {
@@ -157,17 +158,3 @@ def _read_json(path: Path) -> Any:
         return json.load(f)
 
 
-def _load_classifier(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification
-
-    # SDPA is the fast path; architectures without it raise ValueError, then eager serves.
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
-        )
-    except ValueError as err:
-        if "sdpa" not in str(err).lower():
-            raise
-    return AutoModelForSequenceClassification.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
-    )

@@ -13,6 +13,7 @@ BertModel), which is exactly what sentence-transformers embeds with.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,11 +30,10 @@ class TransformersEncoder(nn.Module):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
-        self.model = _load_auto_model(model_dir, dtype, trust_remote_code).to(device).eval()
+        from transformers import AutoModel
+
+        self.model = load_hf_module(AutoModel, model_dir, dtype, device, trust_remote_code)
         self.config = self.model.config
-        # Pooling reads each prompt once: a decoder's KV cache would be allocated for nothing.
-        if hasattr(self.config, "use_cache"):
-            self.config.use_cache = False
         self.hidden_size: int = self.config.get_text_config().hidden_size
 
     @property
@@ -46,18 +46,22 @@ class TransformersEncoder(nn.Module):
         return out.last_hidden_state
 
 
-def _load_auto_model(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    from transformers import AutoModel
-
-    # SDPA is the fast path (fused attention on GPU and CPU); architectures that do not
-    # implement it make from_pretrained raise ValueError, and then eager attention serves.
+def load_hf_module(auto_class: Any, model_dir: Path, dtype: torch.dtype, device: torch.device,
+                   trust_remote_code: bool) -> nn.Module:
+    """`auto_class.from_pretrained` on SDPA attention (the fused path on GPU and CPU), or
+    eager for architectures without SDPA (their from_pretrained raises ValueError); in eval
+    mode on `device`, with the decoder KV cache off: pooling reads each prompt once."""
     try:
-        return AutoModel.from_pretrained(
+        model = auto_class.from_pretrained(
             model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
         )
     except ValueError as err:
         if "sdpa" not in str(err).lower():
             raise
-    return AutoModel.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
-    )
+        model = auto_class.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="eager",
+            trust_remote_code=trust_remote_code,
+        )
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model.to(device).eval()
