@@ -343,6 +343,14 @@ class TritonServer:
             self._log_handle.close()
             self._log_handle = None
 
+    def serve_until_interrupted(self, poll: float = 0.5) -> None:
+        """Blocks while the server runs; Ctrl-C returns (the caller's `with` stops it)."""
+        try:
+            while self.running:
+                time.sleep(poll)
+        except KeyboardInterrupt:
+            pass
+
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

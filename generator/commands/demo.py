@@ -62,11 +62,7 @@ def run(args: argparse.Namespace) -> int:
             _render(console, model, texts, embeddings)
             if args.keep_running:
                 console.print("serving; press Ctrl-C to stop")
-                try:
-                    while server.running:
-                        time.sleep(1)
-                except KeyboardInterrupt:
-                    pass
+                server.serve_until_interrupted()
         console.print("tritonserver stopped")
     return 0
 

@@ -58,11 +58,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(client_example(result.task, result.name, server.http_url,
                                          server.grpc_url), highlight=False, markup=False)
             console.print("serving; press Ctrl-C to stop")
-            try:
-                while server.running:
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
+            server.serve_until_interrupted()
         console.print("tritonserver stopped")
     return 0
 

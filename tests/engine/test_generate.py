@@ -7,9 +7,9 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-import transformers
 from tritonforge.engine import LLM, SamplingParams
+
+from tests.fixtures.hf_reference import hf_greedy
 
 ARCHITECTURES = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "MistralForCausalLM"]
@@ -23,22 +23,6 @@ PROMPTS = [
 ]
 
 
-def _hf_greedy(folder, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
-                             do_sample=False, attention_mask=torch.ones(1, len(prompt_ids),
-                                                                        dtype=torch.long))
-    return out[0, len(prompt_ids):].tolist()
-
-
-def _trim_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    return tokens
-
-
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_greedy_tokens_equal_transformers_generate(tiny_model, architecture):
     folder = tiny_model(architecture)
@@ -48,7 +32,7 @@ def test_greedy_tokens_equal_transformers_generate(tiny_model, architecture):
     outputs = llm.generate(PROMPTS, params)
     eos = llm.engine.eos_token_ids
     for prompt, out in zip(PROMPTS, outputs):
-        expected = _trim_at_eos(_hf_greedy(folder, out.prompt_token_ids, 24), eos)
+        expected = hf_greedy(folder, out.prompt_token_ids, 24, eos)
         assert out.outputs[0].token_ids == expected, prompt
         assert out.outputs[0].finish_reason in {"stop", "length"}
         assert out.outputs[0].text == llm.tokenizer.decode(

@@ -19,6 +19,7 @@ from tritonforge.models.phi3 import Phi3ForCausalLM
 from tritonforge.models.registry import MODEL_REGISTRY
 from tritonforge.models.weight_utils import iterate_weights, load_model
 
+from tests.fixtures.hf_reference import trim_at_eos
 from tests.models.paged_harness import (
     ATOL,
     alone_and_in_batch_logits,
@@ -118,13 +119,6 @@ PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog. " * 3,
            "你好，世界 🙂", "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 2]
 
 
-def _trim_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    return tokens
-
-
 @pytest.mark.parametrize("architecture", list(NATIVE))
 def test_engine_greedy_tokens_equal_transformers_generate(tiny_model, architecture) -> None:
     folder = tiny_model(architecture)
@@ -140,5 +134,5 @@ def test_engine_greedy_tokens_equal_transformers_generate(tiny_model, architectu
         with torch.inference_mode():
             want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
                                do_sample=False)
-        expected = _trim_at_eos(want[0, ids.shape[1]:].tolist(), eos)
+        expected = trim_at_eos(want[0, ids.shape[1]:].tolist(), eos)
         assert out.outputs[0].token_ids == expected, prompt

@@ -19,6 +19,7 @@ from tritonforge.models.transformers_backend import (
 )
 from tritonforge.models.weight_utils import load_config, load_model
 
+from tests.fixtures.hf_reference import hf_greedy
 from tests.models.paged_harness import (
     ATOL,
     alone_and_in_batch_logits,
@@ -104,22 +105,6 @@ def test_falcon_is_refused_at_load_naming_the_architecture(tiny_model) -> None:
 
 
 # --- through the engine ---------------------------------------------------------------------------
-def _hf_greedy(folder, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
-                             do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
-    return out[0, len(prompt_ids):].tolist()
-
-
-def _trim_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    return tokens
-
-
 @pytest.mark.parametrize("architecture", ["GPTNeoXForCausalLM", "OPTForCausalLM"])
 def test_engine_greedy_tokens_equal_transformers_generate(tiny_model, architecture) -> None:
     folder = tiny_model(architecture)
@@ -128,7 +113,7 @@ def test_engine_greedy_tokens_equal_transformers_generate(tiny_model, architectu
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16))
     eos = llm.engine.eos_token_ids
     for prompt, out in zip(PROMPTS, outputs):
-        expected = _trim_at_eos(_hf_greedy(folder, out.prompt_token_ids, 16), eos)
+        expected = hf_greedy(folder, out.prompt_token_ids, 16, eos)
         assert out.outputs[0].token_ids == expected, prompt
 
 
