@@ -10,7 +10,8 @@ Failure policy: a bad request (empty or too long prompt) fails alone. An excepti
 step fails the requests that were in flight with that error and the loop carries on; after
 MAX_CONSECUTIVE_FAILURES failing steps the engine is declared dead: every request, current
 and future, fails at once and `healthy` turns False (the backend reports not-ready rather
-than hanging).
+than hanging). Shutdown ends every request with an error, those still queued and not yet
+admitted included; nothing a caller added is left waiting on a stream that never ends.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tritonforge.engine.config import EngineConfig
@@ -126,11 +127,15 @@ class AsyncEngine:
         return self._dead is None and not self._stopped and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
-        """The latest step's counters (read without stopping the engine)."""
-        return self._stats
+        """The latest step's counters (read without stopping the engine); requests queued
+        but not yet admitted by the engine thread count as waiting."""
+        stats = self._stats
+        queued = len(self._adds)  # len() of a deque is atomic under the GIL
+        return replace(stats, num_waiting=stats.num_waiting + queued) if queued else stats
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stops the loop; requests still in flight end with an error, blocks are freed."""
+        """Stops the loop; every request not finished, admitted or still queued, ends with
+        an error and blocks are freed."""
         with self._cv:
             self._stopped = True
             self._cv.notify()
@@ -140,39 +145,63 @@ class AsyncEngine:
     def _loop(self) -> None:
         failures = 0
         while True:
-            with self._cv:
-                while not (self._stopped or self._adds or self._aborts
-                           or self.engine.has_unfinished_requests()):
-                    self._cv.wait()
-                if self._stopped:
-                    break
-                adds, self._adds = list(self._adds), deque()
-                aborts, self._aborts = list(self._aborts), deque()
-            for add in adds:
-                self._admit(add)
-            for request_id in aborts:
-                output = self.engine.abort_request(request_id)
-                if output is not None:
-                    self._send(output)
-            if not self.engine.has_unfinished_requests():
-                self._stats = self.engine.stats()
-                continue
-            try:
-                outputs = self.engine.step()
-                failures = 0
-            except Exception as err:  # noqa: BLE001 - any engine failure ends its requests
-                failures += 1
-                self._fail_all(err)
-                if failures >= MAX_CONSECUTIVE_FAILURES:
-                    self._die(EngineDeadError(f"the engine failed {failures} steps in a row: "
-                                              f"{err}"))
-                    return
-                continue
-            for output in outputs:
-                self._send(output)
-            self._stats = self.engine.stats()
-        self._fail_all(EngineDeadError("the engine was shut down with this request in flight"))
+            work = self._next_work()
+            if work is None:
+                break
+            # One iteration per call: its locals (the adds, their callbacks, the outputs)
+            # are released when it returns, so an idle engine holds no request of a caller
+            # (the Triton backend's request and response sender live in those callbacks).
+            failures = self._iterate(*work, failures)
+            del work
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                return
+        error = EngineDeadError("the engine was shut down with this request in flight")
+        self._fail_all(error)
+        with self._cv:
+            unadmitted, self._adds = list(self._adds), deque()
+        for add in unadmitted:
+            _call(add.deliver, None, error)
         self._stats = self.engine.stats()
+
+    def _next_work(self) -> tuple[list[_Add], list[str]] | None:
+        """Waits for something to do; None once shut down."""
+        with self._cv:
+            while not (self._stopped or self._adds or self._aborts
+                       or self.engine.has_unfinished_requests()):
+                self._cv.wait()
+            if self._stopped:
+                return None
+            adds, self._adds = list(self._adds), deque()
+            aborts, self._aborts = list(self._aborts), deque()
+        return adds, aborts
+
+    def _iterate(self, adds: list[_Add], aborts: list[str], failures: int) -> int:
+        """Admits, aborts and runs one step; returns the count of consecutive failed steps
+        (the engine is dead once it reaches MAX_CONSECUTIVE_FAILURES)."""
+        for add in adds:
+            self._admit(add)
+        adds.clear()
+        for request_id in aborts:
+            output = self.engine.abort_request(request_id)
+            if output is not None:
+                self._send(output)
+        if not self.engine.has_unfinished_requests():
+            self._stats = self.engine.stats()
+            return failures
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # noqa: BLE001 - any engine failure ends its requests
+            failures += 1
+            self._fail_all(err)
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                self._die(EngineDeadError(f"the engine failed {failures} steps in a row: "
+                                          f"{err}"))
+            self._stats = self.engine.stats()
+            return failures
+        for output in outputs:
+            self._send(output)
+        self._stats = self.engine.stats()
+        return 0
 
     def _admit(self, add: _Add) -> None:
         try:

@@ -197,8 +197,14 @@ def _is_int(value: object) -> bool:
 
 
 def _show(value: object) -> str:
-    """repr() cut short: a rejected value may be a 10 MB string, and errors go to logs."""
-    text = repr(value)
+    """repr() cut short: a rejected value may be a 10 MB string, and errors go to logs.
+
+    An int past Python's digit limit (4300) cannot even be repr()'d (ValueError): the error
+    must still be the field's, so such a value is described, not shown."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an {type(value).__name__} too large to show"
     return text if len(text) <= 80 else text[:77] + "..."
 
 

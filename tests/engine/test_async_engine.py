@@ -4,7 +4,11 @@ affected requests, and a dead engine says so instead of hanging."""
 
 from __future__ import annotations
 
+import gc
+import queue
 import threading
+import time
+import weakref
 
 import pytest
 from tritonforge.engine import AsyncEngine, EngineConfig, SamplingParams
@@ -112,3 +116,85 @@ def test_shutdown_ends_streams_in_flight_with_an_error(tiny_model):
     with pytest.raises(EngineDeadError):
         stream.result()
     assert engine.engine.block_manager.num_used_blocks == 0
+
+
+# ---- nothing a caller added is forgotten or kept ------------------------------------------
+class _Collect:
+    """A callback that queues what it gets; weakref-able, so a test can see who holds it."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue = queue.Queue()
+
+    def __call__(self, output, error) -> None:
+        self.items.put(error if error is not None else output)
+
+    def final(self, timeout: float = 30.0):
+        while True:
+            item = self.items.get(timeout=timeout)
+            if isinstance(item, BaseException) or item.finished:
+                return item
+
+
+@pytest.fixture
+def held_step(engine, monkeypatch):
+    """Makes the engine's next steps wait for `release`: callers' adds pile up unadmitted
+    while the engine thread is busy, as they do behind a long GPU step."""
+    entered, release = threading.Event(), threading.Event()
+    real_step = engine.engine.step
+
+    def slow_step():
+        entered.set()
+        release.wait(30)
+        return real_step()
+
+    monkeypatch.setattr(engine.engine, "step", slow_step)
+    yield entered, release
+    release.set()
+
+
+def test_shutdown_ends_requests_still_queued_with_an_error(engine, held_step):
+    entered, release = held_step
+    running = _Collect()
+    engine.add_request(None, "running", SamplingParams(max_tokens=50, ignore_eos=True),
+                       callback=running)
+    assert entered.wait(30)
+    queued = [_Collect() for _ in range(3)]
+    for i, callback in enumerate(queued):
+        engine.add_request(None, f"queued {i}", SamplingParams(max_tokens=5), callback=callback)
+    stopper = threading.Thread(target=engine.shutdown)
+    stopper.start()
+    release.set()
+    stopper.join(30)
+    for callback in [running, *queued]:
+        assert isinstance(callback.final(timeout=10), EngineDeadError)
+    assert engine.engine.block_manager.num_used_blocks == 0
+    late = _Collect()
+    engine.add_request(None, "after shutdown", SamplingParams(max_tokens=2), callback=late)
+    assert isinstance(late.final(timeout=1), EngineDeadError)
+
+
+def test_requests_not_yet_admitted_count_as_waiting(engine, held_step):
+    entered, release = held_step
+    engine.add_request(None, "running", SamplingParams(max_tokens=3, ignore_eos=True))
+    assert entered.wait(30)
+    streams = [engine.add_request(None, f"queued {i}", SamplingParams(max_tokens=3))
+               for i in range(4)]
+    assert engine.stats().num_waiting == 4
+    release.set()
+    for stream in streams:
+        stream.result()
+    assert engine.stats().num_waiting == 0 and engine.stats().num_running == 0
+
+
+def test_an_idle_engine_holds_no_reference_to_finished_requests(engine):
+    callback = _Collect()
+    engine.add_request(None, "remember me not", SamplingParams(max_tokens=3, ignore_eos=True),
+                       callback=callback)
+    assert callback.final().finished
+    ref = weakref.ref(callback)
+    del callback
+    deadline = time.monotonic() + 10
+    while ref() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert ref() is None, gc.get_referrers(ref())

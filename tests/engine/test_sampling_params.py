@@ -179,3 +179,10 @@ def test_string_values_that_are_not_numbers_still_name_the_field(text):
     field = text.split('"')[1]
     with pytest.raises(ValueError, match=field):
         SamplingParams.from_json(text)
+
+
+@pytest.mark.parametrize("field", ["seed", "temperature", "top_p", "logprobs", "max_tokens"])
+def test_an_int_too_large_to_print_is_still_an_error_naming_its_field(field):
+    # Past 4300 digits repr() itself raises; the error must still be this field's.
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        SamplingParams.from_dict({field: 10**5000})
