@@ -96,7 +96,7 @@ class SamplingParams:
             _check_int(self.max_tokens, "max_tokens", "None or an int >= 1", lo=1)
         hi = self.max_tokens
         _check_int(self.min_tokens, "min_tokens",
-                   "an int >= 0" + (f" and <= max_tokens ({hi})" if hi is not None else ""),
+                   "an int >= 0" + (f" and <= max_tokens ({_show(hi)})" if hi is not None else ""),
                    lo=0, hi=hi)
         if self.logprobs is not None:
             _check_int(self.logprobs, "logprobs", f"None or an int in [0, {MAX_LOGPROBS}]",
@@ -129,7 +129,8 @@ class SamplingParams:
         if self.max_tokens > room:
             raise ValueError(
                 f"max_tokens must be <= {room} for this prompt ({prompt_len} prompt tokens + "
-                f"max_tokens must not exceed max_model_len {max_model_len}), got {self.max_tokens}"
+                f"max_tokens must not exceed max_model_len {max_model_len}), "
+                f"got {_show(self.max_tokens)}"
             )
         return self.max_tokens
 

@@ -181,8 +181,12 @@ def test_string_values_that_are_not_numbers_still_name_the_field(text):
         SamplingParams.from_json(text)
 
 
-@pytest.mark.parametrize("field", ["seed", "temperature", "top_p", "logprobs", "max_tokens"])
+@pytest.mark.parametrize("field", ["seed", "temperature", "top_p", "logprobs", "min_tokens"])
 def test_an_int_too_large_to_print_is_still_an_error_naming_its_field(field):
-    # Past 4300 digits repr() itself raises; the error must still be this field's.
+    # Past 4300 digits str() and repr() raise; the error must still be this field's.
     with pytest.raises(ValueError, match=f"^{field} must be"):
         SamplingParams.from_dict({field: 10**5000})
+    with pytest.raises(ValueError, match="^min_tokens must be"):
+        SamplingParams.from_dict({"max_tokens": 10**5000, "min_tokens": -1})
+    with pytest.raises(ValueError, match="^max_tokens must be <= 10"):
+        SamplingParams.from_dict({"max_tokens": 10**5000}).max_tokens_for(3, 13)
