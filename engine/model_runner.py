@@ -3,7 +3,9 @@ logits.
 
 Per step it builds one flat batch (decodes and prefill chunks mixed): input_ids and
 positions [N], and an AttentionMetadata (slot_mapping, query_start_loc, seq_lens,
-block_tables) that it passes explicitly to the model's forward. Only the rows whose
+block_tables) that it passes explicitly to the model's forward. The batch is built on the
+host with numpy over incremental block tables (engine/input_batch.py) and reaches the
+device in one copy. Only the rows whose
 sequence finishes its uncomputed tokens this step go through the LM head (one row per such
 sequence: its last token), so a prefill chunk that does not end the prompt costs no logits.
 
@@ -20,9 +22,11 @@ import itertools
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tritonforge.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from tritonforge.engine.cuda_graphs import DecodeGraphs
+from tritonforge.engine.input_batch import HostInputs, InputBatch
 from tritonforge.engine.sequence import Sequence
 from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.layers.attention import bind_kv_cache
@@ -33,11 +37,43 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepInputs:
+    """A step's inputs on the runner's device."""
+
     input_ids: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64
     attn_metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [S] int64: rows whose logits are sampled
     sampled_seqs: list[Sequence]  # the S sequences, in row order
+
+
+def to_device(host: HostInputs, device: torch.device) -> StepInputs:
+    """Packs every integer array of the step into one int64 host buffer, copies it to
+    `device` at once and takes the tensors as views (int32 ones converted there).
+
+    Why one copy: each host-to-device copy costs the host a driver call, and a step has
+    seven arrays. The buffer is fresh pageable memory each step: a non_blocking copy from
+    pageable memory is staged by the driver before the call returns, so nothing the host
+    does later can race with it (a reused pinned buffer would need an event per step). On
+    the CPU the "copy" is the buffer itself.
+    """
+    parts = (host.input_ids, host.positions, host.slot_mapping, host.logits_indices,
+             host.query_start_loc, host.seq_lens, host.block_tables.reshape(-1))
+    packed = np.concatenate(parts, dtype=np.int64)
+    flat = torch.from_numpy(packed).to(device, non_blocking=True)
+    views = torch.split(flat, [p.size for p in parts])
+    input_ids, positions, slot_mapping, logits_indices = views[:4]
+    query_start_loc, seq_lens, block_tables = (v.to(torch.int32) for v in views[4:])
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_tables=block_tables.view(host.block_tables.shape),
+        max_query_len=host.max_query_len,
+        max_seq_len=host.max_seq_len,
+        block_size=host.block_size,
+        is_decode_only=host.is_decode_only,
+    )
+    return StepInputs(input_ids, positions, meta, logits_indices, host.sampled_seqs)
 
 
 class ModelRunner:
@@ -54,6 +90,7 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         bind_kv_cache(model, self.kv_caches)
+        self.input_batch = InputBatch(config.max_num_seqs, max_model_len, self.block_size)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(model, config.max_num_seqs, max_model_len,
@@ -136,66 +173,21 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        sampled: list[Sequence] = []
-        bs = self.block_size
-        for seq, n in scheduled:
-            first = seq.num_computed_tokens
-            last = first + n  # exclusive; the KV length after this step
-            input_ids += seq.token_ids[first:last]
-            positions += range(first, last)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(first, last)]
-            starts.append(starts[-1] + n)
-            seq_lens.append(last)
-            if last == seq.num_tokens:  # all tokens computed: sample the next one
-                logits_indices.append(starts[-1] - 1)
-                sampled.append(seq)
-        max_blocks = max((len(seq.block_table) for seq, _ in scheduled), default=1)
-        block_tables = torch.zeros(len(scheduled), max_blocks, dtype=torch.int32)
-        for b, (seq, _) in enumerate(scheduled):
-            block_tables[b, : len(seq.block_table)] = torch.tensor(seq.block_table,
-                                                                   dtype=torch.int32)
-        query_lens = [n for _, n in scheduled]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=block_tables,
-            max_query_len=max(query_lens, default=0),
-            max_seq_len=max(seq_lens, default=0),
-            block_size=bs,
-            is_decode_only=all(n == 1 for n in query_lens),
-        )
-        return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            attn_metadata=meta,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
-            sampled_seqs=sampled,
-        )
+        """The step's inputs on the runner's device: built on the host with numpy
+        (InputBatch), then moved in ONE host-to-device copy (`to_device`)."""
+        return to_device(self.input_batch.build(scheduled), self.device)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Runs one step; returns the sequences to sample and their logits [S, V] float32."""
         inputs = self.prepare(scheduled)
-        dev = self.device
         meta = inputs.attn_metadata
         if (self.graphs is not None and meta.is_decode_only
                 and self.graphs.bucket(meta.num_seqs) is not None):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta)
         else:
-            hidden = self.model(
-                inputs.input_ids.to(dev, non_blocking=True),
-                inputs.positions.to(dev, non_blocking=True),
-                meta.to(dev),
-            )
+            hidden = self.model(inputs.input_ids, inputs.positions, meta)
         if not inputs.sampled_seqs:
             return [], torch.empty(0, 0)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices.to(dev)])
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return inputs.sampled_seqs, logits.float()
