@@ -311,7 +311,12 @@ def _cb_wait(manager: Any, wanted: set[str], deadline: float,
     return None
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: inference mode is thread-local, so tensors made here (the
+# weights, the manager's static buffers) are inference tensors that transformers' batching
+# thread, outside inference mode, may not update in place; transformers 5.17 then dies with
+# "Inplace update to inference tensor outside InferenceMode" once it rebuilds its batch
+# processor (the "continuous-batching thread died" of the first H100 runs).
+@torch.no_grad()
 def run_hf_cb(spec: dict[str, Any]) -> dict[str, Any]:
     w = Workload(**spec["workload"])
     prompts, outputs = w.requests()
