@@ -1,13 +1,13 @@
 """Token states -> one embedding per sequence (CLS / MEAN / LAST), then Matryoshka + L2.
 
 Design: pooling is model-independent, so it lives in the engine and every model (native or
-Transformers backend) only has to return its last hidden state. Results are float32: the
-embeddings leave the engine as FP32, and a MEAN over bf16 states must accumulate in float32
-anyway (as sentence-transformers does).
+Transformers backend) only has to return its token states. Batches are packed (sequence b
+owns rows seq_start_loc[b]:seq_start_loc[b+1] of hidden), so there is no padding for the
+pooler to mask. Results are float32: the embeddings leave the engine as FP32, and a MEAN
+over bf16 states must accumulate in float32 anyway (as sentence-transformers does).
 
-Invariant: padding never changes a sequence's embedding. The mask decides which positions
-count; CLS takes the first real token and LAST the last real one, so both right padding
-(what the engine builds) and left padding give the same result.
+Invariant: a sequence's embedding reads only its own rows; CLS takes its first row and LAST
+its last one.
 """
 
 from __future__ import annotations
@@ -17,26 +17,27 @@ import torch.nn.functional as F
 from tritonforge.models.pooling_config import POOLING_TYPES
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling_type: str) -> torch.Tensor:
-    # hidden: [B, T, H], attention_mask: [B, T] (1 = real token, 0 = pad) -> [B, H] float32
-    if hidden.dim() != 3 or attention_mask.shape != hidden.shape[:2]:
+def pool(hidden: torch.Tensor, seq_start_loc: torch.Tensor, pooling_type: str) -> torch.Tensor:
+    # hidden: [N, H], seq_start_loc: [B + 1] -> [B, H] float32
+    if hidden.dim() != 2 or seq_start_loc.dim() != 1 or seq_start_loc.shape[0] < 1:
         raise ValueError(
-            f"pool expects hidden [B, T, H] and attention_mask [B, T], got "
-            f"{tuple(hidden.shape)} and {tuple(attention_mask.shape)}"
+            f"pool expects hidden [N, H] and seq_start_loc [B + 1], got "
+            f"{tuple(hidden.shape)} and {tuple(seq_start_loc.shape)}"
         )
-    mask = attention_mask.to(torch.int32)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    starts = seq_start_loc.long()
     if pooling_type == "CLS":
-        first = mask.argmax(dim=1)  # [B] first real position (argmax returns the first max)
-        return hidden[rows, first].float()
+        return hidden[starts[:-1]].float()
     if pooling_type == "LAST":
-        last = hidden.shape[1] - 1 - mask.flip(1).argmax(dim=1)  # [B] last real position
-        return hidden[rows, last].float()
+        return hidden[starts[1:] - 1].float()
     if pooling_type == "MEAN":
-        weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        summed = (hidden * weights).sum(dim=1, dtype=torch.float32)  # [B, H]
-        counts = mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)  # [B, 1]
-        return summed / counts
+        lens = starts[1:] - starts[:-1]  # [B]
+        seq_of_row = torch.repeat_interleave(
+            torch.arange(lens.shape[0], device=hidden.device), lens, output_size=hidden.shape[0]
+        )  # [N]
+        summed = torch.zeros(lens.shape[0], hidden.shape[1], dtype=torch.float32,
+                             device=hidden.device)
+        summed.index_add_(0, seq_of_row, hidden.float())
+        return summed / lens.clamp(min=1).unsqueeze(-1).to(torch.float32)
     raise ValueError(f"pooling_type must be one of {POOLING_TYPES}, got {pooling_type!r}")
 
 

@@ -6,13 +6,16 @@ has one label: a cross-encoder), else "embed" (hidden states + pooling: embed,
 embed_tensors, and score as the cosine of two embeddings). Asking for the other task's
 method is a ValueError naming what the model supports.
 
-A call tokenizes every prompt, checks it against max_model_len, sorts prompts by length
-and packs them into batches of at most max_num_batched_tokens padded tokens, each padded
-to under twice its shortest prompt (so padding is under half of any batch), runs the
-model, pools, and restores input order. Pooling reads each prompt once: no KV cache.
+The model is native where models/pooling_registry.py registers the architecture (under
+model_impl "auto" or "native"), else the Transformers wrapper; both take packed batches.
+A call tokenizes every prompt, checks it against max_model_len, packs prompts into batches
+of at most max_num_batched_tokens tokens (engine/pooling_batches.py: real tokens for native
+models, which compute no padding; padded tokens for the Transformers wrappers, which pad
+internally), runs the model, pools, and restores input order. Pooling reads each prompt
+once: no KV cache.
 
-Invariant: a prompt's embedding does not depend on which other prompts share its batch or
-how the batch is padded (the pooler follows the attention mask).
+Invariant: a prompt's embedding does not depend on which other prompts share its batch
+(the packed models and the pooler read each sequence's own rows only).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tritonforge.engine.batching import pad_batch, plan_batches
 from tritonforge.engine.config import EngineConfig
 from tritonforge.engine.outputs import (
     ClassificationOutput,
@@ -37,7 +39,13 @@ from tritonforge.engine.outputs import (
     ScoringRequestOutput,
 )
 from tritonforge.engine.pooler import finalize, pool
+from tritonforge.engine.pooling_batches import PackedBatch, plan_pooling_batches
 from tritonforge.engine.pooling_params import PoolingParams
+from tritonforge.models.classifier_config import (
+    apply_activation,
+    cross_encoder_max_seq_length,
+    read_classifier_config,
+)
 from tritonforge.models.loader import (
     resolve_architecture,
     resolve_device,
@@ -50,35 +58,24 @@ from tritonforge.models.pooling_config import (
     is_encoder_architecture,
     read_pooling_config,
 )
-from tritonforge.models.transformers_classifier import (
-    TransformersSequenceClassifier,
-    apply_activation,
-    cross_encoder_max_seq_length,
+from tritonforge.models.pooling_registry import (
+    POOLING_TASKS,
+    pooling_task,
+    resolve_pooling_model_class,
 )
+from tritonforge.models.transformers_classifier import TransformersSequenceClassifier
 from tritonforge.models.transformers_encoder import TransformersEncoder
+from tritonforge.models.weight_utils import load_model
 
-# model_impl -> builder(model_dir, dtype, device, trust_remote_code) of the pooling module,
-# whose forward maps (input_ids, attention_mask) [B, T] to the last hidden state [B, T, H].
-# The models issue adds "native" (native BertModel, looked up by architecture in the
-# models registry); "auto" will then prefer native where the architecture has one.
-_POOLING_MODEL_IMPLS: dict[str, Callable[..., nn.Module]] = {"transformers": TransformersEncoder}
-# The same for the "classify" task: forward maps (input_ids, attention_mask[, token_type_ids])
-# to logits [B, num_labels] float32 and the module exposes num_labels, id2label, labels,
-# activation and score_activation (see models/transformers_classifier.py).
-_CLASSIFY_MODEL_IMPLS: dict[str, Callable[..., nn.Module]] = {
-    "transformers": TransformersSequenceClassifier
+TASKS = POOLING_TASKS
+# The Transformers wrapper of each task, for architectures without a native class.
+_TRANSFORMERS_WRAPPERS: dict[str, Callable[..., nn.Module]] = {
+    "embed": TransformersEncoder, "classify": TransformersSequenceClassifier,
 }
-
-TASKS = ("embed", "classify")
 _TASK_METHODS = {
     "embed": ("embed", "embed_tensors", "encode", "score"),
     "classify": ("classify", "classify_tensors", "reward", "score"),
 }
-
-
-def pooling_task(architecture: str) -> str:
-    """The task an architecture serves: classify for *ForSequenceClassification, else embed."""
-    return "classify" if architecture.endswith("ForSequenceClassification") else "embed"
 
 
 class PoolingRunner:
@@ -99,8 +96,8 @@ class PoolingRunner:
         architecture = resolve_architecture(config)
         self._architecture = architecture
         self._task = pooling_task(architecture)
-        impls = _CLASSIFY_MODEL_IMPLS if self._task == "classify" else _POOLING_MODEL_IMPLS
-        build_model = _select_model_impl(engine_config.model_impl, architecture, impls)
+        # Fails here, before anything is read, for model_impl="native" without a native class.
+        model_class = resolve_pooling_model_class(architecture, engine_config.model_impl)
         self._dtype = resolve_dtype(engine_config.dtype, config, self._device)
         if self._task == "classify":
             # A classifier's head does the pooling; only the length limit matters here.
@@ -125,17 +122,21 @@ class PoolingRunner:
                 f"longest prompt fits one batch, got {max_num_batched_tokens}"
             )
         self._max_num_batched_tokens = max_num_batched_tokens
-        self._model = build_model(model_dir, self._dtype, self._device, trust_remote_code)
+        if model_class is None:
+            wrapper = _TRANSFORMERS_WRAPPERS[self._task]
+            self._model = wrapper(model_dir, self._dtype, self._device, trust_remote_code)
+        else:
+            self._model, _ = load_model(model_dir, self._dtype, self._device,
+                                        trust_remote_code=trust_remote_code,
+                                        model_class=model_class)
+        self._classifier = (read_classifier_config(model_dir, config)
+                            if self._task == "classify" else None)
         self._hidden_size = int(self._model.hidden_size)
         default_dims = self._pooling_config.dimensions
         if default_dims is not None and default_dims > self._hidden_size:
             raise ValueError(
                 f"{model_dir}: truncate_dim {default_dims} exceeds hidden size {self._hidden_size}"
             )
-        pad = self._tokenizer.pad_token_id
-        self._pad_token_id = (
-            pad if pad is not None else (getattr(config, "pad_token_id", None) or 0)
-        )
         self._request_ids = itertools.count()
 
     # ---- public API -------------------------------------------------------------------
@@ -176,19 +177,19 @@ class PoolingRunner:
     @property
     def supported_methods(self) -> tuple[str, ...]:
         methods = _TASK_METHODS[self._task]
-        if self._task == "classify" and self._model.num_labels != 1:
+        if self._task == "classify" and self._classifier.num_labels != 1:
             methods = tuple(m for m in methods if m != "score")  # score needs one label
         return methods
 
     @property
     def num_labels(self) -> int | None:
         """The classifier's number of outputs; None for an embedding model."""
-        return self._model.num_labels if self._task == "classify" else None
+        return self._classifier.num_labels if self._task == "classify" else None
 
     @property
     def id2label(self) -> dict[int, str] | None:
         """Class index -> name, from the model config; None for an embedding model."""
-        return dict(self._model.id2label) if self._task == "classify" else None
+        return dict(self._classifier.id2label) if self._task == "classify" else None
 
     def apply_model(self, fn: Callable[[nn.Module], Any]) -> Any:
         """Call `fn` on the loaded nn.Module (inspection, hooks) and return its result."""
@@ -249,8 +250,8 @@ class PoolingRunner:
         """One ClassificationRequestOutput per text: probabilities (the config's activation)
         and the label names, in input order."""
         token_ids, logits = self._classifier_logits("classify", texts, pooling_params, use_tqdm)
-        probs = apply_activation(logits, self._model.activation).tolist()
-        labels = self._model.labels
+        probs = apply_activation(logits, self._classifier.activation).tolist()
+        labels = self._classifier.labels
         return [
             ClassificationRequestOutput(
                 str(next(self._request_ids)), ids, ClassificationOutput(row, labels)
@@ -266,7 +267,7 @@ class PoolingRunner:
     ) -> torch.Tensor:
         """Probabilities as one float32 CPU tensor [N, num_labels]: the backend's path."""
         _, logits = self._classifier_logits("classify_tensors", texts, pooling_params, use_tqdm)
-        return apply_activation(logits, self._model.activation)
+        return apply_activation(logits, self._classifier.activation)
 
     def reward(
         self,
@@ -310,9 +311,10 @@ class PoolingRunner:
             firsts = firsts * (n // len(firsts))
             token_ids, type_ids = self._tokenize_pairs(firsts, seconds, truncate_prompt_tokens)
             logits = self._run_batches(
-                token_ids, self._model.num_labels, self._model, "Scoring", use_tqdm, type_ids
+                token_ids, self._classifier.num_labels, self._classify_batch, "Scoring", use_tqdm,
+                type_ids,
             )
-            scores = apply_activation(logits, self._model.score_activation)[:, 0].tolist()
+            scores = apply_activation(logits, self._classifier.score_activation)[:, 0].tolist()
         else:
             # 1 -> N embeds text_1 once; its [1, D] row broadcasts against text_2's [N, D].
             prompts = firsts + seconds
@@ -337,7 +339,7 @@ class PoolingRunner:
             why = (
                 f"score() needs a cross-encoder (a sequence-classification head with one "
                 f"label) or an embedding model, but {self._architecture} has "
-                f"{self._model.num_labels} labels"
+                f"{self._classifier.num_labels} labels"
             )
         else:
             why = (
@@ -355,7 +357,7 @@ class PoolingRunner:
         token_ids = self._tokenize(prompts, params)
         desc = "Classifying" if method.startswith("classify") else "Rewarding"
         return token_ids, self._run_batches(
-            token_ids, self._model.num_labels, self._model, desc, use_tqdm
+            token_ids, self._classifier.num_labels, self._classify_batch, desc, use_tqdm
         )
 
     def _tokenize_pairs(
@@ -484,12 +486,15 @@ class PoolingRunner:
         )
         return token_ids, pooled
 
-    def _embed_batch(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, _: torch.Tensor | None
-    ) -> torch.Tensor:
-        # [B, T] -> pooled [B, H] float32
-        hidden = self._model(input_ids, attention_mask)  # [B, T, H]
-        return pool(hidden, attention_mask, self._pooling_config.pooling_type)
+    def _embed_batch(self, batch: PackedBatch) -> torch.Tensor:
+        # -> pooled [B, H] float32
+        hidden = self._model(batch.input_ids, batch.positions, batch.seq_start_loc)  # [N, H]
+        return pool(hidden, batch.seq_start_loc, self._pooling_config.pooling_type)
+
+    def _classify_batch(self, batch: PackedBatch) -> torch.Tensor:
+        # -> logits [B, num_labels] float32
+        return self._model(batch.input_ids, batch.positions, batch.seq_start_loc,
+                           batch.token_type_ids)
 
     @torch.inference_mode()
     def _run_batches(
@@ -501,24 +506,21 @@ class PoolingRunner:
         use_tqdm: bool,
         token_type_ids: list[list[int]] | None = None,
     ) -> torch.Tensor:
-        # -> forward's rows [N, width] float32 CPU, in input order; forward maps
-        # (input_ids, attention_mask, token_type_ids or None) [B, T] to [B, width]
+        # -> forward's rows [N, width] float32 CPU, in input order; forward maps a
+        # PackedBatch of B prompts to [B, width]
         out = torch.empty(len(token_ids), width, dtype=torch.float32)
-        batches = plan_batches([len(ids) for ids in token_ids], self._max_num_batched_tokens)
+        pads_batches = getattr(self._model, "pads_batches", False)
+        batches = plan_pooling_batches([len(ids) for ids in token_ids],
+                                       self._max_num_batched_tokens, pads_batches)
         progress = None
         if use_tqdm:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=len(token_ids), desc=desc, unit="prompt")
         for batch in batches:
-            input_ids, attention_mask = pad_batch([token_ids[i] for i in batch], self._pad_token_id)
-            input_ids = input_ids.to(self._device, non_blocking=True)
-            attention_mask = attention_mask.to(self._device, non_blocking=True)
-            type_ids = None
-            if token_type_ids is not None:
-                type_ids, _ = pad_batch([token_type_ids[i] for i in batch], 0)
-                type_ids = type_ids.to(self._device, non_blocking=True)
-            out[batch] = forward(input_ids, attention_mask, type_ids).float().cpu()
+            types = None if token_type_ids is None else [token_type_ids[i] for i in batch]
+            packed = PackedBatch.of([token_ids[i] for i in batch], types, self._device)
+            out[batch] = forward(packed).float().cpu()
             if progress is not None:
                 progress.update(len(batch))
         if progress is not None:
@@ -562,19 +564,3 @@ def _score_pairs(text_1: Any, text_2: Any) -> tuple[list[str], list[str]]:
             "text_1 for every text_2 (1 -> N) or lists of equal length (N -> N)"
         )
     return firsts, seconds
-
-
-def _select_model_impl(
-    model_impl: str,
-    architecture: str,
-    impls: dict[str, Callable[..., nn.Module]] = _POOLING_MODEL_IMPLS,
-) -> Callable[..., nn.Module]:
-    if model_impl == "auto":
-        return impls["transformers"]
-    if model_impl not in impls:
-        allowed = ("auto", *impls)
-        raise ValueError(
-            f"model_impl={model_impl!r}: no native pooling implementation exists yet (not for "
-            f"{architecture} nor any other architecture); model_impl must be one of {allowed}"
-        )
-    return impls[model_impl]

@@ -2,12 +2,14 @@
 
 Design: the generator never imports the engine (design.md), so it cannot read
 tritonforge.models.registry; this table is its torch-free mirror, keyed by the HF
-`architectures` string like the registry. tests/generator/test_inspect.py checks that the
-native generate list equals the engine's MODEL_REGISTRY, so the two cannot drift.
+`architectures` string like the registries. Tests check that the native lists equal the
+engine's MODEL_REGISTRY (tests/generator/test_inspect.py) and its pooling registries
+(tests/models/test_pooling_registry.py), so the tables cannot drift.
 
-Implementations: "native" (our own model code, paged KV) and "transformers" (HF's module
-under our runner: the Transformers backend swaps our paged attention into any HF causal LM;
-the pooling path runs HF encoders and classifiers as they are).
+Implementations: "native" (our own model code: paged KV for generation, packed batches for
+pooling) and "transformers" (HF's module under our runner: the Transformers backend swaps
+our paged attention into any HF causal LM; the pooling path runs other HF encoders and
+classifiers as they are).
 """
 
 from __future__ import annotations
@@ -23,9 +25,16 @@ TRANSFORMERS = "transformers"
 NATIVE_GENERATE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                    "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
                    "Phi3ForCausalLM")
-# Encoders the pooling runner embeds through transformers.AutoModel.
+# Encoders the pooling runner embeds natively (models/pooling_registry.py EMBEDDING_REGISTRY,
+# which also pools every NATIVE_GENERATE decoder by its last token).
 POOLING_ENCODERS = ("BertModel", "RobertaModel", "XLMRobertaModel")
-# Any *ForSequenceClassification runs through AutoModelForSequenceClassification.
+# Sequence classifiers with a native head (CLASSIFIER_REGISTRY).
+NATIVE_CLASSIFY = ("BertForSequenceClassification", "RobertaForSequenceClassification",
+                   "XLMRobertaForSequenceClassification", "LlamaForSequenceClassification",
+                   "MistralForSequenceClassification", "Qwen2ForSequenceClassification",
+                   "Qwen3ForSequenceClassification", "Gemma2ForSequenceClassification",
+                   "Gemma3TextForSequenceClassification", "Phi3ForSequenceClassification")
+# Any other *ForSequenceClassification runs through AutoModelForSequenceClassification.
 _CLASSIFIER_RE = re.compile(r"^[A-Z]\w*ForSequenceClassification$")
 # Any other causal LM runs through the Transformers backend (models/registry.py).
 _CAUSAL_LM_RE = re.compile(r"^[A-Z]\w*(ForCausalLM|LMHeadModel)$")
@@ -62,7 +71,9 @@ def support(architecture: str) -> Support:
     if architecture in NATIVE_GENERATE:
         return Support(architecture, ("generate",), NATIVE)
     if architecture in POOLING_ENCODERS:
-        return Support(architecture, ("embed",), TRANSFORMERS)
+        return Support(architecture, ("embed",), NATIVE)
+    if architecture in NATIVE_CLASSIFY:
+        return Support(architecture, ("classify",), NATIVE)
     if _CLASSIFIER_RE.match(architecture):
         return Support(architecture, ("classify",), TRANSFORMERS)
     if _CAUSAL_LM_RE.match(architecture):
@@ -76,9 +87,11 @@ def supported_table() -> list[dict[str, str]]:
             for a in NATIVE_GENERATE]
     rows.append({"task": "generate", "architecture": "*ForCausalLM, *LMHeadModel (any other)",
                  "implementation": TRANSFORMERS})
-    rows += [{"task": "embed", "architecture": a, "implementation": TRANSFORMERS}
+    rows += [{"task": "embed", "architecture": a, "implementation": NATIVE}
              for a in POOLING_ENCODERS]
-    rows.append({"task": "classify", "architecture": "*ForSequenceClassification",
+    rows += [{"task": "classify", "architecture": a, "implementation": NATIVE}
+             for a in NATIVE_CLASSIFY]
+    rows.append({"task": "classify", "architecture": "*ForSequenceClassification (any other)",
                  "implementation": TRANSFORMERS})
     return rows
 

@@ -1,9 +1,9 @@
 """Models: nn.Modules, layers, weight loading and the pieces of a checkpoint the engine reads.
 
 Design: one concept per file. `loader` resolves where a model lives and which dtype it runs
-in; `pooling_config` reads how a checkpoint pools token states into an embedding
-(sentence-transformers files, else the architecture family's default);
-`transformers_encoder` runs any `transformers.AutoModel` checkpoint as a pooling model
-until a native implementation exists. Native models and the architecture registry land
-with the models issue. Models import tritonforge.kernels, never the engine.
+in; `registry` maps architectures to native decoders for generation, `pooling_registry` to
+native pooling models (bert, roberta, decoder_pooling) on packed batches; `pooling_config`
+and `classifier_config` read how a checkpoint pools token states and what its classifier
+logits mean; `transformers_encoder` / `transformers_classifier` run any other HF checkpoint
+as a pooling model. Models import tritonforge.kernels, never the engine.
 """

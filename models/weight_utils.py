@@ -246,8 +246,12 @@ def load_model(
     device: torch.device | str,
     model_impl: str = "auto",
     trust_remote_code: bool = False,
+    model_class: type | None = None,
 ) -> tuple[nn.Module, Any]:
     """Builds the registered model for a local checkpoint on `device`, loads every parameter.
+
+    model_class: the class to build (a pooling model the caller resolved); None resolves the
+    generation registry's class for the checkpoint's architecture under `model_impl`.
 
     Parameters are allocated uninitialised on the target device and overwritten by the
     checkpoint; a parameter the checkpoint does not provide is an error naming it.
@@ -260,7 +264,8 @@ def load_model(
     device = torch.device(device)
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, config, device)
-    model_class = resolve_model_class(resolve_architecture(config), model_impl)
+    if model_class is None:
+        model_class = resolve_model_class(resolve_architecture(config), model_impl)
     with torch.device(device):
         model = model_class(config, dtype)
     loaded = model.load_weights(iterate_weights(path, config))

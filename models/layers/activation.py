@@ -1,9 +1,11 @@
-"""Gated MLP activations as modules, over the fused [gate | up] projection output (Triton
-kernels on CUDA tensors, the PyTorch references otherwise; see kernels/dispatch.py)."""
+"""MLP activations as modules: gated ones over the fused [gate | up] projection output (Triton
+kernels on CUDA tensors, the PyTorch references otherwise; see kernels/dispatch.py), and the
+plain ones of encoder MLPs (BERT's erf GeLU), which PyTorch runs as one fused kernel."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tritonforge.kernels.activation import (
     gelu_and_mul,
@@ -48,3 +50,30 @@ def get_act_and_mul(hidden_act: str) -> nn.Module:
         supported = sorted([*_GATED, "gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast"])
         raise ValueError(f"hidden_act {hidden_act!r} is not supported; supported: {supported}")
     return _GATED[hidden_act]()
+
+
+class GeLU(nn.Module):
+    """[..., I] -> gelu(x) (BERT: approximate="none"; "gelu_new" checkpoints: "tanh")."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=self.approximate)
+
+
+_PLAIN = {
+    "gelu": lambda: GeLU("none"), "gelu_new": lambda: GeLU("tanh"),
+    "gelu_pytorch_tanh": lambda: GeLU("tanh"), "gelu_fast": lambda: GeLU("tanh"),
+    "relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU,
+}
+
+
+def get_act_fn(hidden_act: str) -> nn.Module:
+    """The plain (ungated) activation for a config's `hidden_act`; ValueError listing the
+    supported names."""
+    if hidden_act not in _PLAIN:
+        raise ValueError(f"hidden_act {hidden_act!r} is not supported; supported: "
+                         f"{sorted(_PLAIN)}")
+    return _PLAIN[hidden_act]()

