@@ -88,15 +88,15 @@ def _filler(i: int) -> str:
 
 
 def write_vocab(path: Path, vocab_size: int = BERT_VOCAB) -> None:
-    """A WordPiece vocab of `vocab_size` entries (specials, characters, filler words) for
-    hosts without MiniLM's real vocab.txt; the encoder's cost does not depend on which."""
+    """A WordPiece vocab of `vocab_size` entries (specials, characters, filler words): the
+    encoder's cost depends on the vocab's size, not its words."""
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-")
     words = [_filler(i) for i in range(vocab_size - len(SPECIALS) - 2 * len(chars))]
     tokens = SPECIALS + chars + ["##" + c for c in chars] + words
     path.write_text("\n".join(tokens[:vocab_size]) + "\n")
 
 
-def random_encoder(name: str, out_dir: Path, vocab_file: Path | None, seed: int = 0) -> Path:
+def random_encoder(name: str, out_dir: Path, seed: int = 0) -> Path:
     """`out_dir/<name>-random`: BertModel with random weights, tokenizer, ST files."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -115,10 +115,7 @@ def random_encoder(name: str, out_dir: Path, vocab_file: Path | None, seed: int 
             if param.dim() >= 2:
                 param.normal_(0.0, INIT_STD)
     model.save_pretrained(folder)
-    if vocab_file is not None and vocab_file.is_file():
-        shutil.copy(vocab_file, folder / "vocab.txt")
-    else:
-        write_vocab(folder / "vocab.txt")
+    write_vocab(folder / "vocab.txt")
     words = (folder / "vocab.txt").read_text().splitlines()
     # transformers 5 takes the vocabulary itself (`vocab`), not a file name.
     BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True,
@@ -170,8 +167,7 @@ def model_folder(name: str, cache: Path, minilm_dir: Path | None) -> tuple[Path,
             prepare_minilm(source, dest)
             (dest / ".source").write_text(str(source))
         return dest, note
-    vocab = source / "vocab.txt" if source is not None else None
-    folder = random_encoder(name, cache, vocab)
+    folder = random_encoder(name, cache)
     return folder, ("random weights" + (f"; {note}" if note else ""))
 
 

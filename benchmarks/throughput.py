@@ -474,13 +474,13 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'engine':<12} {'status':<8} {'output tok/s':>12} {'vs ours':>8} " \
+    header = f"{'engine':<24} {'status':<8} {'output tok/s':>12} {'vs ours':>8} " \
              f"{'wall s':>8} {'tokens':>9}  notes"
     lines = [header, "-" * len(header)]
     for r in rows:
         ratio = r.get("ratio_to_ours")
         lines.append(
-            f"{r['engine']:<12} {r['status']:<8} {_fmt(r['output_tok_s'], ',.1f'):>12} "
+            f"{r['engine']:<24} {r['status']:<8} {_fmt(r['output_tok_s'], ',.1f'):>12} "
             f"{_fmt(ratio, '.2f') + ('x' if ratio is not None else ''):>8} "
             f"{_fmt(r['wall_s'], '.2f'):>8} {r['output_tokens']:>9,}  {r['notes']}"
         )
