@@ -348,7 +348,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example:\n  python -m benchmarks embeddings --out e.json"
                                        "\n  python -m benchmarks embeddings --export-minilm "
-                                       ".devbundle/all-minilm-l6-v2")
+                                       "build/all-minilm-l6-v2")
     p.add_argument("--models", default="all-minilm-l6-v2,bert-base",
                    help=f"comma list of {', '.join(ENCODER_CONFIGS)}")
     p.add_argument("--out", type=Path, default=Path("results/embeddings.json"))

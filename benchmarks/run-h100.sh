@@ -5,7 +5,8 @@
 #
 # workloads: throughput (Qwen3-0.6B vs hf-static and hf-cb), throughput-8b (Llama-3.1-8B vs
 # hf-static), backend-vs-native (Llama-3.2-1B), serving (needs .devbundle and .whl carried),
-# embeddings (carry .devbundle/all-minilm-l6-v2 for MiniLM's real weights; without it MiniLM's
+# embeddings (carry build/all-minilm-l6-v2, MiniLM's real weights in float16, 45 MB, written by
+# `python -m benchmarks embeddings --export-minilm build/all-minilm-l6-v2`; without it MiniLM's
 # config runs with random weights and the JSON says so), kernels.
 # Each is bounded to finish within 8 minutes; JSON and the log land in $OUT (default
 # ./results-h100). The host has no network: everything comes from the repository copy.
@@ -44,7 +45,7 @@ case "$workload" in
       --max-seconds 25 --setup-timeout 240 --out "$out/serving-qwen3-0.6b-h100-$day.json" ;;
   embeddings)
     $limit $py -m benchmarks embeddings --models all-minilm-l6-v2,bert-base \
-      --minilm-dir .devbundle/all-minilm-l6-v2 --max-seconds 40 \
+      --minilm-dir build/all-minilm-l6-v2 --max-seconds 40 \
       --out "$out/embeddings-h100-$day.json" ;;
   kernels)
     $limit $py -m benchmarks kernels --out "$out/kernels-h100-$day.json" ;;
