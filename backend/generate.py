@@ -1,28 +1,37 @@
-"""The decoupled generate model: vllm_backend's tensor interface over the AsyncEngine.
+"""The generate ensemble's engine step: token ids in, vllm_backend's outputs streamed out.
 
-execute() only parses, validates, tokenizes and enqueues: a bad field fails that request
-alone with a message naming it; good ones become a `_Stream` and an engine request, and
-execute() returns None at once. The engine thread calls `_on_output` with every step's
-output (or one error); it builds the response and sends it from there: streaming sends
-one response per step (`text_output` is that step's text delta) with the FINAL flag on the
-last data response; non-streaming sends exactly one response holding the whole text.
+The ensemble NAME (what clients call) runs the CPU tokenizer step (generate_tokenizer.py:
+text or chat messages -> `input_ids`, validated sampling parameters) and then this
+decoupled step on the GPU. Incremental detokenization stays here, with the sequence state.
+
+execute() only reads the tensors and enqueues: a bad field fails that request alone with a
+message naming it; good ones become a `_Stream` and an engine request, and execute()
+returns None at once. The engine thread calls `_on_output` with every step's output (or one
+error); it builds the response and sends it from there: streaming sends one response per
+step (`text_output` is that step's text delta) with the FINAL flag on the last data
+response; non-streaming sends exactly one response holding the whole text.
 
 Cancellation: before sending, the callback asks the sender whether the client cancelled;
 a poller thread asks too, every POLL_INTERVAL, for every request the callback has not
 checked that recently (requests still queued, non-streaming ones). A cancelled request is
 aborted in the engine (its KV blocks are free before the next step) and its stream ends
 with a CANCELLED error. Each _Stream's lock makes "send, then maybe final" atomic against
-the poller, so a stream gets exactly one FINAL and nothing after it.
+the poller, so a stream gets exactly one FINAL and nothing after it. Triton's ensemble
+scheduler (core <= 2.51 at least) passes a client's cancellation to a step only when it
+schedules that step, so a stream cancelled after it reached this step is seen here only
+where Triton propagates it (calls to NAME_engine directly always are).
 
 vllm_backend behaviour kept (src/model.py, src/utils/request.py):
 - `exclude_input_in_output` defaults to false: a non-streaming response is prompt + text.
-  A stream never repeats the prompt, and asking for it (exclude_input_in_output=false with
-  stream=true) is an error, as there.
+  A stream never repeats the prompt (the tokenizer step refuses asking for it).
 - Extra outputs only when their `return_*` flag is true. Per streamed response:
   finish_reason is str(reason) ("None" until the last), cumulative_logprob the running
   total, logprobs and num_output_tokens cover that response's new tokens.
 - `sampling_parameters` JSON (or, when that input is absent, the request's own parameters)
   may give numbers and booleans as strings ("0.7", "true"), as vllm_backend converts them.
+
+The engine dying (repeated failed steps) makes this model unload itself where Triton runs
+with explicit model control, so NAME reports not ready; see `_on_engine_dead`.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from tritonforge.backend.engine_settings import load_settings
+from tritonforge.backend.generate_tokenizer import RETURN_OUTPUTS, check_prompt_ids, sampling_data
 from tritonforge.backend.metrics import GaugeValues, GenerateMetrics
 from tritonforge.backend.triton_io import (
     RequestError,
@@ -47,63 +58,15 @@ from tritonforge.backend.triton_io import (
     input_bool,
     instance_device,
     log_exception,
-    model_parameters,
     optional_bool,
     optional_text,
-    request_parameters,
-    resolve_model_path,
     text_tensor,
 )
-from tritonforge.engine import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
+from tritonforge.engine import AsyncEngine, RequestOutput, SamplingParams
 from tritonforge.engine.async_engine import EngineDeadError
-from tritonforge.engine.llm import render_chat
-from tritonforge.engine.tokenizer import load_tokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 POLL_INTERVAL = 0.05  # seconds between cancellation checks of a request
-RETURN_OUTPUTS = ("finish_reason", "cumulative_logprob", "logprobs", "num_input_tokens",
-                  "num_output_tokens")
-# Inputs that clients of the HTTP generate endpoint also put in `parameters`; they are
-# read from their tensors only, never as sampling parameters.
-_INPUT_NAMES = {"text_input", "messages", "stream", "exclude_input_in_output",
-                *(f"return_{name}" for name in RETURN_OUTPUTS)}
-
-# config.pbtxt `parameters` -> EngineConfig fields, by type. trust_remote_code is not
-# among them on purpose: a config file alone never enables it.
-_STR_PARAMS = ("model", "tokenizer", "dtype", "model_impl")
-_INT_PARAMS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-               "kv_cache_memory_bytes", "num_kv_blocks", "seed")
-_FLOAT_PARAMS = ("gpu_memory_utilization",)
-_BOOL_PARAMS = ("enable_prefix_caching", "enforce_eager")
-
-
-def engine_config(params: dict[str, str], device: str, model_dir: str | None) -> EngineConfig:
-    """The EngineConfig from config.pbtxt parameters; "" and "None" leave a default."""
-    values: dict[str, Any] = {}
-    for key, raw in params.items():
-        text = raw.strip()
-        if text in {"", "None", "none"}:
-            continue
-        try:
-            if key in _STR_PARAMS:
-                values[key] = text
-            elif key in _INT_PARAMS:
-                values[key] = int(text)
-            elif key in _FLOAT_PARAMS:
-                values[key] = float(text)
-            elif key in _BOOL_PARAMS:
-                if text.lower() not in {"true", "false"}:
-                    raise ValueError
-                values[key] = text.lower() == "true"
-        except ValueError:
-            raise ValueError(f"config.pbtxt parameter {key}={raw!r} is not a valid "
-                             f"{'integer' if key in _INT_PARAMS else 'value'}") from None
-    if "model" not in values:
-        raise ValueError("config.pbtxt must set parameter 'model' (a model folder or id)")
-    for key in ("model", "tokenizer"):
-        if key in values:
-            values[key] = resolve_model_path(values[key], model_dir)
-    return EngineConfig(device=device, **values)
 
 
 @dataclass(eq=False)
@@ -127,25 +90,24 @@ class _Stream:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        self.model_name = args["model_name"]
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
-            raise ValueError("the generate model must be decoupled: set "
+            raise ValueError("the generate engine step must be decoupled: set "
                              "model_transaction_policy { decoupled: true }")
-        config = engine_config(model_parameters(args), instance_device(args),
-                               args.get("model_repository"))
-        self.engine = AsyncEngine(config)
+        settings = load_settings(args)
+        self.model_name = args["model_name"]
+        self.public_name = settings.name
+        self.engine = AsyncEngine(settings.engine_config(instance_device(args)))
         self.max_model_len = self.engine.engine.max_model_len
-        # execute() tokenizes with its own tokenizer: the engine thread uses the engine's,
-        # and a Rust tokenizer must not be used from two threads at once.
-        resolved = self.engine.engine.config  # hub ids are local snapshots by now
-        self.tokenizer = load_tokenizer(resolved.tokenizer or resolved.model)
+        self.vocab_size = self.engine.engine.vocab_size
         self._ids = itertools.count()
         self._pending: dict[str, _Stream] = {}
+        # Labelled with the public name: dashboards and vllm_backend users query NAME.
         self.metrics = GenerateMetrics(
-            {"model": self.model_name, "version": str(args.get("model_version", ""))},
+            {"model": self.public_name, "version": str(args.get("model_version", ""))},
             self._gauge_values)
         self._stop = threading.Event()
+        self._unloading = False
         self._poller = threading.Thread(target=self._poll_cancelled, daemon=True,
                                         name="tritonforge-cancel-poller")
         self._poller.start()
@@ -156,6 +118,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 if not self.engine.healthy:
+                    self._on_engine_dead()
                     sender.send(error_response("the engine has stopped after repeated "
                                                "failures; reload the model", "UNAVAILABLE"),
                                 flags=FINAL)
@@ -174,13 +137,10 @@ class TritonPythonModel:
         return None
 
     def _parse(self, request: Any, sender: Any) -> tuple[_Stream, list[int], SamplingParams]:
-        text = optional_text(request, "text_input")
-        messages = optional_text(request, "messages")
-        if messages is not None and text:
-            raise RequestError("give exactly one of 'text_input' and 'messages', not both")
-        if messages is None and not text:
-            raise RequestError("input 'text_input' is required and must not be empty "
-                               "(or give 'messages', a JSON list of chat messages)")
+        ids = self._input_ids(request)
+        data = sampling_data(request)
+        check_prompt_ids(ids, "input_ids", data, self.max_model_len)
+        params = SamplingParams.from_dict(data)
         stream = input_bool(request, "stream", default=False)
         exclude = optional_bool(request, "exclude_input_in_output")
         if stream and exclude is False:
@@ -188,64 +148,26 @@ class TritonPythonModel:
                                "a stream sends only new text (send true or leave it out)")
         returns = frozenset(name for name in RETURN_OUTPUTS
                             if input_bool(request, f"return_{name}", default=False))
-        params = self._sampling_params(request)
-        if messages is not None:
-            field_name, prompt = "messages", self._render_chat(messages)
-            # The chat template already holds the special tokens (BOS, turn markers).
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            field_name, prompt = "text_input", text
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if not prompt_ids:
-            raise RequestError(f"input '{field_name}' tokenizes to no tokens")
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(
-                f"input '{field_name}' is too long: the prompt has {len(prompt_ids)} tokens "
-                f"and max_model_len is {self.max_model_len}, so it must have fewer tokens")
-        try:
-            params.max_tokens_for(len(prompt_ids), self.max_model_len)
-        except ValueError as err:
-            raise RequestError(f"sampling_parameters: {err}") from None
+        prompt = optional_text(request, "prompt") or ""
         state = _Stream(
             request_id=str(next(self._ids)), request=request, sender=sender, stream=stream,
             prompt=prompt, prepend=not stream and not exclude, returns=returns,
             num_logprobs=params.logprobs or 0, arrival=time.monotonic(),
         )
-        return state, list(prompt_ids), params
+        return state, ids, params
 
-    def _sampling_params(self, request: Any) -> SamplingParams:
-        raw = optional_text(request, "sampling_parameters")
-        if raw is not None:
-            source = "sampling_parameters"
-            try:
-                data = json.loads(raw) if raw.strip() else {}
-            except ValueError as err:
-                raise RequestError(f"sampling_parameters is not valid JSON: {err}") from None
-        else:
-            source = "request parameters"
-            data = {k: v for k, v in request_parameters(request).items()
-                    if k not in _INPUT_NAMES}
-        if not isinstance(data, dict):
-            raise RequestError(f"{source} must be a JSON object, got {type(data).__name__}")
-        try:
-            return SamplingParams.from_dict(data)
-        except ValueError as err:
-            raise RequestError(f"{source}: {err}") from None
-
-    def _render_chat(self, raw: str) -> str:
-        try:
-            conversation = json.loads(raw)
-        except ValueError as err:
-            raise RequestError(f"messages is not valid JSON: {err}") from None
-        if not (isinstance(conversation, list) and conversation and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) for m in conversation)):
-            raise RequestError('messages must be a non-empty JSON list of objects like '
-                               '{"role": "user", "content": "..."}')
-        try:
-            return render_chat(self.tokenizer, conversation, None, True, None)
-        except Exception as err:  # noqa: BLE001 - template errors are the request's
-            raise RequestError(f"messages could not be rendered with the model's chat "
-                               f"template: {err}") from None
+    def _input_ids(self, request: Any) -> list[int]:
+        tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if tensor is None:
+            raise RequestError("input 'input_ids' is required (INT64 or INT32 token ids)")
+        array = tensor.as_numpy()
+        if array.dtype not in (np.int64, np.int32):
+            raise RequestError(f"input 'input_ids' must be INT64 or INT32, got {array.dtype}")
+        ids = array.reshape(-1)
+        # An id outside the vocabulary would fail the whole engine step, not one request.
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise RequestError(f"input 'input_ids' holds ids outside [0, {self.vocab_size})")
+        return ids.tolist()
 
     # ---- the engine thread: outputs -> responses ----------------------------------------
     def _on_output(self, s: _Stream, output: RequestOutput | None,
@@ -357,6 +279,8 @@ class TritonPythonModel:
     # ---- background threads --------------------------------------------------------------
     def _poll_cancelled(self) -> None:
         while not self._stop.wait(POLL_INTERVAL):
+            if not self.engine.healthy:
+                self._on_engine_dead()
             now = time.monotonic()
             # list() of a dict view is one C call under the GIL: a consistent snapshot.
             for s in list(self._pending.values()):
@@ -371,6 +295,34 @@ class TritonPythonModel:
                     continue
                 if cancelled:
                     self._cancel(s)
+
+    def _on_engine_dead(self) -> None:
+        """The engine gave up after repeated failed steps: make Triton report the model not
+        ready instead of answering errors forever. This Python backend (Triton 2.51) has no
+        readiness hook for a model instance, so the model asks Triton to unload the public
+        ensemble with its steps; with explicit model control that works and NAME reports
+        not ready (load it again to recover). Other control modes refuse it: then every
+        request keeps failing at once with UNAVAILABLE, as execute() does."""
+        if self._unloading or self._stop.is_set():
+            return
+        self._unloading = True
+        pb_utils.Logger.log_error(f"{self.model_name}: the engine is dead; unloading "
+                                  f"{self.public_name} so it reports not ready")
+
+        def unload() -> None:
+            try:
+                pb_utils.unload_model(self.public_name, unload_dependents=True)
+            except Exception:  # noqa: BLE001 - only explicit model control allows it
+                log_exception(f"could not unload {self.public_name}; requests to it fail with "
+                              "UNAVAILABLE until it is reloaded")
+                if self.public_name != self.model_name:
+                    try:
+                        pb_utils.unload_model(self.model_name)
+                    except Exception:  # noqa: BLE001
+                        log_exception(f"could not unload {self.model_name} either")
+
+        # Unloading waits for this instance's finalize(): never from the poller or execute().
+        threading.Thread(target=unload, daemon=True, name="tritonforge-unload").start()
 
     def _gauge_values(self) -> GaugeValues:
         stats = self.engine.stats()

@@ -54,6 +54,32 @@ def decode_text(value: object, name: str) -> str:
         raise RequestError(f"input '{name}' is not valid UTF-8 (byte {err.start})") from None
 
 
+# A token is rarely longer than 16 bytes of UTF-8, so a text over this many bytes per
+# allowed token cannot fit the context; the floor keeps short contexts usable for chat.
+MAX_BYTES_PER_TOKEN = 64
+MIN_MAX_INPUT_BYTES = 1 << 16
+
+
+def max_input_bytes(max_model_len: int) -> int:
+    """The byte size above which a text cannot fit `max_model_len` tokens: refused before
+    it is decoded or tokenized, so a 10 MB text costs no tokenizer time."""
+    return max(MIN_MAX_INPUT_BYTES, MAX_BYTES_PER_TOKEN * max_model_len)
+
+
+def check_text_size(request: Any, name: str, max_bytes: int, max_model_len: int) -> None:
+    """Refuses a BYTES input whose strings hold more than `max_bytes` bytes in all."""
+    array = _tensor(request, name, required=False)
+    if array is None:
+        return
+    if array.dtype != np.object_:
+        raise RequestError(f"input '{name}' must be BYTES (UTF-8 text), got {array.dtype}")
+    size = sum(len(v) if isinstance(v, (bytes, str)) else 0 for v in array.reshape(-1))
+    if size > max_bytes:
+        raise RequestError(
+            f"input '{name}' is too long: {size} bytes; at most {max_bytes} bytes can fit "
+            f"max_model_len={max_model_len} tokens")
+
+
 def input_texts(request: Any, name: str) -> list[str]:
     """All strings of a BYTES input, flattened in order (a batched [b, 1] input gives b)."""
     array = _tensor(request, name, required=True)

@@ -36,15 +36,19 @@ PROMPTS = [
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def context(model_path: str, **overrides: Any) -> dict[str, Any]:
-    values = {
-        "model_path": model_path, "dtype": "float32", "max_model_len": MAX_MODEL_LEN,
-        "max_num_seqs": 16, "max_num_batched_tokens": None, "gpu_memory_utilization": 0.9,
-        "block_size": 16, "enable_prefix_caching": True, "instance_count": 1,
-        # The same tests run on the H100: there the instance takes the GPU path.
-        "instance_kind": "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU",
+def context(model_path: str, **engine: Any) -> dict[str, Any]:
+    """The generate template's context: the engine settings file's content."""
+    settings = {
+        "model": model_path, "dtype": "float32", "max_model_len": MAX_MODEL_LEN,
+        "max_num_seqs": 16, "gpu_memory_utilization": 0.9, "block_size": 16,
+        "enable_prefix_caching": True,
     }
-    return values | overrides
+    return {"settings": {
+        "task": "generate", "source": model_path, "instance_count": 1,
+        # The same tests run on the H100: there the engine step takes the GPU path.
+        "instance_kind": "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU",
+        "tokenizer_instance_count": 2, "engine": settings | engine,
+    }}
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +326,13 @@ def test_messages_are_rendered_with_the_chat_template(triton_server, model, llm)
 
 
 # ---- bad requests -------------------------------------------------------------------------
+def raw_tensor(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+TEN_MB = "x" * (10 << 20)
 BAD_REQUESTS = {
     "malformed JSON": (inputs("Hi", params='{"temperature": 0,'),
                        ["sampling_parameters", "JSON"]),
@@ -346,6 +357,17 @@ BAD_REQUESTS = {
     "messages malformed JSON": (inputs(messages="[{"), ["messages", "JSON"]),
     "prompt repeated in a stream": (inputs("Hi", stream=True, exclude_input_in_output=False),
                                     ["exclude_input_in_output", "stream"]),
+    "10 MB text": (inputs(TEN_MB), ["text_input", "bytes", "max_model_len"]),
+    "10 MB messages": (inputs(messages=[{"role": "user", "content": TEN_MB}]),
+                       ["messages", "bytes"]),
+    # Triton checks types and shapes against the ensemble's config before any step runs.
+    "text_input as INT32": ([raw_tensor("text_input", np.array([7], dtype=np.int32), "INT32")],
+                            ["text_input", "expects 'BYTES'"]),
+    "text_input of shape [2]": ([raw_tensor("text_input", np.array([b"a", b"b"],
+                                                                   dtype=np.object_), "BYTES")],
+                                ["text_input", "shape"]),
+    "stream as BYTES": (inputs("Hi") + [raw_tensor("stream", np.array([b"yes"], dtype=np.object_),
+                                                   "BYTES")], ["stream", "expects 'BOOL'"]),
 }
 
 
@@ -362,6 +384,11 @@ def test_bad_requests_fail_alone_naming_the_field(triton_server, model, llm):
             assert isinstance(error, InferenceServerException), f"{name}: no error"
             for fragment in BAD_REQUESTS[name][1]:
                 assert fragment in str(error), f"{name}: {fragment!r} not in {error}"
+    # A 10 MB text is refused by its size, before any tokenizer time is spent on it.
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException, match="text_input"):
+        grpc_generate(triton_server.grpc_url, model, inputs(TEN_MB))
+    assert time.monotonic() - started < 5
     # The server is healthy afterwards and the next request succeeds.
     assert "".join(texts(grpc_generate(triton_server.grpc_url, model,
                                        inputs(PROMPTS[1], stream=True, params=GREEDY)))) == good
@@ -395,11 +422,18 @@ def test_metrics_count_the_tokens_of_each_request(triton_server, model):
         "vllm:e2e_request_latency_seconds_sum", 0.0)
 
 
-def test_cancelling_20_of_40_streams_frees_the_kv_cache(triton_server, model, llm):
-    long_params = {"temperature": 0, "max_tokens": 450, "ignore_eos": True}
-    short_prompts = [f"Short request {i} about the sea" for i in range(20)]
-    refs = reference(llm, short_prompts, **GREEDY)
-    before = scrape(triton_server.metrics_url, model)
+def engine_inputs(llm: LLM, prompt: str, **kw: Any) -> list[grpcclient.InferInput]:
+    """A request for the engine step itself: token ids instead of text."""
+    ids = llm.get_tokenizer()(prompt)["input_ids"]
+    tensor = grpcclient.InferInput("input_ids", [len(ids)], "INT64")
+    tensor.set_data_from_numpy(np.array(ids, dtype=np.int64))
+    return [tensor, *inputs(**kw)]
+
+
+def cancel_20_long_streams_beside_20_short(triton_server, target: str, long_request,
+                                           short_prompts: list[str]) -> list[list[Any]]:
+    """Starts 20 long requests on `target`, runs the 20 short ones through MODEL while
+    their clients cancel the long ones; returns the short ones' responses."""
     started: queue.Queue = queue.Queue()
     doomed = []
     for i in range(20):
@@ -407,37 +441,72 @@ def test_cancelling_20_of_40_streams_frees_the_kv_cache(triton_server, model, ll
         client.start_stream(callback=lambda result, error: started.put(error or result))
         # Half stream; half do not (only the poller can see those cancelled). With
         # max_num_seqs=16 some of them are still queued when they are cancelled.
-        client.async_stream_infer(model, inputs(f"Long request {i}", stream=i % 2 == 0,
-                                                params=long_params),
+        client.async_stream_infer(target, long_request(i, stream=i % 2 == 0),
                                   enable_empty_final_response=True)
         doomed.append(client)
     assert not isinstance(started.get(timeout=60), Exception)  # generation is under way
     with ThreadPoolExecutor(20) as pool:
-        futures = [pool.submit(grpc_generate, triton_server.grpc_url, model,
+        futures = [pool.submit(grpc_generate, triton_server.grpc_url, MODEL,
                                inputs(p, stream=True, params=GREEDY)) for p in short_prompts]
         for client in doomed:
             client.stop_stream(cancel_requests=True)
             client.close()
-        results = [f.result() for f in futures]
+        return [f.result() for f in futures]
+
+
+def kv_idle(triton_server, model: str) -> dict[str, float] | None:
+    now = scrape(triton_server.metrics_url, model)
+    gauges = [now["vllm:kv_cache_usage_perc"], now["vllm:num_requests_running"],
+              now["vllm:num_requests_waiting"]]
+    return now if gauges == [0, 0, 0] else None
+
+
+LONG = {"temperature": 0, "max_tokens": 450, "ignore_eos": True}
+
+
+def test_cancelling_20_of_40_engine_streams_frees_the_kv_cache(triton_server, model, llm):
+    # Straight to the engine step: there Triton passes the client's cancellation on.
+    short_prompts = [f"Short request {i} about the sea" for i in range(20)]
+    refs = reference(llm, short_prompts, **GREEDY)
+    before = scrape(triton_server.metrics_url, model)
+    results = cancel_20_long_streams_beside_20_short(
+        triton_server, f"{model}_engine",
+        lambda i, stream: engine_inputs(llm, f"Long request {i}", stream=stream, params=LONG),
+        short_prompts)
     for result, ref in zip(results, refs):
         assert "".join(texts(result)) == ref.outputs[0].text
-
-    def idle() -> dict[str, float] | None:
-        now = scrape(triton_server.metrics_url, model)
-        gauges = [now["vllm:kv_cache_usage_perc"], now["vllm:num_requests_running"],
-                  now["vllm:num_requests_waiting"]]
-        return now if gauges == [0, 0, 0] else None
-
-    after = wait_for(idle, timeout=30)
+    after = wait_for(lambda: kv_idle(triton_server, model), timeout=30)
     assert after, "KV cache still in use after every stream ended"
     generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
     # Had the 20 long requests run on, they would have made 20 * 450 tokens.
-    assert generated < 20 * long_params["max_tokens"] / 4
+    assert generated < 20 * LONG["max_tokens"] / 4
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
     client.close()
     assert "".join(texts(grpc_generate(triton_server.grpc_url, model, inputs(
         short_prompts[0], stream=True, params=GREEDY)))) == refs[0].outputs[0].text
+
+
+def test_streams_cancelled_through_the_ensemble_end_and_free_the_kv_cache(
+        triton_server, model, llm):
+    """Triton 2.51's ensemble scheduler hands a client's cancellation to a step only when
+    it schedules that step (core PR #263), so a stream cancelled while the engine step runs
+    it is not seen there: it runs to max_tokens. What must hold anyway: the other requests
+    are unharmed, the cancelled ones end, every KV block comes back, the model stays ready."""
+    short_prompts = [f"Short request {i} about the sea" for i in range(20)]
+    refs = reference(llm, short_prompts, **GREEDY)
+    bounded = LONG | {"max_tokens": 60}
+    results = cancel_20_long_streams_beside_20_short(
+        triton_server, model,
+        lambda i, stream: inputs(f"Long request {i}", stream=stream, params=bounded),
+        short_prompts)
+    for result, ref in zip(results, refs):
+        assert "".join(texts(result)) == ref.outputs[0].text
+    assert wait_for(lambda: kv_idle(triton_server, model), timeout=120), \
+        "KV cache still in use after every stream ended"
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    assert client.is_model_ready(model) and client.is_model_ready(f"{model}_engine")
+    client.close()
 
 
 # ---- real weights -------------------------------------------------------------------------
@@ -499,3 +568,50 @@ def test_model_unloads_and_reloads_cleanly(triton_server, model):
                             inputs(PROMPTS[0], stream=True, params=GREEDY))
     assert is_final(results[-1])
 
+
+
+# ---- the engine dies: the model reports not ready -----------------------------------------
+FAULTY_SHIM = '''
+from tritonforge.backend.generate import TritonPythonModel as Engine
+
+
+class TritonPythonModel(Engine):
+    """The real engine step with a fault injected at the model's forward: every step fails."""
+
+    def initialize(self, args):
+        super().initialize(args)
+
+        def fault(module, inputs):
+            raise RuntimeError("injected fault in the model's forward")
+
+        self.engine.engine.model.register_forward_pre_hook(fault)
+'''
+
+
+def test_a_dead_engine_makes_the_model_not_ready_instead_of_hanging(triton_server, tiny_path):
+    name = "faulty_generate"
+    render_model("generate", triton_server.model_repository, name, context(tiny_path),
+                 force=True)
+    (triton_server.model_repository / f"{name}_engine" / "1" / "model.py").write_text(
+        FAULTY_SHIM)
+    triton_server.load_model(name)
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    try:
+        assert client.is_model_ready(name)
+        # Every step fails; after AsyncEngine.MAX_CONSECUTIVE_FAILURES the engine is dead.
+        for _ in range(3):
+            with pytest.raises(InferenceServerException, match="injected fault"):
+                grpc_generate(triton_server.grpc_url, name,
+                              inputs(PROMPTS[0], stream=True, params=GREEDY), timeout=60)
+        assert wait_for(lambda: not client.is_model_ready(name), timeout=60), \
+            "the model still reports ready with a dead engine"
+        assert not client.is_model_ready(f"{name}_engine")
+        # A request now fails at once (the model is gone), it does not hang.
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException):
+            grpc_generate(triton_server.grpc_url, name, inputs(PROMPTS[0], params=GREEDY),
+                          timeout=30)
+        assert time.monotonic() - started < 10
+    finally:
+        client.close()
+        triton_server.unload_model(name)
