@@ -102,7 +102,7 @@ def tensor(module: Any, name: str, value: Any, datatype: str, shape: list[int] |
     return t
 
 
-def generate_inputs(text: str | bytes | None, params: dict | str | None = None,
+def generate_inputs(text: str | bytes | None, params: dict | str | bytes | None = None,
                     stream: bool | None = True, module: Any = grpcclient) -> list[Any]:
     out = []
     if text is not None:
@@ -111,8 +111,9 @@ def generate_inputs(text: str | bytes | None, params: dict | str | None = None,
     if stream is not None:
         out.append(tensor(module, "stream", stream, "BOOL"))
     if params is not None:
-        raw = params if isinstance(params, str) else json.dumps(params)
-        out.append(tensor(module, "sampling_parameters", raw.encode(), "BYTES"))
+        raw = params if isinstance(params, str | bytes) else json.dumps(params)
+        out.append(tensor(module, "sampling_parameters",
+                          raw.encode() if isinstance(raw, str) else raw, "BYTES"))
     return out
 
 
@@ -228,6 +229,19 @@ def stub_pids(server: TritonServer, model: str) -> list[int]:
                                                                model):
             pids.append(int(entry.name))
     return sorted(pids)
+
+
+def server_pid(server: TritonServer) -> int:
+    """The tritonserver process serving `server`'s repository."""
+    flag = f"--model-repository={Path(server.model_repository).resolve()}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if flag in (entry / "cmdline").read_bytes().split(b"\0"):
+                    return int(entry.name)
+            except OSError:
+                continue
+    raise AssertionError(f"no tritonserver process serves {server.model_repository}")
 
 
 def rss_bytes(pid: int) -> int:
