@@ -118,7 +118,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:  # the norm's weight is per head dim: normalise each head alone
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb(positions, q, k, attn_metadata)
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 
 

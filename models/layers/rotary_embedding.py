@@ -8,6 +8,14 @@ difference: "dynamic" NTK in transformers rescales the base from the running seq
 length, which a per-position cache cannot; like vLLM we fix it at the length the scaling
 targets (max_position * factor), identical to transformers for sequences of that length.
 
+LongRoPE (Phi-3 "longrope", formerly "su") keeps two frequency sets, `short_factor` and
+`long_factor`; transformers picks the long set for a whole forward once its sequence is
+longer than original_max_position_embeddings. One cache holds both ([short rows | long
+rows]) and each token indexes the half its SEQUENCE calls for (seq_lens from the attention
+metadata), so a prompt's rotation never depends on the other prompts of its batch. Keys
+cached before a sequence crossed the threshold keep their short rotation, as in
+transformers' own cached generation.
+
 `get_rope` reads the rope dict as transformers 5 stores it (`config.rope_parameters`:
 "rope_type", "rope_theta", "factor", ...; the legacy "type" key is accepted too).
 """
@@ -21,8 +29,9 @@ import torch
 from torch import nn
 from tritonforge.kernels.dispatch import use_triton
 from tritonforge.kernels.rotary import rotary_embedding, rotary_embedding_ref
+from tritonforge.models.attention_metadata import AttentionMetadata
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "su")
 
 
 class RotaryEmbedding(nn.Module):
@@ -37,7 +46,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
+        attn_metadata: AttentionMetadata | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # positions: [N]; query: [N, Hq * D]; key: [N, Hkv * D]
         rotate = rotary_embedding if use_triton(query) else rotary_embedding_ref
@@ -46,6 +56,31 @@ class RotaryEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, "
                 f"max_positions={self.cos_sin_cache.shape[0]}, neox={self.is_neox_style}")
+
+
+class LongRopeRotaryEmbedding(RotaryEmbedding):
+    """LongRoPE: cache rows [0, P) rotate with the short factors, [P, 2P) with the long ones;
+    a token of a sequence longer than `original_max_position` reads the long half."""
+
+    def __init__(self, head_size: int, rotary_dim: int, cos_sin_cache: torch.Tensor,
+                 is_neox_style: bool, original_max_position: int) -> None:
+        super().__init__(head_size, rotary_dim, cos_sin_cache, is_neox_style)
+        self.max_position = cos_sin_cache.shape[0] // 2
+        self.original_max_position = original_max_position
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None,
+        attn_metadata: AttentionMetadata | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if attn_metadata is None:
+            raise ValueError("LongRoPE picks its frequencies per sequence: pass attn_metadata")
+        is_long = attn_metadata.seq_lens > self.original_max_position  # [B]
+        num_tokens = positions.shape[0]
+        if is_long.shape[0] != num_tokens:  # not one token per sequence: spread over queries
+            is_long = torch.repeat_interleave(is_long, attn_metadata.query_lens(),
+                                              output_size=num_tokens)
+        return super().forward(positions + is_long.to(positions.dtype) * self.max_position,
+                               query, key)
 
 
 def _inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
@@ -131,6 +166,32 @@ def rope_inv_freq(
     )
 
 
+def _longrope(head_size: int, rotary_dim: int, max_position: int, base: float,
+              scaling: dict[str, Any], original_max_position: int | None,
+              is_neox_style: bool) -> LongRopeRotaryEmbedding:
+    # As transformers' _compute_longrope_parameters: inv_freq = 1 / (ext * base^(2i/d)).
+    original = scaling.get("original_max_position_embeddings") or original_max_position
+    if original is None:
+        raise ValueError("rope_type 'longrope' needs original_max_position_embeddings")
+    factor = scaling.get("factor") or max_position / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (1.0 if factor <= 1.0
+                            else math.sqrt(1 + math.log(factor) / math.log(original)))
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    halves = []
+    for key in ("short_factor", "long_factor"):
+        ext = torch.tensor(scaling[key], dtype=torch.float32)
+        if ext.shape != exponent.shape:
+            raise ValueError(f"rope {key} must have rotary_dim / 2 = {exponent.shape[0]} "
+                             f"values, got {ext.shape[0]}")
+        inv_freq = 1.0 / (ext * base**exponent)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+        halves.append(torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention_factor)
+    return LongRopeRotaryEmbedding(head_size, rotary_dim, torch.cat(halves), is_neox_style,
+                                   original)
+
+
 def get_rope(
     head_size: int,
     rotary_dim: int,
@@ -138,10 +199,18 @@ def get_rope(
     base: float,
     rope_scaling: dict[str, Any] | None = None,
     is_neox_style: bool = True,
+    original_max_position: int | None = None,
 ) -> RotaryEmbedding:
-    """A RotaryEmbedding whose cache covers every position the scaling scheme targets."""
+    """A RotaryEmbedding whose cache covers every position the scaling scheme targets.
+
+    original_max_position: the pre-training length LongRoPE switches at, where the rope dict
+    does not carry it (older Phi-3 configs keep it on the config)."""
     if rotary_dim > head_size or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be even and <= head_size {head_size}, got {rotary_dim}")
+    scaling = rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) in ("longrope", "su"):
+        return _longrope(head_size, rotary_dim, max_position, base, scaling,
+                         original_max_position, is_neox_style)
     inv_freq, magnitude, num_positions = rope_inv_freq(rotary_dim, max_position, base, rope_scaling)
     freqs = torch.outer(torch.arange(num_positions, dtype=torch.float32), inv_freq.float())
     cache = torch.cat((freqs.cos() * magnitude, freqs.sin() * magnitude), dim=-1)
@@ -161,4 +230,4 @@ def get_rope_from_config(
     partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
     rotary_dim = int(head_size * (partial or 1.0))
     return get_rope(head_size, rotary_dim, config.max_position_embeddings, base, params,
-                    is_neox_style)
+                    is_neox_style, getattr(config, "original_max_position_embeddings", None))

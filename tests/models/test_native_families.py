@@ -15,6 +15,7 @@ from tritonforge.engine import LLM, SamplingParams
 from tritonforge.models.gemma2 import Gemma2ForCausalLM
 from tritonforge.models.gemma3 import Gemma3ForCausalLM
 from tritonforge.models.layers.attention import Attention
+from tritonforge.models.layers.rotary_embedding import LongRopeRotaryEmbedding
 from tritonforge.models.phi3 import Phi3ForCausalLM
 from tritonforge.models.registry import MODEL_REGISTRY
 from tritonforge.models.weight_utils import iterate_weights, load_model
@@ -105,14 +106,72 @@ def test_gemma3_local_layers_use_their_own_rope_base(tiny_model) -> None:
     assert not torch.equal(local.cos_sin_cache, full.cos_sin_cache)
 
 
-def test_phi3_longrope_is_refused_with_a_clear_error() -> None:
-    from tests.fixtures.tiny_models import TINY_ARCHITECTURES
+# LongRoPE: switch from the short to the long factors past 32 tokens (of 128 positions).
+LONGROPE = {
+    "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0,
+                        "original_max_position_embeddings": 32,
+                        "short_factor": [1.0 + 0.1 * i for i in range(16)],
+                        "long_factor": [2.0 + 0.5 * i for i in range(16)]},
+    "original_max_position_embeddings": 32, "max_position_embeddings": 128,
+}
 
-    config = TINY_ARCHITECTURES["Phi3ForCausalLM"]()
-    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0,
-                              "short_factor": [1.0] * 16, "long_factor": [2.0] * 16}
-    with pytest.raises(ValueError, match="'longrope'.*not supported"):
-        Phi3ForCausalLM(config, torch.float32)
+
+@pytest.fixture(scope="module")
+def longrope(tiny_model):
+    folder = tiny_model("Phi3ForCausalLM", config_overrides=LONGROPE)
+    ours, config = load_model(folder, torch.float32, "cpu", model_impl="native")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, ours, hf, config
+
+
+def test_phi3_longrope_logits_equal_transformers_below_and_above_the_switch(longrope) -> None:
+    _, ours, hf, config = longrope
+    assert isinstance(ours.model.rotary_emb, LongRopeRotaryEmbedding)
+    lens = [20, 32, 33, 60]  # 32 still short, 33 long
+    prompts = random_prompts(config, lens)
+    logits = run_prompts(ours, config, prompts)
+    for prompt, rows in zip(prompts, logits):
+        torch.testing.assert_close(rows, hf_logits(hf, prompt), atol=ATOL, rtol=0)
+    # The two factor sets really differ: the 33-token prompt's first 32 rows are not the
+    # 32-token prompt's rows for the same tokens.
+    (same_tokens,) = run_prompts(ours, config, [prompts[2][:32]])
+    assert (same_tokens - logits[2][:32]).abs().max() > 1e-2
+
+
+def test_phi3_longrope_picks_factors_per_sequence_not_per_batch(longrope) -> None:
+    _, ours, _, config = longrope
+    for alone, in_batch in alone_and_in_batch_logits(ours, config, [60, 20, 33, 5], seed=4):
+        torch.testing.assert_close(alone, in_batch, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def _hf_cached_greedy(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding through HF's model and KV cache, one token per forward."""
+    cache, ids, out = transformers.DynamicCache(config=hf.config), torch.tensor([prompt]), []
+    for _ in range(max_new_tokens):
+        step = hf(input_ids=ids, cache=cache, use_cache=True)
+        ids = step.logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(ids))
+    return out
+
+
+def test_phi3_longrope_generation_crossing_the_switch_equals_transformers(longrope) -> None:
+    # Prefill 20 tokens with the short factors, then decode past 32: from there each new
+    # token rotates with the long factors while cached keys keep theirs, as in HF's model
+    # with its cache. (HF's generate() instead re-prefills the whole sequence once at the
+    # switch, see Phi3ForCausalLM.prepare_inputs_for_generation; the engine does not, so
+    # only the tokens before the switch equal generate()'s.)
+    folder, _, hf, _ = longrope
+    llm = LLM(model=folder, device="cpu", dtype="float32", model_impl="native")
+    prompt = list(range(40, 60))
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    tokens = out[0].outputs[0].token_ids
+    assert tokens == _hf_cached_greedy(hf, prompt, 24)
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                           do_sample=False, min_new_tokens=24)[0, 20:].tolist()
+    assert tokens[:13] == want[:13]  # token 13 is the first read at position 32: long
 
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog. " * 3,
