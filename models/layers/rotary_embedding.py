@@ -171,8 +171,11 @@ def _longrope(head_size: int, rotary_dim: int, max_position: int, base: float,
               is_neox_style: bool) -> LongRopeRotaryEmbedding:
     # As transformers' _compute_longrope_parameters: inv_freq = 1 / (ext * base^(2i/d)).
     original = scaling.get("original_max_position_embeddings") or original_max_position
-    if original is None:
-        raise ValueError("rope_type 'longrope' needs original_max_position_embeddings")
+    missing = [k for k in ("short_factor", "long_factor") if k not in scaling]
+    if original is None or missing:
+        raise ValueError("rope_type 'longrope' needs short_factor, long_factor and "
+                         f"original_max_position_embeddings; missing: "
+                         f"{missing or ['original_max_position_embeddings']}")
     factor = scaling.get("factor") or max_position / original
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
