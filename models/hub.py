@@ -7,8 +7,12 @@
   called for it.
 - Otherwise a string shaped like a repo id ("org/name") is downloaded as a snapshot with
   `huggingface_hub.snapshot_download` (hub="hf": honours HF_HOME / HF_TOKEN /
-  HF_HUB_OFFLINE by itself and shows its own tqdm bars) or `modelscope.snapshot_download`
-  (hub="modelscope", imported lazily; `pip install 'tritonforge[modelscope]'`).
+  HF_HUB_OFFLINE by itself) or `modelscope.snapshot_download` (hub="modelscope", imported
+  lazily; `pip install 'tritonforge[modelscope]'`; honours MODELSCOPE_CACHE).
+- Downloads show progress bars (bytes and files, on stderr) unless `progress=False`: the
+  Hub's own bars (which HF_HUB_DISABLE_PROGRESS_BARS also turns off) or ModelScope's per-file
+  tqdm bars. modelscope has no switch for its bars, so `progress=False` silences the Hub's
+  only.
 - Anything else is a ValueError naming the path.
 
 Only what the engine reads is downloaded (ALLOW_PATTERNS): configs (*.json), safetensors,
@@ -110,14 +114,30 @@ def _hf_error_message(repo_id: str, revision: str | None, err: BaseException) ->
             f"({type(err).__name__}: {first_line})")
 
 
+def silent_tqdm() -> type:
+    """A tqdm class that never draws: the Hub aggregates every file's progress into bars of
+    the class it is given, so this one class silences a whole snapshot."""
+    from tqdm.auto import tqdm
+
+    class SilentTqdm(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return SilentTqdm
+
+
 def _hf_snapshot(repo_id: str, revision: str | None, download: bool,
-                 cache_dir: str | Path | None) -> Callable[[list[str]], Path]:
+                 cache_dir: str | Path | None, progress: bool) -> Callable[[list[str]], Path]:
     import huggingface_hub
+
+    # None: the Hub's own bars (bytes downloaded, files), on unless HF_HUB_DISABLE_PROGRESS_BARS.
+    tqdm_class = None if progress else silent_tqdm()
 
     def fetch(patterns: list[str]) -> Path:
         return Path(huggingface_hub.snapshot_download(
             repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS,
-            cache_dir=cache_dir, local_files_only=not download,
+            cache_dir=cache_dir, local_files_only=not download, tqdm_class=tqdm_class,
         ))
 
     return fetch
@@ -130,7 +150,8 @@ def _hf_list(repo_id: str, revision: str | None) -> list[str]:
 
 
 def _modelscope_snapshot(repo_id: str, revision: str | None, download: bool,
-                         cache_dir: str | Path | None) -> Callable[[list[str]], Path]:
+                         cache_dir: str | Path | None, progress: bool
+                         ) -> Callable[[list[str]], Path]:
     try:
         import modelscope
     except ImportError as err:
@@ -152,9 +173,9 @@ def _modelscope_snapshot(repo_id: str, revision: str | None, download: bool,
 
 
 def _download(repo_id: str, revision: str | None, hub: str, download: bool,
-              cache_dir: str | Path | None, trust_remote_code: bool) -> Path:
+              cache_dir: str | Path | None, trust_remote_code: bool, progress: bool) -> Path:
     make = _hf_snapshot if hub == "hf" else _modelscope_snapshot
-    fetch = make(repo_id, revision, download, cache_dir)
+    fetch = make(repo_id, revision, download, cache_dir, progress)
     base = ALLOW_PATTERNS + (REMOTE_CODE_PATTERNS if trust_remote_code else [])
     folder = fetch(base)
     if not _weight_files(folder)["safetensors"]:
@@ -179,13 +200,14 @@ def _download(repo_id: str, revision: str | None, hub: str, download: bool,
 
 def resolve_model(model: str | Path, revision: str | None = None, hub: str = "hf",
                   download: bool = True, cache_dir: str | Path | None = None,
-                  trust_remote_code: bool = False) -> Path:
+                  trust_remote_code: bool = False, progress: bool = True) -> Path:
     """The local path of `model`: as given when it exists, else a hub snapshot folder.
 
     revision: a branch, tag or commit (hub default branch when None); download=False uses
     the local cache only; cache_dir: None is the hub's own default (HF_HOME / MODELSCOPE_CACHE);
-    trust_remote_code additionally fetches the repo's *.py files. One-line ValueError when the
-    path does not exist and the id cannot be resolved.
+    trust_remote_code additionally fetches the repo's *.py files; progress=False hides the
+    Hugging Face download bars (quiet callers). One-line ValueError when the path does not
+    exist and the id cannot be resolved.
     """
     if hub not in HUBS:
         raise ValueError(f"hub must be one of {', '.join(HUBS)}; got {hub!r}")
@@ -202,7 +224,8 @@ def resolve_model(model: str | Path, revision: str | None = None, hub: str = "hf
     repo_id = str(model)
     if hub == "modelscope":
         try:
-            return _download(repo_id, revision, hub, download, cache_dir, trust_remote_code)
+            return _download(repo_id, revision, hub, download, cache_dir, trust_remote_code,
+                             progress)
         except ValueError:
             raise
         except Exception as err:  # modelscope raises assorted types; keep it one line
@@ -217,6 +240,7 @@ def resolve_model(model: str | Path, revision: str | None = None, hub: str = "hf
                hf_errors.OfflineModeIsEnabled, hf_errors.HFValidationError,
                *_connection_errors())
     try:
-        return _download(repo_id, revision, hub, download, cache_dir, trust_remote_code)
+        return _download(repo_id, revision, hub, download, cache_dir, trust_remote_code,
+                         progress)
     except handled as err:  # (HFValidationError is a ValueError; ours are not handled here)
         raise ValueError(_hf_error_message(repo_id, revision, err)) from err

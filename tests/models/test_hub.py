@@ -8,7 +8,9 @@ allow-pattern filter huggingface_hub uses, into a cache folder under tmp_path.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -228,3 +230,33 @@ def test_download_false_uses_cache_only(tiny_model, tmp_path, fake_hf):
     resolve_model("org/l", download=False)
     assert hub.calls[0]["local_files_only"] is True
     assert "*.safetensors" in ALLOW_PATTERNS and "*.py" not in hub.calls[0]["allow_patterns"]
+
+
+def test_downloads_show_the_hubs_progress_bars_unless_progress_is_false(
+    tiny_model, tmp_path, fake_hf, capsys
+):
+    hub = fake_hf({"org/tiny": _remote(tiny_model("LlamaForCausalLM"), tmp_path, "tiny")})
+    resolve_model("org/tiny")
+    assert hub.calls[-1]["tqdm_class"] is None  # the Hub's own bars
+    resolve_model("org/tiny", progress=False)
+    silent = hub.calls[-1]["tqdm_class"]
+    bar = silent(total=10, desc="Downloading")
+    bar.update(10)
+    bar.close()
+    assert bar.disable and "Downloading" not in capsys.readouterr().err
+
+
+def test_hf_home_is_the_cache_a_repo_id_resolves_from(tiny_model, tmp_path):
+    # The real huggingface_hub, offline, in a process whose HF_HOME points at a cache we
+    # laid out as the Hub does (the Hub reads HF_HOME once, at import).
+    home = tmp_path / "hf-home"
+    repo = home / "hub" / "models--org--cached"
+    shutil.copytree(tiny_model("LlamaForCausalLM"), repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    code = "from tritonforge.models.hub import resolve_model; print(resolve_model('org/cached'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert Path(out.stdout.strip()) == repo / "snapshots" / "0123abcd"
