@@ -28,6 +28,9 @@ NATIVE_GENERATE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
 # Encoders the pooling runner embeds natively (models/pooling_registry.py EMBEDDING_REGISTRY,
 # which also pools every NATIVE_GENERATE decoder by its last token).
 POOLING_ENCODERS = ("BertModel", "RobertaModel", "XLMRobertaModel")
+# Decoders saved as HF base models, embedded natively by their last token.
+NATIVE_EMBED_DECODERS = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model",
+                         "Gemma2Model", "Gemma3TextModel", "Phi3Model")
 # Sequence classifiers with a native head (CLASSIFIER_REGISTRY).
 NATIVE_CLASSIFY = ("BertForSequenceClassification", "RobertaForSequenceClassification",
                    "XLMRobertaForSequenceClassification", "LlamaForSequenceClassification",
@@ -70,7 +73,7 @@ def support(architecture: str) -> Support:
     """The Support of `architecture` (an unknown one supports no task)."""
     if architecture in NATIVE_GENERATE:
         return Support(architecture, ("generate",), NATIVE)
-    if architecture in POOLING_ENCODERS:
+    if architecture in POOLING_ENCODERS or architecture in NATIVE_EMBED_DECODERS:
         return Support(architecture, ("embed",), NATIVE)
     if architecture in NATIVE_CLASSIFY:
         return Support(architecture, ("classify",), NATIVE)
@@ -88,7 +91,7 @@ def supported_table() -> list[dict[str, str]]:
     rows.append({"task": "generate", "architecture": "*ForCausalLM, *LMHeadModel (any other)",
                  "implementation": TRANSFORMERS})
     rows += [{"task": "embed", "architecture": a, "implementation": NATIVE}
-             for a in POOLING_ENCODERS]
+             for a in (*POOLING_ENCODERS, *NATIVE_EMBED_DECODERS)]
     rows += [{"task": "classify", "architecture": a, "implementation": NATIVE}
              for a in NATIVE_CLASSIFY]
     rows.append({"task": "classify", "architecture": "*ForSequenceClassification (any other)",

@@ -41,6 +41,15 @@ EMBEDDING_REGISTRY: dict[str, type] = {
     "Gemma2ForCausalLM": dec.Gemma2EmbeddingModel,
     "Gemma3ForCausalLM": dec.Gemma3EmbeddingModel,
     "Phi3ForCausalLM": dec.Phi3EmbeddingModel,
+    # The same decoders saved as HF base models (sentence-transformers exports, e.g.
+    # e5-mistral's MistralModel): the checkpoint names lack the `model.` prefix.
+    "LlamaModel": dec.LlamaEmbeddingModel,
+    "MistralModel": dec.MistralEmbeddingModel,
+    "Qwen2Model": dec.Qwen2EmbeddingModel,
+    "Qwen3Model": dec.Qwen3EmbeddingModel,
+    "Gemma2Model": dec.Gemma2EmbeddingModel,
+    "Gemma3TextModel": dec.Gemma3EmbeddingModel,
+    "Phi3Model": dec.Phi3EmbeddingModel,
 }
 CLASSIFIER_REGISTRY: dict[str, type] = {
     "BertForSequenceClassification": BertForSequenceClassification,

