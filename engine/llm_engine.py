@@ -25,6 +25,7 @@ from tritonforge.engine.detokenizer import IncrementalDetokenizer
 from tritonforge.engine.model_runner import ModelRunner
 from tritonforge.engine.outputs import CompletionOutput, RequestOutput
 from tritonforge.engine.sampler import Sampler, SamplingMetadata, request_generator
+from tritonforge.engine.sampling_metadata import UniformSamplingMetadata, plain_temperature
 from tritonforge.engine.sampling_params import SamplingParams
 from tritonforge.engine.scheduler import Scheduler
 from tritonforge.engine.sequence import Sequence
@@ -45,6 +46,11 @@ class _Request:
     logprobs: list[dict[int, float]] | None
     cumulative_logprob: float = 0.0
     stream: bool = True  # report every step (and keep its text current) or only the end
+    # Per-request constants of the step loop, decided once in add_request:
+    lazy: bool = False  # not streamed and no stop strings: text decoded once at the end
+    plain_temperature: float | None = None  # sampling_metadata.plain_temperature(params)
+    stop_token_set: frozenset[int] = frozenset()  # ids that stop it (past min_tokens)
+    length_limit: int = 0  # num_tokens at which it finishes with "length"
     text: str = ""  # the output text so far (cut at a stop string when one matched)
     reported_text: int = 0  # characters already reported in text deltas
     reported_tokens: int = 0
@@ -94,6 +100,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
         self.sampler = Sampler(seed=config.seed, device=self.device)
+        self.uniform_metadata = UniformSamplingMetadata(self.device)
         self.eos_token_ids = eos_token_ids(config.model, self.tokenizer, self.hf_config)
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -152,6 +159,11 @@ class LLMEngine:
             generator=request_generator(params, self.device),
             logprobs=[] if params.logprobs is not None else None,
             stream=stream,
+            lazy=not stream and not params.stop,
+            plain_temperature=plain_temperature(params),
+            stop_token_set=frozenset(params.stop_token_ids) | (
+                frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)),
+            length_limit=min(self.max_model_len, len(token_ids) + max_tokens),
         )
         return request_id
 
@@ -192,10 +204,34 @@ class LLMEngine:
         if not seqs:
             return []
         requests = [self._requests[s.request_id] for s in seqs]
+        sampled = self.sampler(logits, self._sampling_metadata(requests, logits))
+        outputs = []
+        for request, token, logprob, top in zip(requests, sampled.token_ids,
+                                                sampled.sampled_logprobs, sampled.logprobs):
+            request.seq.append_token(token)
+            request.cumulative_logprob += logprob
+            if request.logprobs is not None:
+                request.logprobs.append(top or {})
+            if request.lazy:
+                output = self._process_token_lazily(request, token)
+            else:
+                output = self._process_token(request)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _sampling_metadata(self, requests: list[_Request], logits: torch.Tensor
+                           ) -> SamplingMetadata:
+        """The batch's sampling inputs: cached tensors when every row samples with the same
+        plain temperature (the common batch), else the general per-row build."""
+        temperatures = {r.plain_temperature for r in requests}
+        if len(temperatures) == 1 and None not in temperatures:
+            return self.uniform_metadata.build(len(requests), temperatures.pop(),
+                                               logits.shape[-1])
         # Token histories only for rows that read them (penalties, min_tokens): copying
         # every prompt every step would cost more than sampling.
         needs_ids = [r.params.has_penalties or r.params.min_tokens > 0 for r in requests]
-        metadata = SamplingMetadata.build(
+        return SamplingMetadata.build(
             [r.params for r in requests],
             [r.seq.prompt_token_ids if need else [] for r, need in zip(requests, needs_ids)],
             [r.seq.output_token_ids if need else [] for r, need in zip(requests, needs_ids)],
@@ -204,23 +240,9 @@ class LLMEngine:
             logits.shape[-1],
             logits.device,
         )
-        sampled = self.sampler(logits, metadata)
-        outputs = []
-        for i, request in enumerate(requests):
-            token = sampled.token_ids[i]
-            request.seq.append_token(token)
-            request.cumulative_logprob += sampled.sampled_logprobs[i]
-            if request.logprobs is not None:
-                request.logprobs.append(sampled.logprobs[i] or {})
-            output = self._process_token(request)
-            if output is not None:
-                outputs.append(output)
-        return outputs
 
     def _process_token(self, request: _Request) -> RequestOutput | None:
         seq, params = request.seq, request.params
-        if not request.stream and not params.stop:
-            return self._process_token_lazily(request)
         result = stop_checker.process_token(
             request.detokenizer, request.text, seq.output_token_ids, params,
             self.eos_token_ids, seq.num_tokens, self.max_model_len,
@@ -230,19 +252,23 @@ class LLMEngine:
             return self._output(request) if request.stream else None
         return self._finish(request, result.finish_reason, result.stop_reason)
 
-    def _process_token_lazily(self, request: _Request) -> RequestOutput | None:
+    def _process_token_lazily(self, request: _Request, token: int) -> RequestOutput | None:
         """Token-level stops only (no stop strings), text decoded once at the end: the
-        same text process_token would have built token by token."""
+        same text process_token would have built token by token. The checks are
+        stop_checker's is_stop_token and reaches_length with their per-request constants
+        folded in at add_request (`stop_token_set`, `length_limit`)."""
         seq, params = request.seq, request.params
-        token, num_output = seq.last_token_id, seq.num_output_tokens
-        detok = request.detokenizer
-        if stop_checker.is_stop_token(token, num_output, params, self.eos_token_ids):
+        num_tokens = len(seq.token_ids)
+        if (request.stop_token_set and token in request.stop_token_set
+                and num_tokens - seq.num_prompt_tokens >= params.min_tokens):
+            detok = request.detokenizer
             request.text = detok.push(seq.output_token_ids[:-1]) + detok.flush()
             if params.include_stop_str_in_output:
                 request.text += detok.push([token]) + detok.flush()
             reason = None if (not params.ignore_eos and token in self.eos_token_ids) else token
             return self._finish(request, "stop", reason)
-        if stop_checker.reaches_length(num_output, seq.num_tokens, params, self.max_model_len):
+        if num_tokens >= request.length_limit:
+            detok = request.detokenizer
             request.text = detok.push(seq.output_token_ids) + detok.flush()
             return self._finish(request, "length", None)
         return None

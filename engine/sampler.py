@@ -230,7 +230,10 @@ class Sampler:
         logprobs: list[dict[int, float] | None] = [None] * md.num_rows
         if md.logprob_rows is not None:
             self._fill_logprobs(raw, token_ids, sampled_lp, md, logprobs)
-        return SamplerOutput(token_ids.tolist(), logprobs, sampled_lp.tolist())
+        # One device->host transfer (one sync) for both: float64 holds every token id and
+        # every float32 logprob exactly.
+        ids, lps = torch.stack((token_ids.double(), sampled_lp.double())).tolist()
+        return SamplerOutput([int(t) for t in ids], logprobs, lps)
 
     def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         # logits: [R, V] penalized logits of the random rows -> [R] token ids

@@ -237,11 +237,14 @@ class Scheduler:
         returns the sequences whose last token was computed (they need a sampled token).
         Sequences finished or aborted since `schedule` are skipped."""
         sampled: list[Sequence] = []
+        block_size = self.block_manager.block_size
         for seq, num_new in output.scheduled:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.num_computed_tokens += num_new
-            self.block_manager.cache_full_blocks(seq)
+            # Most steps fill no block: skip the call (cache_full_blocks would find nothing).
+            if seq.num_computed_tokens // block_size > len(seq.block_hashes):
+                self.block_manager.cache_full_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 sampled.append(seq)
         return sampled
