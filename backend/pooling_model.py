@@ -1,5 +1,5 @@
-"""The shared Triton model of the pooling tasks (embed, classify): batched `text_input`
-(BYTES [b, 1]) in, one FP32 output tensor [b, ...] out.
+"""The engine step of the pooling ensembles (embed, classify): batched `text` (BYTES
+[b, 1], checked by the CPU step, pooling_tokenizer.py) in, one FP32 output [b, ...] out.
 
 Non-decoupled with dynamic batching: execute() runs all texts of all requests in one engine
 call and slices the result back per request. A request with a bad field (not UTF-8, too
@@ -14,30 +14,24 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from tritonforge.backend.engine_settings import load_settings
 from tritonforge.backend.triton_io import (
     RequestError,
     error_response,
     input_texts,
     instance_device,
-    model_parameters,
-    resolve_model_path,
 )
 from tritonforge.engine import LLM
+
+INPUT = "text"  # the CPU step's output; clients send `text_input` to the ensemble
 
 
 class PoolingTritonModel(ABC):
     OUTPUT: str = ""
 
     def initialize(self, args: dict[str, Any]) -> None:
-        params = model_parameters(args)
-        max_model_len = params.get("max_model_len", "")
-        self.llm = LLM(
-            model=resolve_model_path(params["model"], args.get("model_repository")),
-            runner="pooling",
-            dtype=params.get("dtype", "auto"),
-            max_model_len=int(max_model_len) if max_model_len not in {"", "None"} else None,
-            device=instance_device(args),
-        )
+        settings = load_settings(args)
+        self.llm = LLM(runner="pooling", device=instance_device(args), **settings.engine)
 
     @abstractmethod
     def run(self, texts: list[str]) -> np.ndarray:
@@ -53,9 +47,9 @@ class PoolingTritonModel(ABC):
         batch: list[tuple[int, list[str]]] = []
         for i, request in enumerate(requests):
             try:
-                batch.append((i, input_texts(request, "text_input")))
+                batch.append((i, input_texts(request, INPUT)))
             except RequestError as err:
-                responses[i] = error_response(err)
+                responses[i] = error_response(err, "INVALID_ARG")
         if not batch:
             return responses
         try:
@@ -67,7 +61,8 @@ class PoolingTritonModel(ABC):
                 try:
                     responses[i] = self._response(self.run(texts))
                 except ValueError as err:
-                    responses[i] = error_response(RequestError(f"text_input: {err}"))
+                    responses[i] = error_response(RequestError(f"text_input: {err}"),
+                                                  "INVALID_ARG")
             return responses
         start = 0
         for i, texts in batch:

@@ -1,18 +1,20 @@
-"""`build_model`: one model of a Triton repository, from a local folder or a hub id.
+"""`build_model`: one ensemble of a Triton repository, from a local folder or a hub id.
 
-Design: the task template (model_repo_templates/<task>) renders config.pbtxt (engine
-settings as its parameters) and the thin model.py shim; engine.json beside config.pbtxt
-repeats the same settings for humans; `--download` puts the serving files in
-<repo>/<name>/weights (Triton ignores non-numeric folders in a model folder).
+Design: the task template (model_repo_templates/<task>) renders three models: NAME, the
+ensemble clients call (its config.pbtxt and engine.json, the engine settings file),
+NAME_tokenizer (the CPU tokenizer step) and NAME_engine (the engine step); both steps'
+config.pbtxt point at ../NAME/engine.json, whose `engine` object holds the EngineConfig
+values and whose other keys record the build (read by people and `generator deploy`).
+`--download` puts the serving files in <repo>/<name>/weights (Triton ignores non-numeric
+folders in a model folder); engine paths are relative to the engine.json folder.
 
-Invariants: a model folder appears in the repository complete or not at all (everything is
+Invariants: the models appear in the repository complete or not at all (everything is
 staged in a hidden folder inside the repository and renamed into place last); an existing
 model is replaced only with `force`; all checks that need no download run before any.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -21,10 +23,16 @@ from typing import Any
 
 from tritonforge.generator import model_source
 from tritonforge.generator.architectures import TASKS, unsupported_reason
-from tritonforge.generator.demo import instance_kind
 from tritonforge.generator.errors import UserError
 from tritonforge.generator.model_info import DTYPES, ModelInfo, describe
-from tritonforge.generator.render import render_model, sanitize_model_name, validate_model_name
+from tritonforge.generator.render import (
+    existing_models,
+    move_models,
+    render_model,
+    sanitize_model_name,
+    step_names,
+    validate_ensemble_name,
+)
 
 from tritonforge import __version__
 
@@ -32,6 +40,7 @@ KINDS = ("auto", "gpu", "cpu")
 MODEL_IMPLS = ("auto", "native", "transformers")
 POOLING_BATCH = 64  # dynamic batching of embed / classify: max_batch_size
 POOLING_QUEUE_DELAY_US = 2000
+TOKENIZER_INSTANCES = 1  # CPU tokenizer step instances (its own stub processes)
 
 
 @dataclass
@@ -117,26 +126,24 @@ def build_model(opts: BuildOptions) -> BuildResult:
     if info.auto_map and not opts.trust_remote_code:
         raise UserError(f"{opts.model} asks for remote code (auto_map in config.json); "
                         "review it and pass --trust-remote-code")
-    name = validate_model_name(opts.name) if opts.name else _default_name(opts.model)
+    name = validate_ensemble_name(opts.name) if opts.name else _default_name(opts.model)
     repo = Path(opts.output).expanduser().resolve()
     if repo.exists() and not repo.is_dir():
         raise UserError(f"output {repo} exists and is not a folder")
+    models = list(step_names(name).values())
+    taken = existing_models(repo, models) if repo.is_dir() else []
+    if taken and not opts.force:
+        raise UserError(f"{taken[0]} exists and is not empty; pass --force to replace it")
     target = repo / name
-    if target.exists() and any(target.iterdir()) and not opts.force:
-        raise UserError(f"{target} exists and is not empty; pass --force to replace it")
-    settings = _settings(opts, ref, info, task, target)
+    settings = _settings(opts, ref, info, task)
     repo_created = not repo.exists()
     repo.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".build-{name}.", dir=repo))
     try:
-        folder = render_model(task, staging, name, _context(task, settings, ref))
+        folder = render_model(task, staging, name, {"settings": settings})
         if opts.download:
             model_source.download_weights(ref, folder / "weights")
-        (folder / "engine.json").write_text(json.dumps(settings, indent=2) + "\n",
-                                            encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        folder.rename(target)
+        move_models(staging, repo, models)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if repo_created and not any(repo.iterdir()):
@@ -144,6 +151,14 @@ def build_model(opts: BuildOptions) -> BuildResult:
         raise
     shutil.rmtree(staging, ignore_errors=True)
     return BuildResult(name, task, target, info, settings)
+
+
+def instance_kind(kind: str) -> str:
+    """'KIND_GPU' / 'KIND_CPU' for --kind gpu|cpu|auto (auto: a GPU when nvidia-smi exists;
+    the generator never imports torch to find out)."""
+    if kind == "auto":
+        kind = "gpu" if shutil.which("nvidia-smi") else "cpu"
+    return {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}[kind]
 
 
 def _default_name(model: str) -> str:
@@ -155,16 +170,13 @@ def _check_model_impl(model_impl: str, info: ModelInfo, task: str) -> None:
     if model_impl == "native" and info.implementation != "native":
         raise UserError(f"--model-impl native: {info.architecture} has no native implementation "
                         f"(it runs through {info.implementation}); use --model-impl auto")
-    if model_impl == "transformers" and task != "generate":
-        raise UserError("--model-impl transformers applies to --task generate; pooling "
-                        "models always run their Transformers implementation")
 
 
-def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo, task: str,
-              target: Path) -> dict[str, Any]:
-    """The engine settings: config.pbtxt parameters and engine.json hold the same values."""
+def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo,
+              task: str) -> dict[str, Any]:
+    """engine.json: the build record, and under `engine` the EngineConfig values."""
     if opts.download:
-        # The backend resolves a relative path against the model's folder, so the
+        # Relative to the engine.json folder (the backend resolves it there), so the
         # repository can move as a whole (air-gapped copies).
         model_path = "weights"
         if ref.is_local and ref.local_path is not None and ref.local_path.is_file():
@@ -187,39 +199,27 @@ def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo, t
         "max_model_len": opts.max_model_len,
         "instance_count": opts.instance_count,
         "instance_kind": instance_kind(opts.kind),
+        "tokenizer_instance_count": TOKENIZER_INSTANCES,
         "model_impl": opts.model_impl,
         "trust_remote_code": opts.trust_remote_code,
     }
+    engine: dict[str, Any] = {"model": model_path, "dtype": opts.dtype,
+                              "max_model_len": opts.max_model_len}
+    if not ref.is_local and not opts.download:
+        engine.update(hub=ref.hub, revision=opts.revision)
+    engine["model_impl"] = opts.model_impl
     if task == "generate":
         settings["gpu_memory_utilization"] = opts.gpu_memory_utilization
         settings["max_num_seqs"] = opts.max_num_seqs
+        engine.update(max_num_seqs=opts.max_num_seqs,
+                      gpu_memory_utilization=opts.gpu_memory_utilization)
     else:
         settings["max_batch_size"] = POOLING_BATCH
         settings["max_queue_delay_us"] = POOLING_QUEUE_DELAY_US
     if task == "classify":
         settings["labels"] = info.labels
+    settings["engine"] = engine
     return settings
-
-
-def _blank(value: object) -> str:
-    """Unset settings render as "" (the engine's default)."""
-    return "" if value is None else str(value)
-
-
-def _context(task: str, s: dict[str, Any], ref: model_source.ModelRef) -> dict[str, Any]:
-    common = {"model_path": s["model"], "dtype": s["dtype"],
-              "max_model_len": _blank(s["max_model_len"]),
-              "instance_count": s["instance_count"], "instance_kind": s["instance_kind"]}
-    if task == "generate":
-        return {**common, "max_num_seqs": _blank(s["max_num_seqs"]),
-                "gpu_memory_utilization": _blank(s["gpu_memory_utilization"]),
-                "max_num_batched_tokens": "", "block_size": "", "enable_prefix_caching": "",
-                "model_impl": s["model_impl"]}
-    pooling = {**common, "source": s["source"], "max_batch_size": s["max_batch_size"],
-               "max_queue_delay_us": s["max_queue_delay_us"]}
-    if task == "classify":
-        pooling.update(num_labels=len(s["labels"]), labels=s["labels"])
-    return pooling
 
 
 def settings_json(result: BuildResult) -> dict[str, Any]:

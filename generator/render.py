@@ -1,5 +1,9 @@
 """Renders Triton model folders from model_repo_templates/ with Jinja2.
 
+A template folder is one model (config.pbtxt.j2 and 1/model.py.j2 at its top, like echo)
+or an ensemble: subfolders `ensemble/` (the public model NAME, with its engine.json),
+`tokenizer/` (NAME_tokenizer) and `engine/` (NAME_engine), rendered together.
+
 Invariants: templates render with StrictUndefined (a missing value is an error, never an
 empty string); every value that reaches config.pbtxt passes through `pbtxt_string`, so a
 model config cannot inject text-format syntax; a model folder is rendered into a temp
@@ -10,6 +14,7 @@ nothing half-written; nothing is written outside the repository folder.
 from __future__ import annotations
 
 import importlib.resources
+import json
 import re
 import shutil
 import tempfile
@@ -27,23 +32,37 @@ if TYPE_CHECKING:
 
 # Triton names a model by its folder; we keep to a portable subset of that.
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# An ensemble template's parts: subfolder -> suffix of its model name (NAME + suffix).
+ENSEMBLE_PARTS = {"ensemble": "", "tokenizer": "_tokenizer", "engine": "_engine"}
+_LONGEST_SUFFIX = max(len(s) for s in ENSEMBLE_PARTS.values())
 
 
-def validate_model_name(name: str) -> str:
-    if not _MODEL_NAME_RE.match(name) or name in {".", ".."}:
+def validate_model_name(name: str, max_length: int = 128) -> str:
+    if (not _MODEL_NAME_RE.match(name) or name in {".", ".."}
+            or len(name) > max_length):
         raise UserError(
-            f"invalid model name {name!r}: use 1-128 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
+            f"invalid model name {name!r}: use 1-{max_length} letters, digits, '_', '.' or "
+            "'-', starting with a letter or digit"
         )
     return name
+
+
+def validate_ensemble_name(name: str) -> str:
+    """NAME and its steps' names (NAME_tokenizer, ...) must all be valid model names."""
+    return validate_model_name(name, 128 - _LONGEST_SUFFIX)
+
+
+def step_names(name: str) -> dict[str, str]:
+    """Ensemble part -> model name: {"ensemble": NAME, "tokenizer": NAME_tokenizer, ...}."""
+    return {part: name + suffix for part, suffix in ENSEMBLE_PARTS.items()}
 
 
 def sanitize_model_name(text: str) -> str:
     """A valid Triton model name derived from a model id or path (`org/Model-1.5B` ->
     `Model-1.5B`)."""
     base = text.rstrip("/").split("/")[-1]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).lstrip("._-")[:128]
-    return validate_model_name(name or "model")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).lstrip("._-")[: 128 - _LONGEST_SUFFIX]
+    return validate_ensemble_name(name or "model")
 
 
 def pbtxt_string(value: object) -> str:
@@ -76,6 +95,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["pbtxt_string"] = pbtxt_string
     env.filters["pbtxt_comment"] = pbtxt_comment
+    env.filters["json"] = lambda value: json.dumps(value, indent=2)
     return env
 
 
@@ -92,9 +112,20 @@ def template_names() -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
-def _template_files(template: str) -> list[str]:
-    """Relative paths of the `.j2` files of one template folder."""
-    root = _templates_root() / template
+def is_ensemble(template: str) -> bool:
+    return (_templates_root() / template / "ensemble").is_dir()
+
+
+def model_folders(template: str, name: str) -> dict[str, str]:
+    """Template subfolder ("" for a one-model template) -> the model name it renders."""
+    if is_ensemble(template):
+        return {f"{part}/": model for part, model in step_names(name).items()}
+    return {"": name}
+
+
+def _template_files(folder: str) -> list[str]:
+    """Relative paths of the `.j2` files under one template folder ("generate/engine")."""
+    root = _templates_root().joinpath(*folder.split("/"))
     found: list[str] = []
 
     def walk(node: Traversable, prefix: str) -> None:
@@ -109,6 +140,12 @@ def _template_files(template: str) -> list[str]:
     return sorted(found)
 
 
+def existing_models(repository: Path, names: list[str]) -> list[Path]:
+    """The non-empty folders among `names` in `repository`."""
+    return [repository / n for n in names
+            if (repository / n).exists() and any((repository / n).iterdir())]
+
+
 def render_model(
     template: str,
     repository: Path,
@@ -117,31 +154,46 @@ def render_model(
     *,
     force: bool = False,
 ) -> Path:
-    """Renders `template` as model `name` inside `repository`; returns the model folder.
+    """Renders `template` as model `name` (an ensemble: NAME and its steps) inside
+    `repository`; returns the public model's folder.
 
     An existing non-empty model folder is an error unless `force`, which replaces it whole.
     """
     if template not in template_names():
         raise UserError(f"unknown template {template!r}; allowed: {', '.join(template_names())}")
-    validate_model_name(name)
+    (validate_ensemble_name if is_ensemble(template) else validate_model_name)(name)
+    folders = model_folders(template, name)
     repository = Path(repository)
     repository.mkdir(parents=True, exist_ok=True)
-    target = repository / name
-    if target.exists() and any(target.iterdir()) and not force:
-        raise UserError(f"{target} exists and is not empty; pass --force to replace it")
+    taken = existing_models(repository, list(folders.values()))
+    if taken and not force:
+        raise UserError(f"{taken[0]} exists and is not empty; pass --force to replace it")
     env = _environment()
     values = {"version": __version__, "name": name, **context}
+    if is_ensemble(template):
+        values.update({f"{part}_name": model for part, model in step_names(name).items()})
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repository))
     try:
-        for rel in _template_files(template):
-            text = env.get_template(f"{template}/{rel}").render(values)
-            out = staging / rel[: -len(".j2")]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text, encoding="utf-8")
+        for sub, model in folders.items():
+            out_dir = staging / model
+            # Triton needs a version folder in every model, an ensemble's included.
+            (out_dir / "1").mkdir(parents=True)
+            for rel in _template_files(f"{template}/{sub}".rstrip("/")):
+                text = env.get_template(f"{template}/{sub}{rel}").render(values)
+                out = out_dir / rel[: -len(".j2")]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(text, encoding="utf-8")
+        move_models(staging, repository, list(folders.values()))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return repository / name
+
+
+def move_models(staging: Path, repository: Path, names: list[str]) -> None:
+    """Moves complete model folders from `staging` into `repository`, replacing any there.
+    Staging is a folder inside the repository, so each move is an atomic rename."""
+    for model in names:
+        target = repository / model
         if target.exists():
             shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+        (staging / model).rename(target)

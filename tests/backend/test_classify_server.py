@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import json
 import sys
 import types
 from pathlib import Path
@@ -21,19 +22,15 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 from tritonforge.generator.render import render_model
 
-# The context tests/generator/test_render.py renders the classify template with.
-CLASSIFY_CONTEXT = {
-    "source": "org/classifier",
-    "model_path": "/models/classifier",
-    "dtype": "auto",
-    "max_model_len": "",
-    "max_batch_size": 16,
-    "max_queue_delay_us": 1000,
-    "instance_count": 2,
-    "instance_kind": "KIND_CPU",
-    "num_labels": 3,
-    "labels": ["negative", "neutral", "positive"],
-}
+
+def classify_context(model: str = "/models/classifier", labels: tuple[str, ...] = (
+        "negative", "neutral", "positive"), **engine: object) -> dict:
+    """The classify ensemble's template context (engine.json's `engine`: EngineConfig)."""
+    return {"settings": {
+        "source": model, "task": "classify", "max_batch_size": 16, "max_queue_delay_us": 1000,
+        "instance_count": 2, "instance_kind": "KIND_CPU", "tokenizer_instance_count": 1,
+        "labels": list(labels), "engine": {"model": model, "dtype": "auto"} | engine,
+    }}
 
 TEXTS = [
     "A wonderful, delightful film.",
@@ -52,28 +49,31 @@ def _parse(folder: Path) -> model_config_pb2.ModelConfig:
 
 # --- rendering (fast) ---------------------------------------------------------------------------
 def test_config_has_batched_text_in_and_labelled_probabilities_out(tmp_path):
-    folder = render_model("classify", tmp_path, "c", CLASSIFY_CONTEXT)
+    folder = render_model("classify", tmp_path, "c", classify_context())
     config = _parse(folder)
-    assert config.backend == "python" and config.max_batch_size == 16
-    assert config.HasField("dynamic_batching")
+    assert config.platform == "ensemble" and config.max_batch_size == 16
+    assert [s.model_name for s in config.ensemble_scheduling.step] == ["c_tokenizer", "c_engine"]
     [text_in] = config.input
     assert (text_in.name, text_in.data_type, list(text_in.dims)) == (
         "text_input", model_config_pb2.TYPE_STRING, [1])
     [probs] = config.output
     assert (probs.name, probs.data_type, list(probs.dims), probs.label_filename) == (
         "probabilities", model_config_pb2.TYPE_FP32, [3], "labels.txt")
-    assert config.instance_group[0].count == 2
-    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
-    assert config.parameters["model"].string_value == "/models/classifier"
-    assert config.parameters["max_model_len"].string_value == ""
+    engine = _parse(tmp_path / "c_engine")
+    assert engine.backend == "python" and engine.HasField("dynamic_batching")
+    assert list(engine.output[0].dims) == [3] and engine.max_batch_size == 16
+    assert engine.instance_group[0].count == 2
+    assert engine.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert engine.parameters["engine_settings"].string_value == "../c/engine.json"
+    assert json.loads((folder / "engine.json").read_text())["engine"]["model"] == (
+        "/models/classifier")
     assert (folder / "labels.txt").read_text() == "negative\nneutral\npositive\n"
-    assert "tritonforge.backend.classify" in (folder / "1" / "model.py").read_text()
+    assert "tritonforge.backend.classify" in (tmp_path / "c_engine" / "1" / "model.py").read_text()
 
 
 def test_a_label_with_newlines_stays_on_its_own_line(tmp_path):
     labels = ["neg\native", "neu\r\ntral", "pos\x00itive", 'quo"te\\']
-    folder = render_model("classify", tmp_path, "c",
-                          {**CLASSIFY_CONTEXT, "num_labels": 4, "labels": labels})
+    folder = render_model("classify", tmp_path, "c", classify_context(labels=tuple(labels)))
     lines = (folder / "labels.txt").read_text().split("\n")
     assert lines[-1] == "" and len(lines[:-1]) == 4  # exactly one line per label
     assert lines[:-1] == ["neg ative", "neu tral", "pos itive", 'quo"te\\']
@@ -81,12 +81,14 @@ def test_a_label_with_newlines_stays_on_its_own_line(tmp_path):
 
 def test_injected_values_stay_string_values(tmp_path):
     evil = '/m"\n} } ] instance_group [ { count: 99 kind: KIND_GPU } ] parameters [ { key: "x'
-    folder = render_model("classify", tmp_path, "c", {
-        **CLASSIFY_CONTEXT, "model_path": evil, "dtype": evil, "max_model_len": evil})
-    config = _parse(folder)
-    assert config.parameters["model"].string_value == evil
-    assert config.parameters["max_model_len"].string_value == evil
-    assert len(config.instance_group) == 1 and config.instance_group[0].count == 2
+    folder = render_model("classify", tmp_path, "c", classify_context(
+        model=evil, labels=("a", evil), dtype=evil))
+    for model in ("c", "c_tokenizer", "c_engine"):
+        config = _parse(tmp_path / model)  # parses: nothing broke out of its string
+        assert config.name == model
+    assert len(_parse(tmp_path / "c_engine").instance_group) == 1
+    engine = json.loads((folder / "engine.json").read_text())["engine"]
+    assert engine["model"] == engine["dtype"] == evil
 
 
 # --- multi-instance devices (fast; a fake pb_utils, since the real one lives in the stub) ------
@@ -150,10 +152,8 @@ def labels(llm) -> list[str]:
 @pytest.fixture(scope="module")
 def classify_model(triton_server, classifier_dir, labels) -> str:
     name = "tiny_classifier"
-    render_model("classify", triton_server.model_repository, name, {
-        **CLASSIFY_CONTEXT, "source": str(classifier_dir), "model_path": str(classifier_dir),
-        "max_model_len": MAX_MODEL_LEN, "num_labels": len(labels), "labels": labels,
-    }, force=True)
+    render_model("classify", triton_server.model_repository, name, classify_context(
+        str(classifier_dir), tuple(labels), max_model_len=MAX_MODEL_LEN), force=True)
     triton_server.load_model(name)
     return name
 

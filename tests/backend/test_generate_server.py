@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -485,6 +486,23 @@ def test_cancelling_20_of_40_engine_streams_frees_the_kv_cache(triton_server, mo
     client.close()
     assert "".join(texts(grpc_generate(triton_server.grpc_url, model, inputs(
         short_prompts[0], stream=True, params=GREEDY)))) == refs[0].outputs[0].text
+
+
+def test_the_engine_step_refuses_ids_it_cannot_run(triton_server, model, llm, tiny_path):
+    """Direct callers of NAME_engine skip the tokenizer step's checks; an id outside the
+    vocabulary would fail a whole engine step (every request in it), so it fails alone."""
+    vocab = json.loads((Path(tiny_path) / "config.json").read_text())["vocab_size"]
+    bad_ids = grpcclient.InferInput("input_ids", [2], "INT64")
+    bad_ids.set_data_from_numpy(np.array([1, vocab + 10_000], dtype=np.int64))
+    empty = grpcclient.InferInput("input_ids", [0], "INT64")
+    empty.set_data_from_numpy(np.zeros([0], dtype=np.int64))
+    for request, fragment in [([bad_ids], "outside [0, "), ([empty], "no tokens")]:
+        with pytest.raises(InferenceServerException, match="input_ids") as info:
+            grpc_generate(triton_server.grpc_url, f"{model}_engine", request)
+        assert fragment in str(info.value)
+    results = grpc_generate(triton_server.grpc_url, f"{model}_engine",
+                            engine_inputs(llm, PROMPTS[0], stream=True, params=GREEDY))
+    assert "".join(texts(results)) == reference(llm, [PROMPTS[0]], **GREEDY)[0].outputs[0].text
 
 
 def test_streams_cancelled_through_the_ensemble_end_and_free_the_kv_cache(

@@ -33,7 +33,8 @@ PUBLIC_OUTPUTS = {"generate": "text_output", "embed": "embedding", "classify": "
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
-    return {task: tiny_model(arch, **kw) for task, (arch, kw) in TINY.items()}
+    built = {task: tiny_model(arch, **kw) for task, (arch, kw) in TINY.items()}
+    return built | {"neox": tiny_model("GPTNeoXForCausalLM")}
 
 
 def generator(*argv: object) -> int:
@@ -49,6 +50,11 @@ def parameters(config: model_config_pb2.ModelConfig) -> dict[str, str]:
     return {key: value.string_value for key, value in config.parameters.items()}
 
 
+def engine_settings(repo: Path, name: str) -> dict:
+    """<name>/engine.json, the ensemble's engine settings file."""
+    return json.loads((repo / name / "engine.json").read_text())
+
+
 def snapshot(folder: Path) -> list[str]:
     """Every path under `folder` (hidden staging folders included)."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
@@ -56,39 +62,47 @@ def snapshot(folder: Path) -> list[str]:
 
 # ---- builds from local folders -----------------------------------------------------------------
 @pytest.mark.parametrize("task", list(TINY))
-def test_build_detects_the_task_and_renders_a_config_triton_parses(tmp_path, tiny, task):
+def test_build_detects_the_task_and_renders_an_ensemble_triton_parses(tmp_path, tiny, task):
     repo = tmp_path / "repo"
     assert generator("build", tiny[task], "-o", repo, "--name", "m", "--kind", "cpu") == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["m", "m_engine", "m_tokenizer"]
     config = parse_config(repo / "m")
-    assert config.name == "m" and config.backend == "python"
+    assert config.name == "m" and config.platform == "ensemble"
+    assert [s.model_name for s in config.ensemble_scheduling.step] == ["m_tokenizer", "m_engine"]
     assert PUBLIC_OUTPUTS[task] in [o.name for o in config.output]
     assert "text_input" in [i.name for i in config.input]
-    assert config.model_transaction_policy.decoupled == (task == "generate")
-    params = parameters(config)
-    assert params["model"] == str(tiny[task].resolve())
-    engine = json.loads((repo / "m" / "engine.json").read_text())
-    assert engine["task"] == task and engine["model"] == params["model"]
-    assert engine["dtype"] == params["dtype"] == "auto"
-    assert "from tritonforge.backend." in (repo / "m" / "1" / "model.py").read_text()
+    engine_step = parse_config(repo / "m_engine")
+    assert engine_step.model_transaction_policy.decoupled == (task == "generate")
+    tokenizer_step = parse_config(repo / "m_tokenizer")
+    assert tokenizer_step.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    for step in (engine_step, tokenizer_step):
+        assert step.backend == "python"
+        assert parameters(step) == {"engine_settings": "../m/engine.json"}
+    settings = engine_settings(repo, "m")
+    assert settings["task"] == task and settings["name"] == "m"
+    assert settings["engine"]["model"] == settings["model"] == str(tiny[task].resolve())
+    assert settings["engine"]["dtype"] == "auto"
+    for step in ("m_engine", "m_tokenizer"):
+        assert "from tritonforge.backend." in (repo / step / "1" / "model.py").read_text()
     # no hidden staging folder left behind
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]
 
 
-def test_build_writes_engine_settings_into_config_and_engine_json(tmp_path, tiny):
+def test_build_writes_the_engine_settings_into_engine_json(tmp_path, tiny):
     repo = tmp_path / "repo"
     assert generator("build", tiny["generate"], "-o", repo, "--task", "generate",
                      "--name", "llama", "--dtype", "float32", "--max-model-len", 256,
                      "--gpu-memory-utilization", 0.5, "--max-num-seqs", 8,
                      "--instance-count", 2, "--kind", "gpu") == 0
-    config = parse_config(repo / "llama")
-    params = parameters(config)
-    engine = json.loads((repo / "llama" / "engine.json").read_text())
-    assert params["max_model_len"] == "256" == str(engine["max_model_len"])
-    assert params["gpu_memory_utilization"] == "0.5" == str(engine["gpu_memory_utilization"])
-    assert params["max_num_seqs"] == "8" == str(engine["max_num_seqs"])
-    assert params["dtype"] == "float32" == engine["dtype"]
-    group = config.instance_group[0]
+    engine = engine_settings(repo, "llama")["engine"]
+    assert engine == {"model": str(tiny["generate"].resolve()), "dtype": "float32",
+                      "max_model_len": 256, "model_impl": "auto", "max_num_seqs": 8,
+                      "gpu_memory_utilization": 0.5}
+    group = parse_config(repo / "llama_engine").instance_group[0]
     assert group.count == 2 and group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    # The tokenizer step stays on the CPU whatever the engine's kind.
+    assert parse_config(repo / "llama_tokenizer").instance_group[0].kind == (
+        model_config_pb2.ModelInstanceGroup.KIND_CPU)
 
 
 def test_classify_writes_id2label_as_the_label_file(tmp_path, tiny):
@@ -99,6 +113,7 @@ def test_classify_writes_id2label_as_the_label_file(tmp_path, tiny):
     config = parse_config(repo / "c")
     assert list(config.output[0].dims) == [len(labels)]
     assert config.output[0].label_filename == "labels.txt"
+    assert list(parse_config(repo / "c_engine").output[0].dims) == [len(labels)]
     assert (repo / "c" / "labels.txt").read_text().splitlines() == labels
 
 
@@ -106,23 +121,24 @@ def test_embed_example_builds_with_its_default_name(tmp_path):
     example = fetch_example("embed", progress=False)
     repo = tmp_path / "repo"
     assert generator("build", example, "-o", repo, "--kind", "cpu") == 0
-    (model,) = [p for p in repo.iterdir()]
-    assert model.name == "embed" and parse_config(model).max_batch_size > 0
+    assert sorted(p.name for p in repo.iterdir()) == ["embed", "embed_engine", "embed_tokenizer"]
+    assert parse_config(repo / "embed").max_batch_size > 0
 
 
 def test_two_builds_add_models_and_force_replaces_one(tmp_path, tiny, capsys):
     repo = tmp_path / "repo"
     assert generator("build", tiny["embed"], "-o", repo, "--name", "a", "--kind", "cpu") == 0
     assert generator("build", tiny["generate"], "-o", repo, "--name", "b", "--kind", "cpu") == 0
-    assert sorted(p.name for p in repo.iterdir()) == ["a", "b"]
-    before = (repo / "a" / "config.pbtxt").read_text()
+    models = ["a", "a_engine", "a_tokenizer", "b", "b_engine", "b_tokenizer"]
+    assert sorted(p.name for p in repo.iterdir()) == models
+    before = {m: (repo / m / "config.pbtxt").read_text() for m in models}
     assert generator("build", tiny["classify"], "-o", repo, "--name", "a", "--kind", "cpu") == 1
     assert "--force" in capsys.readouterr().err
-    assert (repo / "a" / "config.pbtxt").read_text() == before
+    assert {m: (repo / m / "config.pbtxt").read_text() for m in models} == before
     assert generator("build", tiny["classify"], "-o", repo, "--name", "a", "--kind", "cpu",
                      "--force") == 0
     assert parse_config(repo / "a").output[0].name == "probabilities"
-    assert sorted(p.name for p in repo.iterdir()) == ["a", "b"]
+    assert sorted(p.name for p in repo.iterdir()) == models
 
 
 def test_download_copies_a_local_model_into_the_repository(tmp_path, tiny):
@@ -131,8 +147,8 @@ def test_download_copies_a_local_model_into_the_repository(tmp_path, tiny):
                      "--download") == 0
     weights = repo / "g" / "weights"
     assert (weights / "config.json").is_file() and list(weights.glob("*.safetensors"))
-    # generate resolves a relative path against its model folder: the repository can move.
-    assert parameters(parse_config(repo / "g"))["model"] == "weights"
+    # Relative to engine.json's folder (the backend resolves it): the repository can move.
+    assert engine_settings(repo, "g")["engine"]["model"] == "weights"
 
 
 def test_the_generator_imports_no_torch_while_building(tmp_path, tiny):
@@ -158,7 +174,12 @@ def test_rendered_files_match_the_golden_files(tmp_path, tiny, task):
     repo = tmp_path / "repo"
     assert generator("build", tiny[task], "-o", repo, "--name", f"golden_{task}",
                      "--kind", "cpu", "--max-model-len", 128) == 0
-    files = normalized_files(repo / f"golden_{task}", tiny[task])
+    # The whole repository: the ensemble and both step folders.
+    files = normalized_files(repo, tiny[task])
+    assert sorted({rel.split("/")[0] for rel in files}) == [
+        f"golden_{task}", f"golden_{task}_engine", f"golden_{task}_tokenizer"]
+    for model in (f"golden_{task}", f"golden_{task}_engine", f"golden_{task}_tokenizer"):
+        parse_config(repo / model)  # every rendered config.pbtxt is a ModelConfig
     golden = GOLDEN / task
     if UPDATE_GOLDEN:
         shutil.rmtree(golden, ignore_errors=True)
@@ -195,9 +216,8 @@ BAD_INPUTS = {
                                           "--gpu-memory-utilization", "0.5"], "conflicts"),
     "generate flag on embed": (lambda t, e: [t["embed"], "--max-num-seqs", "4"], "generate only"),
     "bad name": (lambda t, e: [t["embed"], "--name", "../escape"], "invalid model name"),
-    "native pooling": (lambda t, e: [t["embed"], "--model-impl", "native"], "no native"),
-    "transformers impl for pooling": (
-        lambda t, e: [t["embed"], "--model-impl", "transformers"], "applies to --task generate"),
+    "native for a Transformers-backend decoder": (
+        lambda t, e: [t["neox"], "--model-impl", "native"], "no native"),
     "zero instances": (lambda t, e: [t["embed"], "--instance-count", "0"], ">= 1"),
     "unknown hub id": (lambda t, e: ["nobody/nothing"], "unknown model id"),
     "no network": (lambda t, e: ["org/model"], "no network"),
@@ -231,6 +251,14 @@ def test_a_decoder_without_native_code_builds_for_the_transformers_backend(tmp_p
     assert engine["task"] == "generate" and engine["implementation"] == "transformers"
 
 
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_model_impl_reaches_the_pooling_engine_settings(tmp_path, tiny, impl):
+    repo = tmp_path / "r"
+    assert generator("build", tiny["embed"], "-o", repo, "--name", "e", "--kind", "cpu",
+                     "--model-impl", impl) == 0
+    assert engine_settings(repo, "e")["engine"]["model_impl"] == impl
+
+
 def test_an_architecture_no_task_supports_is_one_line(tmp_path, capsys):
     model = tmp_path / "t5"
     model.mkdir()
@@ -248,6 +276,16 @@ def test_an_existing_model_is_not_touched_without_force(tmp_path, tiny, capsys):
     assert generator("build", tiny["embed"], "-o", repo, "--name", "m") == 1
     assert "--force" in capsys.readouterr().err
     assert snapshot(repo) == ["m", "m/keep.txt"]
+
+
+@pytest.mark.parametrize("step", ["m_engine", "m_tokenizer"])
+def test_an_existing_step_folder_is_not_touched_without_force(tmp_path, tiny, capsys, step):
+    repo = tmp_path / "repo"
+    (repo / step).mkdir(parents=True)
+    (repo / step / "keep.txt").write_text("mine")
+    assert generator("build", tiny["embed"], "-o", repo, "--name", "m") == 1
+    assert step in capsys.readouterr().err
+    assert snapshot(repo) == [step, f"{step}/keep.txt"]
 
 
 def test_a_failed_download_leaves_no_half_written_model(tmp_path, tiny, monkeypatch, capsys):
@@ -305,8 +343,9 @@ def test_hf_id_builds_from_config_files_only(tmp_path, tiny, monkeypatch):
     repo = tmp_path / "repo"
     assert generator("build", "my-org/Tiny-Llama-1B", "-o", repo, "--revision", "v1",
                      "--kind", "cpu") == 0
-    params = parameters(parse_config(repo / "Tiny-Llama-1B"))
-    assert params["model"] == "my-org/Tiny-Llama-1B"
+    engine = engine_settings(repo, "Tiny-Llama-1B")["engine"]
+    assert engine["model"] == "my-org/Tiny-Llama-1B" and engine["hub"] == "hf"
+    assert engine["revision"] == "v1"
     assert all(kind == "file" and rev == "v1" for kind, _, _, rev in calls)
     assert not any(name.endswith(".safetensors") for _, _, name, _ in calls)
     engine = json.loads((repo / "Tiny-Llama-1B" / "engine.json").read_text())
@@ -324,7 +363,7 @@ def test_hf_id_download_snapshots_only_serving_files(tmp_path, tiny, monkeypatch
     (snap,) = [c for c in calls if c[0] == "snapshot"]
     assert "*.safetensors" in snap[2] and "*.bin" not in snap[2]
     # Relative to the model folder (the backend resolves it), so the repository can move.
-    assert parameters(parse_config(repo / "tiny-bert"))["model"] == "weights"
+    assert engine_settings(repo, "tiny-bert")["engine"]["model"] == "weights"
 
 
 def fake_modelscope(monkeypatch, source: Path, calls: list) -> None:
@@ -345,7 +384,8 @@ def test_modelscope_id_builds_and_downloads(tmp_path, tiny, monkeypatch):
     repo = tmp_path / "repo"
     assert generator("build", "damo/tiny-classifier", "--hub", "modelscope", "-o", repo,
                      "--kind", "cpu") == 0
-    assert parameters(parse_config(repo / "tiny-classifier"))["model"] == "damo/tiny-classifier"
+    engine = engine_settings(repo, "tiny-classifier")["engine"]
+    assert engine["model"] == "damo/tiny-classifier" and engine["hub"] == "modelscope"
     assert not any("*.safetensors" in patterns for _, _, patterns in calls)
     assert generator("build", "damo/tiny-classifier", "--hub", "modelscope", "-o", repo,
                      "--name", "dl", "--download", "--kind", "cpu") == 0
@@ -521,4 +561,6 @@ def test_model_impl_transformers_reaches_the_generate_config(tmp_path, tiny_mode
                  "--model-impl", "transformers", "-o", str(tmp_path), "--name", "m"]) == 0
     config = text_format.Parse((tmp_path / "m" / "config.pbtxt").read_text(),
                                model_config_pb2.ModelConfig())
-    assert config.parameters["model_impl"].string_value == "transformers"
+    assert config.platform == "ensemble"
+    assert json.loads((tmp_path / "m" / "engine.json").read_text())["engine"][
+        "model_impl"] == "transformers"

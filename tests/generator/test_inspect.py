@@ -58,6 +58,7 @@ def test_native_generate_list_is_the_engine_registry():
 
 def test_every_tiny_fixture_architecture_has_the_support_the_engine_gives_it():
     from tritonforge.models.pooling_config import is_encoder_architecture
+    from tritonforge.models.pooling_registry import CLASSIFIER_REGISTRY, EMBEDDING_REGISTRY
     from tritonforge.models.registry import MODEL_REGISTRY, resolve_model_class
 
     from tests.fixtures.tiny_models import TINY_ARCHITECTURES
@@ -65,7 +66,9 @@ def test_every_tiny_fixture_architecture_has_the_support_the_engine_gives_it():
     for architecture in TINY_ARCHITECTURES:
         found = support(architecture)
         if architecture.endswith("ForSequenceClassification"):
-            assert found.tasks == ("classify",) and found.implementation == TRANSFORMERS
+            native = architecture in CLASSIFIER_REGISTRY
+            assert found.tasks == ("classify",)
+            assert found.implementation == (NATIVE if native else TRANSFORMERS), architecture
         elif architecture.endswith("ForCausalLM"):
             engine_class = resolve_model_class(architecture, "auto")
             native = engine_class is MODEL_REGISTRY.get(architecture)
@@ -73,14 +76,20 @@ def test_every_tiny_fixture_architecture_has_the_support_the_engine_gives_it():
             assert found.implementation == (NATIVE if native else TRANSFORMERS), architecture
         else:
             assert found.tasks == ("embed",) and is_encoder_architecture(architecture)
+            native = architecture in EMBEDDING_REGISTRY
+            assert found.implementation == (NATIVE if native else TRANSFORMERS), architecture
 
 
 def test_list_json_rows_cover_every_task(capsys):
     assert cli.main(["list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["task"] for r in rows} == {"generate", "embed", "classify"}
-    assert {r["architecture"] for r in rows if r["implementation"] == NATIVE} == set(
-        NATIVE_GENERATE)
+    from tritonforge.models.pooling_registry import CLASSIFIER_REGISTRY, EMBEDDING_REGISTRY
+
+    native = {(r["task"], r["architecture"]) for r in rows if r["implementation"] == NATIVE}
+    assert {a for t, a in native if t == "generate"} == set(NATIVE_GENERATE)
+    assert {a for t, a in native if t == "classify"} == set(CLASSIFIER_REGISTRY)
+    assert {a for t, a in native if t == "embed"} <= set(EMBEDDING_REGISTRY)
     assert rows == supported_table()
     assert cli.main(["list"]) == 0
     assert "Qwen3ForCausalLM" in capsys.readouterr().out
@@ -122,7 +131,7 @@ def test_inspect_a_sentence_transformers_encoder_reads_its_pooling(tiny_model, c
     folder = tiny_model("BertModel", sentence_transformers=True)
     info = inspect_json(capsys, folder)
     expected = read_pooling_config(folder, "BertModel")
-    assert info["tasks"] == ["embed"] and info["implementation"] == "transformers"
+    assert info["tasks"] == ["embed"] and info["implementation"] == "native"
     assert info["pooling"] == expected.pooling_type and info["normalize"] == expected.normalize
     assert info["kv_cache_bytes_per_token"] == 0
 
