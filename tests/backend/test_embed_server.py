@@ -1,11 +1,12 @@
-"""The embed model through a real tritonserver: all-MiniLM-L6-v2 embeddings over gRPC and
-HTTP match sentence-transformers, batches are split back per request, and a bad request
-fails alone."""
+"""The embed ensemble through a real tritonserver: all-MiniLM-L6-v2 embeddings over gRPC and
+HTTP match sentence-transformers, batches are split back per request, a bad request fails
+alone, and malformed ones (10 MB, wrong dtype or shape) fail at once naming the field."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,4 +93,48 @@ def test_concurrent_requests_are_answered_each_with_its_own_rows(
         assert not isinstance(served, Exception), served
         assert _cosine(served[0], reference[i % len(TEXTS)]) >= 0.9999
     # The model is still healthy afterwards.
+    assert _cosine(_one(triton_server.grpc_url, embed_model, b"x")[0], reference[3]) >= 0.9999
+
+
+def _raw_infer(url: str, model: str, tensor: grpcclient.InferInput) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        return client.infer(model, [tensor]).as_numpy("embedding")
+    finally:
+        client.close()
+
+
+def _tensor(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+TEN_MB = b"word " * (2 << 20)
+MALFORMED = {
+    # name: (the tensor sent, fragments the error must hold)
+    "10 MB text": (_tensor("text_input", np.array([[TEN_MB]], dtype=np.object_), "BYTES"),
+                   ["text_input", "too long", "bytes", "max_model_len"]),
+    "FP32 instead of BYTES": (_tensor("text_input", np.zeros((1, 1), np.float32), "FP32"),
+                              ["text_input", "FP32", "BYTES"]),
+    "no batch dimension": (_tensor("text_input", np.array([b"x"], dtype=np.object_), "BYTES"),
+                           ["text_input", "shape"]),
+    "two strings per row": (_tensor("text_input", np.array([[b"a", b"b"]], dtype=np.object_),
+                                    "BYTES"), ["text_input", "shape"]),
+    "unknown input": (_tensor("text", np.array([[b"x"]], dtype=np.object_), "BYTES"),
+                      ["text"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_requests_fail_at_once_naming_the_field(triton_server, embed_model,
+                                                          reference, case):
+    tensor, fragments = MALFORMED[case]
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException) as info:
+        _raw_infer(triton_server.grpc_url, embed_model, tensor)
+    # Refused before tokenizing: a 10 MB text costs no tokenizer or model time.
+    assert time.monotonic() - started < 5, case
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{case}: {fragment!r} not in {info.value}"
     assert _cosine(_one(triton_server.grpc_url, embed_model, b"x")[0], reference[3]) >= 0.9999

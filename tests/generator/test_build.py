@@ -523,6 +523,31 @@ def test_server_classifies_with_a_built_classify_model(triton_server, tiny):
 
 
 @pytest.mark.slow
+def test_one_repository_with_all_three_tasks_serves_as_tritonserver_starts_it(tmp_path, tiny):
+    """No explicit model control, as `tritonserver --model-repository` runs in a container:
+    every ensemble and its steps load READY, and each answers through its public name."""
+    import tritonclient.grpc as grpcclient
+    from tritonforge.generator.tritonserver import TritonServer
+
+    repo = tmp_path / "repo"
+    for task in TINY:
+        assert generator("build", tiny[task], "-o", repo, "--name", task, "--kind", "cpu",
+                         "--dtype", "float32") == 0
+    with TritonServer(repo, log_file=tmp_path / "server.log") as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            index = {m.name: m.state for m in client.get_model_repository_index().models}
+            assert index == {f"{task}{step}": "READY" for task in TINY
+                             for step in ("", "_tokenizer", "_engine")}
+        finally:
+            client.close()
+        assert "".join(stream_deltas(server, "generate", b"Hello there", 4))
+        assert _infer(server, "embed", "embedding", ["a b"]).shape[0] == 1
+        assert np.allclose(_infer(server, "classify", "probabilities", ["a b"]).sum(), 1.0,
+                           atol=1e-4)
+
+
+@pytest.mark.slow
 def test_serve_answers_and_stops_cleanly_on_ctrl_c(tmp_path, tiny):
     import signal
     import urllib.request
