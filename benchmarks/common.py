@@ -15,16 +15,19 @@ Design:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -139,6 +142,62 @@ def write_result(path: str | Path, name: str, config: dict[str, Any],
     return path
 
 
+# ---- shared command-line pieces and per-engine subprocesses --------------------------------
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None,
+                        help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser, workers: tuple[str, ...]) -> None:
+    """The hidden flags run_worker passes to the subprocess."""
+    parser.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+
+
+def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """(device, dtype) with the defaults add_device_arguments documents."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """A table cell: '-' for a missing figure."""
+    return "-" if value is None else format(value, spec)
+
+
+def log(who: str, message: str) -> None:
+    print(f"[{who}] {message}", file=sys.stderr, flush=True)
+
+
+def run_worker(module: str, worker: str, spec: dict[str, Any],
+               timeout_s: float) -> dict[str, Any] | str:
+    """`python -m <module> --worker <worker> --spec S --worker-out O` in a fresh interpreter
+    (its own GPU memory, killed after timeout_s); the JSON it wrote, or why there is none."""
+    with tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        cmd = [sys.executable, "-m", module, "--worker", worker, "--spec", str(spec_path),
+               "--worker-out", str(out_path)]
+        try:
+            done = subprocess.run(cmd, cwd=REPO_ROOT, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            return f"killed after {timeout_s:.0f} s (setup or shutdown hung)"
+        if out_path.is_file():
+            return json.loads(out_path.read_text())
+        return f"worker exited with code {done.returncode} and no result"
+
+
+def exit_worker(out_path: Path, result: dict[str, Any]) -> NoReturn:
+    """The worker's end: write its result, then exit at once, because an engine's or a
+    peer's background threads (transformers' batching loop) must not keep it alive."""
+    out_path.write_text(json.dumps(result))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 # ---- the card's roofline inputs ------------------------------------------------------------
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -201,14 +260,15 @@ def model_config(config_name: str) -> dict[str, Any]:
     return json.loads(json.dumps(MODEL_CONFIGS[config_name]))
 
 
-def _filler(i: int) -> str:
-    """A distinct printable token string for id i (byte-level 'Ġ' is a leading space)."""
+def filler_word(i: int, prefix: str = "Ġ") -> str:
+    """A distinct lowercase word for id i after `prefix` (byte-level 'Ġ' is a leading space;
+    the BERT vocab uses 'q' so no filler is a single letter or a real word)."""
     letters = ""
     while True:
         i, r = divmod(i, 26)
         letters = chr(ord("a") + r) + letters
         if i == 0:
-            return "Ġ" + letters
+            return prefix + letters
 
 
 def build_tokenizer(vocab_size: int) -> Any:
@@ -221,7 +281,7 @@ def build_tokenizer(vocab_size: int) -> Any:
         raise ValueError(f"vocab_size must be >= {256 + len(_SPECIALS)}, got {vocab_size}")
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for i in range(vocab_size - len(_SPECIALS) - len(vocab)):
-        vocab[_filler(i)] = len(vocab)
+        vocab[filler_word(i)] = len(vocab)
     for token in _SPECIALS:
         vocab[token] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))

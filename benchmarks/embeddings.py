@@ -27,7 +27,6 @@ import argparse
 import json
 import random
 import shutil
-import sys
 import tempfile
 import time
 import traceback
@@ -37,7 +36,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import INIT_STD, environment, write_result
+from benchmarks.common import (
+    INIT_STD,
+    add_device_arguments,
+    environment,
+    filler_word,
+    fmt,
+    log,
+    resolve_device,
+    write_result,
+)
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BERT_VOCAB = 30522
@@ -78,20 +86,11 @@ def _write_sentence_transformers_files(folder: Path, hidden: int) -> None:
         {"max_seq_length": 512, "do_lower_case": False}))
 
 
-def _filler(i: int) -> str:
-    letters = ""
-    while True:
-        i, r = divmod(i, 26)
-        letters = chr(ord("a") + r) + letters
-        if i == 0:
-            return "q" + letters  # 'q' + letters: never a single letter, never a real word
-
-
 def write_vocab(path: Path, vocab_size: int = BERT_VOCAB) -> None:
     """A WordPiece vocab of `vocab_size` entries (specials, characters, filler words): the
     encoder's cost depends on the vocab's size, not its words."""
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-")
-    words = [_filler(i) for i in range(vocab_size - len(SPECIALS) - 2 * len(chars))]
+    words = [filler_word(i, prefix="q") for i in range(vocab_size - len(SPECIALS) - 2 * len(chars))]
     tokens = SPECIALS + chars + ["##" + c for c in chars] + words
     path.write_text("\n".join(tokens[:vocab_size]) + "\n")
 
@@ -291,7 +290,7 @@ def bench_model(name: str, folder: Path, weights: str, args: argparse.Namespace,
                 sims = cosine(runner.embed(texts[:args.cosine_inputs]), reference[n])
                 rows.append(_row(name, engine, n, done, wall, cut, setup_s=setup_s,
                                  weights=weights, cosine_vs_st_fp32=sims))
-                _log(engine, f"{name} x{n}: {rows[-1]['sequences_s'] or 0:,.0f} seq/s, "
+                log(engine, f"{name} x{n}: {rows[-1]['sequences_s'] or 0:,.0f} seq/s, "
                              f"cosine min {sims['min']:.5f}")
             runner.close()
         except Exception as err:  # noqa: BLE001 - one engine failing must not stop the rest
@@ -317,14 +316,6 @@ def _free(device: str) -> None:
 
 
 # ---- report -------------------------------------------------------------------------------------
-def _log(engine: str, message: str) -> None:
-    print(f"[{engine}] {message}", file=sys.stderr, flush=True)
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (f"{'model':<18} {'tokens':>6} {'engine':<22} {'status':<8} {'seq/s':>9} "
               f"{'tok/s':>11} {'vs ST':>7} {'cos min':>8}  weights")
@@ -336,8 +327,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ratio = r["vs_sentence_transformers"]
         lines.append(
             f"{r['model']:<18} {r['tokens_per_input']:>6} {r['engine']:<22} {r['status']:<8} "
-            f"{_fmt(r['sequences_s'], ',.0f'):>9} {_fmt(r['tokens_s'], ',.0f'):>11} "
-            f"{_fmt(ratio, '.2f') + ('x' if ratio else ''):>7} "
+            f"{fmt(r['sequences_s'], ',.0f'):>9} {fmt(r['tokens_s'], ',.0f'):>11} "
+            f"{fmt(ratio, '.2f') + ('x' if ratio else ''):>7} "
             f"{r['cosine_vs_st_fp32']['min']:>8.5f}  {r['weights']}")
     return "\n".join(lines)
 
@@ -363,8 +354,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--st-batch-size", type=int, default=128)
     p.add_argument("--cosine-inputs", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    add_device_arguments(p)
     args = p.parse_args(argv)
     args.lengths = [int(n) for n in args.lengths.split(",")]
     if any(not 3 <= n <= 512 for n in args.lengths):
@@ -381,8 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prepare_minilm(source, args.export_minilm, half=True)
         print(f"wrote {args.export_minilm} (float16, {note})")
         return {}
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    device, dtype = resolve_device(args.device, args.dtype)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in names if m not in ENCODER_CONFIGS]
     if unknown:
@@ -396,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for name in names:
         folder, weights = model_folder(name, args.model_cache, args.minilm_dir)
-        _log(name, f"{folder} ({weights})")
+        log(name, f"{folder} ({weights})")
         rows += bench_model(name, folder, weights, args, device, dtype)
         write_result(args.out, "embeddings", config, {"rows": rows, "complete": False}, env)
     table = format_table(rows)

@@ -37,8 +37,6 @@ import argparse
 import json
 import random
 import string
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -48,7 +46,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO_ROOT, environment, random_model, write_result
+from benchmarks.common import (
+    add_device_arguments,
+    add_worker_arguments,
+    environment,
+    exit_worker,
+    fmt,
+    log,
+    random_model,
+    resolve_device,
+    run_worker,
+    write_result,
+)
 
 LETTERS = string.ascii_lowercase
 TTFT_PROMPT_LEN = 512
@@ -291,7 +300,7 @@ def measure(client: Client, spec: dict[str, Any]) -> dict[str, Any]:
     """Warm-up, each concurrency level, then TTFT at C=1 for 512-token prompts."""
     temperature, seed = spec["temperature"], spec["seed"]
     lo, hi = spec["min_len"], spec["max_len"]
-    _log(client.name, "warm-up")
+    log(client.name, "warm-up")
     warm = level_requests(spec["warmup_requests"], seed + 10_000, lo, hi)
     warm = [Request(r.text, 8) for r in warm]
     drive(client, warm, len(warm), temperature, spec["setup_timeout"], "warm")
@@ -304,7 +313,7 @@ def measure(client: Client, spec: dict[str, Any]) -> dict[str, Any]:
         records, cut = drive(client, requests, concurrency, temperature, spec["max_seconds"],
                              f"c{concurrency}")
         row = {"concurrency": concurrency, **summarize(records, num, cut)}
-        _log(client.name, f"C={concurrency}: {row['status']}, "
+        log(client.name, f"C={concurrency}: {row['status']}, "
                           f"{row['output_tok_s'] or 0:,.0f} tok/s, TTFT p50 "
                           f"{row['ttft_ms_p50'] or 0:.1f} ms "
                           f"({time.perf_counter() - started:.0f} s)")
@@ -368,7 +377,7 @@ def run_triton(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
                           stub_env=Path(stub_env) if stub_env else None)
     with server:
         setup_s = time.perf_counter() - t0
-        _log("triton-grpc", f"server ready in {setup_s:.0f} s; model {name!r}")
+        log("triton-grpc", f"server ready in {setup_s:.0f} s; model {name!r}")
         client = TritonGrpcClient(server.grpc_url, name, spec["streams"])
         try:
             return {"system": "triton-grpc", "setup_s": setup_s, "model_name": name,
@@ -378,10 +387,6 @@ def run_triton(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 
 # ---- orchestration ----------------------------------------------------------------------------
-def _log(system: str, message: str) -> None:
-    print(f"[{system}] {message}", file=sys.stderr, flush=True)
-
-
 def _error(system: str, err: BaseException | str) -> dict[str, Any]:
     text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
     return {"system": system, "error": text.splitlines()[0][:400] if text else "error"}
@@ -389,18 +394,8 @@ def _error(system: str, err: BaseException | str) -> dict[str, Any]:
 
 def run_engine_isolated(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """The engine in a fresh interpreter: its GPU memory is gone before the server starts."""
-    with tempfile.TemporaryDirectory(prefix="tf-serving-") as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "engine.json"
-        spec_path.write_text(json.dumps(spec))
-        cmd = [sys.executable, "-m", "benchmarks.serving", "--worker-spec", str(spec_path),
-               "--worker-out", str(out_path)]
-        try:
-            done = subprocess.run(cmd, cwd=REPO_ROOT, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired:
-            return _error("engine", f"killed after {timeout_s:.0f} s")
-        if out_path.is_file():
-            return json.loads(out_path.read_text())
-        return _error("engine", f"worker exited with code {done.returncode} and no result")
+    result = run_worker("benchmarks.serving", "engine", spec, timeout_s)
+    return _error("engine", result) if isinstance(result, str) else result
 
 
 def compare(triton: dict[str, Any], engine: dict[str, Any]) -> list[dict[str, Any]]:
@@ -414,10 +409,6 @@ def compare(triton: dict[str, Any], engine: dict[str, Any]) -> list[dict[str, An
         rows.append({"concurrency": t["concurrency"], "triton": t, "engine": e,
                      "triton_over_engine_tok_s": ratio})
     return rows
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def format_table(triton: dict[str, Any], engine: dict[str, Any]) -> str:
@@ -434,14 +425,14 @@ def format_table(triton: dict[str, Any], engine: dict[str, Any]) -> str:
             ratio = r["output_tok_s"] / base if r["output_tok_s"] and base else None
             lines.append(
                 f"{system['system']:<12} {r['concurrency']:>4} {r['status']:<8} "
-                f"{_fmt(r['output_tok_s'], ',.0f'):>9} "
-                f"{_fmt(ratio, '.3f') + ('x' if ratio else ''):>9} "
-                f"{_fmt(r['ttft_ms_p50'], '.1f'):>9} {_fmt(r['ttft_ms_p99'], '.1f'):>9} "
-                f"{_fmt(r['itl_ms_p50'], '.2f'):>8} {_fmt(r['itl_ms_p99'], '.2f'):>8} "
+                f"{fmt(r['output_tok_s'], ',.0f'):>9} "
+                f"{fmt(ratio, '.3f') + ('x' if ratio else ''):>9} "
+                f"{fmt(r['ttft_ms_p50'], '.1f'):>9} {fmt(r['ttft_ms_p99'], '.1f'):>9} "
+                f"{fmt(r['itl_ms_p50'], '.2f'):>8} {fmt(r['itl_ms_p99'], '.2f'):>8} "
                 f"{r['requests_ok']:>5}")
         t = system["ttft_512"]
         lines.append(f"{system['system']:<12} TTFT, C=1, {TTFT_PROMPT_LEN}-token prompt: p50 "
-                     f"{_fmt(t['ttft_ms_p50'], '.1f')} ms, p99 {_fmt(t['ttft_ms_p99'], '.1f')}"
+                     f"{fmt(t['ttft_ms_p50'], '.1f')} ms, p99 {fmt(t['ttft_ms_p99'], '.1f')}"
                      f" ms ({t['requests_ok']} requests)")
     return "\n".join(lines)
 
@@ -481,24 +472,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-len", type=int, default=100)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    add_device_arguments(p)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                    help="engine-alone run in a subprocess (auto: yes on CUDA)")
-    p.add_argument("--worker-spec", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    add_worker_arguments(p, ("engine",))
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import torch
-
     args = _parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    device, dtype = resolve_device(args.device, args.dtype)
     systems = {s.strip() for s in args.systems.split(",") if s.strip()}
     if not systems or not systems <= {"triton", "engine"}:
         raise SystemExit("--systems: choose triton, engine or both")
@@ -522,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     engine: dict[str, Any] = {"system": "engine", "error": "not run (--systems)"}
     triton: dict[str, Any] = {"system": "triton-grpc", "error": "not run (--systems)"}
     if "engine" in systems:
-        _log("engine", "starting" + (" (subprocess)" if isolate else ""))
+        log("engine", "starting" + (" (subprocess)" if isolate else ""))
         engine = run_engine_isolated(spec, budget) if isolate else _guarded(
             "engine", lambda: run_engine_alone(spec))
         write_result(args.out, "serving", config, {"engine": engine, "complete": False}, env)
@@ -560,20 +546,14 @@ def _prompt_token_check(model_dir: Path, spec: dict[str, Any]) -> dict[str, Any]
 
 
 def _worker(args: argparse.Namespace) -> None:
-    import os
-
-    spec = json.loads(args.worker_spec.read_text())
+    spec = json.loads(args.spec.read_text())
     spec["levels"] = [tuple(level) for level in spec["levels"]]
-    result = _guarded("engine", lambda: run_engine_alone(spec))
-    args.worker_out.write_text(json.dumps(result))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # the engine thread must not keep the worker alive
+    exit_worker(args.worker_out, _guarded("engine", lambda: run_engine_alone(spec)))
 
 
 if __name__ == "__main__":
     parsed = _parse_args(None)
-    if parsed.worker_spec:
+    if parsed.worker:
         _worker(parsed)
     else:
         main()

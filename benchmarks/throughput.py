@@ -38,9 +38,7 @@ import gc
 import inspect
 import json
 import math
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,11 +50,17 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
-    REPO_ROOT,
+    add_device_arguments,
+    add_worker_arguments,
     environment,
+    exit_worker,
+    fmt,
+    log,
     measure_copy_bandwidth,
     measure_matmul_flops,
     random_model,
+    resolve_device,
+    run_worker,
     write_result,
 )
 
@@ -108,10 +112,6 @@ def _error_row(engine: str, message: str) -> dict[str, Any]:
     return _row(engine, "error", 0, 0, None, None, message)
 
 
-def _log(engine: str, message: str) -> None:
-    print(f"[{engine}] {message}", file=sys.stderr, flush=True)
-
-
 def _run_deadline(spec: dict[str, Any]) -> float:
     """perf_counter() time at which a timed run starting now must stop: --max-seconds, or
     earlier when the parent's time budget (`end_by`, epoch seconds) comes first."""
@@ -143,7 +143,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     llm.generate(w.warmup_prompts(), SamplingParams(temperature=w.temperature, max_tokens=8,
                                                     ignore_eos=True))
     setup_s = time.perf_counter() - t0
-    _log(OURS, f"setup {setup_s:.1f} s; {len(prompts)} requests, {requested} output tokens")
+    log(OURS, f"setup {setup_s:.1f} s; {len(prompts)} requests, {requested} output tokens")
 
     # Count steps and tokens through thin wrappers (O(1) per step) so a deadline can stop the
     # run and the roofline can use the real step count.
@@ -243,7 +243,7 @@ def run_hf_static(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(w.seed)
     generate(w.warmup_prompts(2), 8, None)
     setup_s = time.perf_counter() - t0
-    _log("hf-static", f"setup {setup_s:.1f} s; batches of {batch_size}")
+    log("hf-static", f"setup {setup_s:.1f} s; batches of {batch_size}")
     status, tokens = "ok", 0
     start = time.perf_counter()
     deadline = _run_deadline(spec)
@@ -316,6 +316,22 @@ def _cb_wait(manager: Any, wanted: set[str], deadline: float,
 # thread, outside inference mode, may not update in place; transformers 5.17 then dies with
 # "Inplace update to inference tensor outside InferenceMode" once it rebuilds its batch
 # processor (the "continuous-batching thread died" of the first H100 runs).
+def _cb_cpu_cache(prompts: list[list[int]], outputs: list[int]) -> Any:
+    """A paged cache sized for the workload. Left to itself, transformers sizes it from free
+    memory (80-90% of it), which on a CPU host is a share of RAM that others are using: the
+    OOM killer then ends the run. The GPU path keeps transformers' own sizing."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    # transformers 5.17 calls the tokens per page block_size; later releases page_size.
+    page = getattr(ContinuousBatchingConfig, "page_size", None) or \
+        ContinuousBatchingConfig.block_size
+    blocks = sum(math.ceil((len(p) + n) / page) for p, n in zip(prompts, outputs))
+    # The batch-token budget is sized from free memory too (its static buffers scale with it).
+    return ContinuousBatchingConfig(num_blocks=blocks + len(prompts) + 8,
+                                    max_batch_tokens=max(256, *map(len, prompts)),
+                                    max_memory_percent=0.05)
+
+
 @torch.no_grad()
 def run_hf_cb(spec: dict[str, Any]) -> dict[str, Any]:
     w = Workload(**spec["workload"])
@@ -334,6 +350,8 @@ def run_hf_cb(spec: dict[str, Any]) -> dict[str, Any]:
             num_requests=len(prompts))
     except ImportError:
         pass
+    if spec["device"] == "cpu":
+        init["continuous_batching_config"] = _cb_cpu_cache(prompts, outputs)
     torch.manual_seed(w.seed)
     manager = model.init_continuous_batching(**_kwargs_for(model.init_continuous_batching,
                                                            **init))
@@ -350,7 +368,7 @@ def run_hf_cb(spec: dict[str, Any]) -> dict[str, Any]:
         if error or not set(warm) <= done.keys():
             raise RuntimeError(error or f"warm-up requests took over {WARMUP_TIMEOUT_S:g} s")
         setup_s = time.perf_counter() - t0
-        _log("hf-cb", f"setup {setup_s:.1f} s; attention {model.config._attn_implementation}")
+        log("hf-cb", f"setup {setup_s:.1f} s; attention {model.config._attn_implementation}")
         ids = [f"r{i}" for i in range(len(prompts))]
         start = time.perf_counter()
         for rid, prompt, n in zip(ids, prompts, outputs):
@@ -382,7 +400,7 @@ def run_hf_cb(spec: dict[str, Any]) -> dict[str, Any]:
         try:
             manager.stop(**_kwargs_for(manager.stop, block=True, timeout=30, hard_stop=True))
         except Exception as err:  # noqa: BLE001 - the numbers are in; say it and go on
-            _log("hf-cb", f"stop failed: {err}")
+            log("hf-cb", f"stop failed: {err}")
     return _row("hf-cb", status, tokens, requested, wall, setup_s, "; ".join(notes))
 
 
@@ -412,18 +430,8 @@ def run_engine(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_isolated(name: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """Runs one engine in a fresh interpreter (its own GPU memory); kills it after timeout_s."""
-    with tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "row.json"
-        spec_path.write_text(json.dumps(spec))
-        cmd = [sys.executable, "-m", "benchmarks.throughput", "--worker", name,
-               "--spec", str(spec_path), "--worker-out", str(out_path)]
-        try:
-            done = subprocess.run(cmd, cwd=REPO_ROOT, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired:
-            return _error_row(name, f"killed after {timeout_s:.0f} s (setup or shutdown hung)")
-        if out_path.is_file():
-            return json.loads(out_path.read_text())
-        return _error_row(name, f"worker exited with code {done.returncode} and no result")
+    row = run_worker("benchmarks.throughput", name, spec, timeout_s)
+    return _error_row(name, row) if isinstance(row, str) else row
 
 
 # ---- roofline ------------------------------------------------------------------------------
@@ -469,10 +477,6 @@ def _roofline_steps(ours: dict[str, Any], output_lens: list[int]) -> tuple[int, 
 
 
 # ---- report --------------------------------------------------------------------------------
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = f"{'engine':<24} {'status':<8} {'output tok/s':>12} {'vs ours':>8} " \
              f"{'wall s':>8} {'tokens':>9}  notes"
@@ -480,9 +484,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratio = r.get("ratio_to_ours")
         lines.append(
-            f"{r['engine']:<24} {r['status']:<8} {_fmt(r['output_tok_s'], ',.1f'):>12} "
-            f"{_fmt(ratio, '.2f') + ('x' if ratio is not None else ''):>8} "
-            f"{_fmt(r['wall_s'], '.2f'):>8} {r['output_tokens']:>9,}  {r['notes']}"
+            f"{r['engine']:<24} {r['status']:<8} {fmt(r['output_tok_s'], ',.1f'):>12} "
+            f"{fmt(ratio, '.2f') + ('x' if ratio is not None else ''):>8} "
+            f"{fmt(r['wall_s'], '.2f'):>8} {r['output_tokens']:>9,}  {r['notes']}"
         )
     return "\n".join(lines)
 
@@ -509,8 +513,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "with under 60 s left is skipped, and a running one is cut off at it")
     p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                    help="one subprocess per engine (auto: yes on CUDA)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    add_device_arguments(p)
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--min-len", type=int, default=100)
     p.add_argument("--max-len", type=int, default=1024)
@@ -524,17 +527,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--hf-batch-size", type=int, default=64)
-    p.add_argument("--worker", choices=tuple(ENGINES), help=argparse.SUPPRESS)
-    p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    add_worker_arguments(p, tuple(ENGINES))
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
     started = time.perf_counter()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    device, dtype = resolve_device(args.device, args.dtype)
     peers = [] if args.peers.strip() in ("", "none") else \
         [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
@@ -578,9 +578,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # The engine cuts its own timed run 30 s before it would be killed, so a slow setup
         # still leaves a (partial) row rather than none.
         run_spec = {**spec, "end_by": time.time() + timeout - 30} if args.time_budget else spec
-        _log(name, "starting" + (" (subprocess)" if isolate else ""))
+        log(name, "starting" + (" (subprocess)" if isolate else ""))
         row = run_isolated(name, run_spec, timeout) if isolate else run_engine(name, run_spec)
-        _log(name, f"{row['status']}: {_fmt(row['output_tok_s'], ',.1f')} tok/s "
+        log(name, f"{row['status']}: {fmt(row['output_tok_s'], ',.1f')} tok/s "
                    f"({row['notes']})")
         rows.append(row)
         # Rows so far, in case the run is cut off before the end.
@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["ours_speedup"] = ours_rate / rate if rate and ours_rate else None
     bound_row = _row(
         "roofline", "bound", sum(outputs), sum(outputs), roof["bound_s"], None,
-        f"ours = {_fmt(roof['fraction'] and 100 * roof['fraction'], '.1f')}% of it; "
+        f"ours = {fmt(roof['fraction'] and 100 * roof['fraction'], '.1f')}% of it; "
         f"KV {roof['kv_bytes'] / 1e12:.2f} TB + weights x {steps} steps ({steps_source}) at "
         f"{bandwidth / 1e12:.2f} TB/s + prefill {roof['prefill_flops'] / 1e12:.0f} TFLOP at "
         f"{flops / 1e12:.0f} TFLOP/s; {roof['bound_tok_s_min_steps']:,.0f} tok/s at "
@@ -619,13 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _worker(args: argparse.Namespace) -> None:
-    spec = json.loads(args.spec.read_text())
-    row = run_engine(args.worker, spec)
-    args.worker_out.write_text(json.dumps(row))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # A peer's background threads (transformers' batching loop) must not keep us alive.
-    os._exit(0)
+    exit_worker(args.worker_out, run_engine(args.worker, json.loads(args.spec.read_text())))
 
 
 if __name__ == "__main__":
