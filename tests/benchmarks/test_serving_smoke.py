@@ -126,4 +126,9 @@ def test_triton_and_engine_runs_compare_per_level(tmp_path: Path) -> None:
     _check_levels(results["triton"], [(1, 2), (3, 5)])
     _check_levels(results["engine"], [(1, 2), (3, 5)])
     assert [c["triton_over_engine_tok_s"] > 0 for c in results["comparison"]] == [True, True]
+    # The same requests on both sides, each generating exactly max_tokens (ignore_eos).
+    for (concurrency, num), t, e in zip([(1, 2), (3, 5)], results["triton"]["levels"],
+                                        results["engine"]["levels"]):
+        wanted = sum(r.max_tokens for r in serving.level_requests(num, concurrency, 5, 20))
+        assert t["output_tokens"] == e["output_tokens"] == wanted
     assert "triton-grpc" in results["table"] and "engine" in results["table"]
