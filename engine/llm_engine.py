@@ -23,7 +23,7 @@ from tritonforge.engine.block_manager import BlockManager
 from tritonforge.engine.config import EngineConfig
 from tritonforge.engine.detokenizer import IncrementalDetokenizer
 from tritonforge.engine.model_runner import ModelRunner
-from tritonforge.engine.outputs import CompletionOutput, RequestOutput
+from tritonforge.engine.outputs import CompletionOutput, RequestOutput, Snapshot
 from tritonforge.engine.sampler import Sampler, SamplingMetadata, request_generator
 from tritonforge.engine.sampling_metadata import UniformSamplingMetadata, plain_temperature
 from tritonforge.engine.sampling_params import SamplingParams
@@ -51,6 +51,7 @@ class _Request:
     plain_temperature: float | None = None  # sampling_metadata.plain_temperature(params)
     stop_token_set: frozenset[int] = frozenset()  # ids that stop it (past min_tokens)
     length_limit: int = 0  # num_tokens at which it finishes with "length"
+    prompt_token_ids: list[int] = field(default_factory=list)  # one copy, shared by outputs
     text: str = ""  # the output text so far (cut at a stop string when one matched)
     reported_text: int = 0  # characters already reported in text deltas
     reported_tokens: int = 0
@@ -164,6 +165,7 @@ class LLMEngine:
             stop_token_set=frozenset(params.stop_token_ids) | (
                 frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)),
             length_limit=min(self.max_model_len, len(token_ids) + max_tokens),
+            prompt_token_ids=seq.prompt_token_ids,
         )
         return request_id
 
@@ -244,7 +246,7 @@ class LLMEngine:
     def _process_token(self, request: _Request) -> RequestOutput | None:
         seq, params = request.seq, request.params
         result = stop_checker.process_token(
-            request.detokenizer, request.text, seq.output_token_ids, params,
+            request.detokenizer, request.text, seq.output_view, params,
             self.eos_token_ids, seq.num_tokens, self.max_model_len,
         )
         request.text = result.text
@@ -285,24 +287,26 @@ class LLMEngine:
         seq, params = request.seq, request.params
         finished = finish_reason is not None
         text = stop_checker.emittable_text(request.text, params, finished)
-        token_ids = seq.output_token_ids
+        # Cumulative ids and logprobs as snapshots (copied only if read): O(1) per step.
+        start, stop = seq.num_prompt_tokens, seq.num_tokens
         completion = CompletionOutput(
             index=0,
             text=text,
-            token_ids=list(token_ids),
+            token_ids=Snapshot(seq.token_ids, start, stop),
             cumulative_logprob=request.cumulative_logprob,
-            logprobs=list(request.logprobs) if request.logprobs is not None else None,
+            logprobs=(Snapshot(request.logprobs, 0, len(request.logprobs))
+                      if request.logprobs is not None else None),
             finish_reason=finish_reason,
             stop_reason=seq.stop_reason if finished else None,
             text_delta=text[request.reported_text:],
-            token_ids_delta=list(token_ids[request.reported_tokens:]),
+            token_ids_delta=seq.token_ids[start + request.reported_tokens:stop],
         )
         request.reported_text = len(text)
-        request.reported_tokens = len(token_ids)
+        request.reported_tokens = stop - start
         return RequestOutput(
             request_id=seq.request_id,
             prompt=request.prompt,
-            prompt_token_ids=seq.prompt_token_ids,
+            prompt_token_ids=request.prompt_token_ids,
             outputs=[completion],
             finished=finished,
             num_cached_tokens=seq.num_cached_tokens,

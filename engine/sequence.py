@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,27 @@ class SequenceStatus(enum.Enum):
 
 
 _seq_ids = itertools.count()
+
+
+class OutputTokens(abc.Sequence):
+    """A read-only live view of `token_ids[start:]`: what per-token checks read (its length
+    and newest ids) without an O(length) copy every step."""
+
+    __slots__ = ("_ids", "_start")
+
+    def __init__(self, ids: list[int], start: int) -> None:
+        self._ids, self._start = ids, start
+
+    def __len__(self) -> int:
+        return len(self._ids) - self._start
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return self._ids[self._start:][index]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError("output token index out of range")
+        return self._ids[self._start + index % n]
 
 
 @dataclass(eq=False)
@@ -68,6 +90,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def output_view(self) -> OutputTokens:
+        """The generated ids without copying them (output_token_ids copies)."""
+        return OutputTokens(self.token_ids, self.num_prompt_tokens)
 
     @property
     def last_token_id(self) -> int:
