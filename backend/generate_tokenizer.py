@@ -23,12 +23,11 @@ from tritonforge.backend.engine_settings import load_settings, model_max_len
 from tritonforge.backend.triton_io import (
     RequestError,
     check_text_size,
-    error_response,
-    log_exception,
     max_input_bytes,
     optional_bool,
     optional_text,
     request_parameters,
+    respond_each,
     text_tensor,
 )
 from tritonforge.engine import SamplingParams
@@ -86,16 +85,7 @@ class TritonPythonModel:
         self.max_bytes = max_input_bytes(self.max_model_len)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._tokenize(request))
-            except RequestError as err:
-                responses.append(error_response(err, "INVALID_ARG"))
-            except Exception as err:  # noqa: BLE001 - one request must not fail the batch
-                log_exception("could not tokenize a generate request")
-                responses.append(error_response(f"could not parse the request: {err}"))
-        return responses
+        return respond_each(requests, self._tokenize, "tokenize a generate request")
 
     def _tokenize(self, request: Any) -> Any:
         for name in ("text_input", "messages"):

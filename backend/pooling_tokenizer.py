@@ -16,12 +16,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from tritonforge.backend.engine_settings import load_settings, model_max_len
 from tritonforge.backend.triton_io import (
-    RequestError,
     check_text_size,
-    error_response,
     input_texts,
-    log_exception,
     max_input_bytes,
+    respond_each,
 )
 
 
@@ -32,16 +30,7 @@ class TritonPythonModel:
         self.max_bytes = max_input_bytes(self.max_model_len)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._check(request))
-            except RequestError as err:
-                responses.append(error_response(err, "INVALID_ARG"))
-            except Exception as err:  # noqa: BLE001 - one request must not fail the batch
-                log_exception("could not check a pooling request")
-                responses.append(error_response(f"could not parse the request: {err}"))
-        return responses
+        return respond_each(requests, self._check, "check a pooling request")
 
     def _check(self, request: Any) -> Any:
         check_text_size(request, "text_input", self.max_bytes, self.max_model_len)

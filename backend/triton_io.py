@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,22 @@ def cancelled_response() -> Any:
     """The last response of a cancelled request: error code CANCELLED (Python backends
     older than 23.10 have no codes; they get a plain error that says so)."""
     return error_response("the request was cancelled", "CANCELLED")
+
+
+def respond_each(requests: list[Any], handle: Callable[[Any], Any], what: str) -> list[Any]:
+    """One response per request from `handle(request)`, for non-decoupled models: a
+    RequestError fails that request alone (INVALID_ARG); any other exception is logged
+    and fails it too, never the batch."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(handle(request))
+        except RequestError as err:
+            responses.append(error_response(err, "INVALID_ARG"))
+        except Exception as err:  # noqa: BLE001 - one request must not fail the batch
+            log_exception(f"could not {what}")
+            responses.append(error_response(f"could not parse the request: {err}"))
+    return responses
 
 
 def log_exception(message: str) -> None:

@@ -40,7 +40,6 @@ KINDS = ("auto", "gpu", "cpu")
 MODEL_IMPLS = ("auto", "native", "transformers")
 POOLING_BATCH = 64  # dynamic batching of embed / classify: max_batch_size
 POOLING_QUEUE_DELAY_US = 2000
-TOKENIZER_INSTANCES = 1  # CPU tokenizer step instances (its own stub processes)
 
 
 @dataclass
@@ -57,6 +56,7 @@ class BuildOptions:
     gpu_memory_utilization: float | None = None
     max_num_seqs: int | None = None
     instance_count: int = 1
+    tokenizer_instances: int = 1  # CPU tokenizer step instances (each a stub process)
     kind: str = "auto"
     model_impl: str = "auto"
     revision: str | None = None
@@ -75,7 +75,8 @@ class BuildOptions:
                 raise ValueError(f"--{flag} must be one of {shown}, got {value!r}")
         for flag, value in (("max-model-len", self.max_model_len),
                             ("max-num-seqs", self.max_num_seqs),
-                            ("instance-count", self.instance_count)):
+                            ("instance-count", self.instance_count),
+                            ("tokenizer-instances", self.tokenizer_instances)):
             if value is not None and value < 1:
                 raise ValueError(f"--{flag} must be an integer >= 1, got {value}")
         gmu = self.gpu_memory_utilization
@@ -199,7 +200,7 @@ def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo,
         "max_model_len": opts.max_model_len,
         "instance_count": opts.instance_count,
         "instance_kind": instance_kind(opts.kind),
-        "tokenizer_instance_count": TOKENIZER_INSTANCES,
+        "tokenizer_instance_count": opts.tokenizer_instances,
         "model_impl": opts.model_impl,
         "trust_remote_code": opts.trust_remote_code,
     }

@@ -23,8 +23,8 @@ EPILOG = """examples:
   generator build qwen/Qwen3-0.6B --hub modelscope --max-model-len 4096
   generator build Qwen/Qwen3-0.6B --force                replace the existing model
 
-Several builds into one repository add models; an existing model needs --force.
-Engine settings land in config.pbtxt parameters and, for people, in engine.json.
+Each build adds an ensemble NAME (what clients call) and its steps NAME_tokenizer (CPU)
+and NAME_engine; an existing one needs --force. The engine settings are in NAME/engine.json.
 """
 
 
@@ -32,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     parser = sub.add_parser(
         name, help="render a model into a Triton model repository",
         description="Render MODEL (a local folder or .gguf, a Hugging Face or ModelScope id) "
-        "as a Triton model (config.pbtxt, model.py shim, engine.json) in a model repository.",
+        "as a Triton ensemble in a model repository: NAME (the public model, with engine.json), "
+        "NAME_tokenizer (CPU step) and NAME_engine (engine step), each a config.pbtxt and, for "
+        "the steps, a model.py shim.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     add_build_arguments(parser)
@@ -53,7 +55,10 @@ def add_build_arguments(parser: argparse.ArgumentParser, output_default: Path | 
                         help="share of GPU memory for weights + KV cache (generate only)")
     parser.add_argument("--max-num-seqs", type=int,
                         help="max sequences per engine step (generate only)")
-    parser.add_argument("--instance-count", type=int, default=1)
+    parser.add_argument("--instance-count", type=int, default=1,
+                        help="engine step instances (default: 1)")
+    parser.add_argument("--tokenizer-instances", type=int, default=1,
+                        help="CPU tokenizer step instances (default: 1)")
     parser.add_argument("--kind", choices=KINDS, default="auto",
                         help="instance kind (default: gpu when nvidia-smi exists, else cpu)")
     parser.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto")
@@ -69,7 +74,8 @@ def options(args: argparse.Namespace, output: Path) -> BuildOptions:
         return BuildOptions(
             model=args.model, output=output, task=args.task, name=args.name, dtype=args.dtype,
             max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-            max_num_seqs=args.max_num_seqs, instance_count=args.instance_count, kind=args.kind,
+            max_num_seqs=args.max_num_seqs, instance_count=args.instance_count,
+            tokenizer_instances=args.tokenizer_instances, kind=args.kind,
             model_impl=args.model_impl, revision=args.revision,
             hub=args.hub or model_source.default_hub(),
             download=args.download, trust_remote_code=args.trust_remote_code, force=args.force)

@@ -93,7 +93,7 @@ def test_build_writes_the_engine_settings_into_engine_json(tmp_path, tiny):
     assert generator("build", tiny["generate"], "-o", repo, "--task", "generate",
                      "--name", "llama", "--dtype", "float32", "--max-model-len", 256,
                      "--gpu-memory-utilization", 0.5, "--max-num-seqs", 8,
-                     "--instance-count", 2, "--kind", "gpu") == 0
+                     "--instance-count", 2, "--tokenizer-instances", 3, "--kind", "gpu") == 0
     engine = engine_settings(repo, "llama")["engine"]
     assert engine == {"model": str(tiny["generate"].resolve()), "dtype": "float32",
                       "max_model_len": 256, "model_impl": "auto", "max_num_seqs": 8,
@@ -101,8 +101,8 @@ def test_build_writes_the_engine_settings_into_engine_json(tmp_path, tiny):
     group = parse_config(repo / "llama_engine").instance_group[0]
     assert group.count == 2 and group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     # The tokenizer step stays on the CPU whatever the engine's kind.
-    assert parse_config(repo / "llama_tokenizer").instance_group[0].kind == (
-        model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    group = parse_config(repo / "llama_tokenizer").instance_group[0]
+    assert group.count == 3 and group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
 
 
 def test_classify_writes_id2label_as_the_label_file(tmp_path, tiny):
@@ -219,6 +219,8 @@ BAD_INPUTS = {
     "native for a Transformers-backend decoder": (
         lambda t, e: [t["neox"], "--model-impl", "native"], "no native"),
     "zero instances": (lambda t, e: [t["embed"], "--instance-count", "0"], ">= 1"),
+    "zero tokenizer instances": (lambda t, e: [t["embed"], "--tokenizer-instances", "0"],
+                                 "--tokenizer-instances must be an integer >= 1"),
     "unknown hub id": (lambda t, e: ["nobody/nothing"], "unknown model id"),
     "no network": (lambda t, e: ["org/model"], "no network"),
 }
