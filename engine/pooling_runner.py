@@ -8,7 +8,7 @@ method is a ValueError naming what the model supports.
 
 The model is native where models/pooling_registry.py registers the architecture (under
 model_impl "auto" or "native"), else the Transformers wrapper; both take packed batches.
-A call tokenizes every prompt, checks it against max_model_len, packs prompts into batches
+A call checks and tokenizes every prompt (engine/pooling_inputs.py), packs prompts into batches
 of at most max_num_batched_tokens tokens (engine/pooling_batches.py: real tokens for native
 models, which compute no padding; padded tokens for the Transformers wrappers, which pad
 internally), runs the model, pools, and restores input order. Pooling reads each prompt
@@ -40,6 +40,7 @@ from tritonforge.engine.outputs import (
 )
 from tritonforge.engine.pooler import finalize, pool
 from tritonforge.engine.pooling_batches import PackedBatch, plan_pooling_batches
+from tritonforge.engine.pooling_inputs import PoolingInputs, score_pairs
 from tritonforge.engine.pooling_params import PoolingParams
 from tritonforge.models.classifier_config import (
     apply_activation,
@@ -137,6 +138,8 @@ class PoolingRunner:
             raise ValueError(
                 f"{model_dir}: truncate_dim {default_dims} exceeds hidden size {self._hidden_size}"
             )
+        self._inputs = PoolingInputs(self._tokenizer, self._max_model_len, self._pooling_config,
+                                     self._hidden_size)
         self._request_ids = itertools.count()
 
     # ---- public API -------------------------------------------------------------------
@@ -203,7 +206,7 @@ class PoolingRunner:
     ) -> list[EmbeddingRequestOutput]:
         """One EmbeddingRequestOutput per text, in input order."""
         self._require("embed")
-        prompts, params = self._check_inputs(texts, pooling_params)
+        prompts, params = self._inputs.check(texts, pooling_params)
         token_ids, pooled = self._pool(prompts, params, use_tqdm)
         embeddings: list[list[float]] = [[] for _ in prompts]
         for rows, emb in self._finalize(pooled, params):
@@ -227,7 +230,7 @@ class PoolingRunner:
         All prompts must resolve to the same `dimensions` (D), so the rows stack.
         """
         self._require("embed_tensors")
-        prompts, params = self._check_inputs(texts, pooling_params)
+        prompts, params = self._inputs.check(texts, pooling_params)
         sizes = {self._dimensions(p) or self._hidden_size for p in params}
         if len(sizes) > 1:
             raise ValueError(
@@ -301,7 +304,7 @@ class PoolingRunner:
         are cut, longest first) or per text (embedding model).
         """
         self._require("score")
-        firsts, seconds = _score_pairs(text_1, text_2)  # len(firsts) is 1 or len(seconds)
+        firsts, seconds = score_pairs(text_1, text_2)  # len(firsts) is 1 or len(seconds)
         params = PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens)
         params.verify(self._hidden_size, self._max_model_len)
         n = len(seconds)
@@ -309,7 +312,8 @@ class PoolingRunner:
             return []
         if self._task == "classify":
             firsts = firsts * (n // len(firsts))
-            token_ids, type_ids = self._tokenize_pairs(firsts, seconds, truncate_prompt_tokens)
+            token_ids, type_ids = self._inputs.tokenize_pairs(firsts, seconds,
+                                                              truncate_prompt_tokens)
             logits = self._run_batches(
                 token_ids, self._classifier.num_labels, self._classify_batch, "Scoring", use_tqdm,
                 type_ids,
@@ -353,134 +357,19 @@ class PoolingRunner:
     ) -> tuple[list[list[int]], torch.Tensor]:
         # -> token ids per prompt, raw head outputs [N, num_labels] float32 CPU
         self._require(method)
-        prompts, params = self._check_inputs(texts, pooling_params, method)
-        token_ids = self._tokenize(prompts, params)
+        prompts, params = self._inputs.check(texts, pooling_params, method)
+        token_ids = self._inputs.tokenize(prompts, params)
         desc = "Classifying" if method.startswith("classify") else "Rewarding"
         return token_ids, self._run_batches(
             token_ids, self._classifier.num_labels, self._classify_batch, desc, use_tqdm
         )
-
-    def _tokenize_pairs(
-        self, firsts: list[str], seconds: list[str], truncate_prompt_tokens: int | None
-    ) -> tuple[list[list[int]], list[list[int]] | None]:
-        # -> pair token ids, and token_type_ids where the tokenizer makes them (BERT)
-        if not firsts:
-            return [], None
-        tok = self._tokenizer
-        enc = tok(firsts, seconds, add_special_tokens=True, verbose=False)
-        token_ids, type_ids = enc["input_ids"], enc.get("token_type_ids")
-        tpt = truncate_prompt_tokens
-        limit = self._max_model_len if tpt is None or tpt == -1 else tpt
-        over = [i for i, ids in enumerate(token_ids) if len(ids) > limit]
-        if over and tpt is None:
-            i = over[0]
-            raise ValueError(
-                f"score: pair {i} (text_2[{i}] with its text_1) has {len(token_ids[i])} "
-                f"tokens, more than max_model_len={self._max_model_len}; set "
-                "truncate_prompt_tokens=-1 to truncate to the model limit, or "
-                "truncate_prompt_tokens=k to keep k tokens"
-            )
-        if over:
-            # Longest-first truncation of the pair, as sentence-transformers' CrossEncoder.
-            cut = tok(
-                [firsts[i] for i in over], [seconds[i] for i in over],
-                add_special_tokens=True, truncation=True, max_length=limit, verbose=False,
-            )  # fmt: skip
-            for j, i in enumerate(over):
-                if len(cut["input_ids"][j]) > limit:
-                    raise ValueError(
-                        f"truncate_prompt_tokens={limit} is shorter than the special tokens "
-                        f"the tokenizer adds to pair {i}"
-                    )
-                token_ids[i] = cut["input_ids"][j]
-                if type_ids is not None:
-                    type_ids[i] = cut["token_type_ids"][j]
-        return token_ids, type_ids
-
-    def _check_inputs(
-        self, texts: Any, pooling_params: Any, method: str = "embed"
-    ) -> tuple[list[str], list[PoolingParams]]:
-        if isinstance(texts, str):
-            prompts = [texts]
-        elif isinstance(texts, (list, tuple)):
-            prompts = list(texts)
-        else:
-            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
-        for i, text in enumerate(prompts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
-        if pooling_params is None or isinstance(pooling_params, PoolingParams):
-            params = [pooling_params or PoolingParams()] * len(prompts)
-        elif isinstance(pooling_params, (list, tuple)):
-            params = list(pooling_params)
-            if len(params) != len(prompts):
-                raise ValueError(
-                    f"pooling_params has {len(params)} entries for {len(prompts)} texts; pass "
-                    "one PoolingParams or one per text"
-                )
-            for i, p in enumerate(params):
-                if not isinstance(p, PoolingParams):
-                    raise TypeError(f"pooling_params[{i}] must be a PoolingParams")
-        else:
-            raise TypeError("pooling_params must be None, a PoolingParams or a list of them")
-        for p in {id(p): p for p in params}.values():
-            if not method.startswith("embed"):
-                for name in ("dimensions", "normalize"):
-                    if getattr(p, name) is not None:
-                        raise ValueError(
-                            f"pooling_params.{name} applies to embed only, not {method}(); "
-                            "only truncate_prompt_tokens is used here"
-                        )
-            p.verify(
-                self._hidden_size, self._max_model_len, self._pooling_config.matryoshka_dimensions
-            )
-        return prompts, params
-
-    def _tokenize(self, prompts: list[str], params: list[PoolingParams]) -> list[list[int]]:
-        if not prompts:
-            return []
-        if self._pooling_config.do_lower_case:
-            prompts = [p.lower() for p in prompts]
-        tok = self._tokenizer
-        token_ids = tok(prompts, add_special_tokens=True, verbose=False)["input_ids"]
-        to_cut: dict[int, list[int]] = {}  # token limit -> prompt indices over it
-        for i, (ids, p) in enumerate(zip(token_ids, params)):
-            tpt = p.truncate_prompt_tokens
-            limit = self._max_model_len if tpt is None or tpt == -1 else tpt
-            if len(ids) <= limit:
-                continue
-            if tpt is None:
-                raise ValueError(
-                    f"texts[{i}] has {len(ids)} tokens, more than max_model_len="
-                    f"{self._max_model_len}; set PoolingParams(truncate_prompt_tokens=-1) to "
-                    "truncate to the model limit, or truncate_prompt_tokens=k to keep k tokens"
-                )
-            to_cut.setdefault(limit, []).append(i)
-        # Re-tokenizing with truncation (rather than slicing ids) keeps the special tokens
-        # at both ends, exactly as sentence-transformers truncates.
-        for limit, indices in to_cut.items():
-            cut = tok(
-                [prompts[i] for i in indices],
-                add_special_tokens=True, truncation=True, max_length=limit, verbose=False,
-            )["input_ids"]  # fmt: skip
-            for i, ids in zip(indices, cut):
-                if len(ids) > limit:
-                    raise ValueError(
-                        f"truncate_prompt_tokens={limit} is shorter than the special tokens the "
-                        f"tokenizer adds to texts[{i}]"
-                    )
-                token_ids[i] = ids
-        for i, ids in enumerate(token_ids):
-            if not ids:
-                raise ValueError(f"texts[{i}] tokenizes to no tokens; nothing to embed")
-        return token_ids
 
     @torch.inference_mode()
     def _pool(
         self, prompts: list[str], params: list[PoolingParams], use_tqdm: bool
     ) -> tuple[list[list[int]], torch.Tensor]:
         # -> token ids per prompt, pooled (not yet normalized) embeddings [N, H] float32 CPU
-        token_ids = self._tokenize(prompts, params)
+        token_ids = self._inputs.tokenize(prompts, params)
         pooled = self._run_batches(
             token_ids, self._hidden_size, self._embed_batch, "Embedding", use_tqdm
         )
@@ -542,25 +431,3 @@ class PoolingRunner:
             (rows, finalize(pooled[rows], normalize, dims))
             for (normalize, dims), rows in groups.items()
         ]
-
-
-def _score_pairs(text_1: Any, text_2: Any) -> tuple[list[str], list[str]]:
-    """(text_1, text_2) -> lists of pair sides; text_1's has one text (1 -> N) or as many
-    as text_2's (N -> N)."""
-    sides = []
-    for name, value in (("text_1", text_1), ("text_2", text_2)):
-        if isinstance(value, str):
-            value = [value]
-        elif not isinstance(value, (list, tuple)):
-            raise TypeError(f"{name} must be a str or a list of str, got {type(value).__name__}")
-        for i, text in enumerate(value):
-            if not isinstance(text, str):
-                raise TypeError(f"{name}[{i}] must be a str, got {type(text).__name__}")
-        sides.append(list(value))
-    firsts, seconds = sides
-    if len(firsts) != 1 and len(firsts) != len(seconds):
-        raise ValueError(
-            f"score: text_1 has {len(firsts)} texts and text_2 has {len(seconds)}; pass one "
-            "text_1 for every text_2 (1 -> N) or lists of equal length (N -> N)"
-        )
-    return firsts, seconds

@@ -1,0 +1,161 @@
+"""The pooling runner's inputs: texts and PoolingParams checked against the model, then
+tokenized (and truncated) as sentence-transformers would, single texts or score pairs.
+
+Design: every check runs before any batch does, so a bad prompt among many fails the call
+with a ValueError (or TypeError) naming its index and the field, and nothing is computed.
+Truncation re-tokenizes with the tokenizer's own truncation (not slicing ids), which keeps
+the special tokens at both ends, exactly as sentence-transformers truncates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tritonforge.engine.pooling_params import PoolingParams
+from tritonforge.models.pooling_config import PoolingConfig
+
+
+@dataclass
+class PoolingInputs:
+    tokenizer: Any
+    max_model_len: int
+    pooling_config: PoolingConfig
+    hidden_size: int
+
+    def tokenize_pairs(
+        self, firsts: list[str], seconds: list[str], truncate_prompt_tokens: int | None
+    ) -> tuple[list[list[int]], list[list[int]] | None]:
+        # -> pair token ids, and token_type_ids where the tokenizer makes them (BERT)
+        if not firsts:
+            return [], None
+        tok = self.tokenizer
+        enc = tok(firsts, seconds, add_special_tokens=True, verbose=False)
+        token_ids, type_ids = enc["input_ids"], enc.get("token_type_ids")
+        tpt = truncate_prompt_tokens
+        limit = self.max_model_len if tpt is None or tpt == -1 else tpt
+        over = [i for i, ids in enumerate(token_ids) if len(ids) > limit]
+        if over and tpt is None:
+            i = over[0]
+            raise ValueError(
+                f"score: pair {i} (text_2[{i}] with its text_1) has {len(token_ids[i])} "
+                f"tokens, more than max_model_len={self.max_model_len}; set "
+                "truncate_prompt_tokens=-1 to truncate to the model limit, or "
+                "truncate_prompt_tokens=k to keep k tokens"
+            )
+        if over:
+            # Longest-first truncation of the pair, as sentence-transformers' CrossEncoder.
+            cut = tok(
+                [firsts[i] for i in over], [seconds[i] for i in over],
+                add_special_tokens=True, truncation=True, max_length=limit, verbose=False,
+            )  # fmt: skip
+            for j, i in enumerate(over):
+                if len(cut["input_ids"][j]) > limit:
+                    raise ValueError(
+                        f"truncate_prompt_tokens={limit} is shorter than the special tokens "
+                        f"the tokenizer adds to pair {i}"
+                    )
+                token_ids[i] = cut["input_ids"][j]
+                if type_ids is not None:
+                    type_ids[i] = cut["token_type_ids"][j]
+        return token_ids, type_ids
+
+    def check(
+        self, texts: Any, pooling_params: Any, method: str = "embed"
+    ) -> tuple[list[str], list[PoolingParams]]:
+        if isinstance(texts, str):
+            prompts = [texts]
+        elif isinstance(texts, (list, tuple)):
+            prompts = list(texts)
+        else:
+            raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        for i, text in enumerate(prompts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params = [pooling_params or PoolingParams()] * len(prompts)
+        elif isinstance(pooling_params, (list, tuple)):
+            params = list(pooling_params)
+            if len(params) != len(prompts):
+                raise ValueError(
+                    f"pooling_params has {len(params)} entries for {len(prompts)} texts; pass "
+                    "one PoolingParams or one per text"
+                )
+            for i, p in enumerate(params):
+                if not isinstance(p, PoolingParams):
+                    raise TypeError(f"pooling_params[{i}] must be a PoolingParams")
+        else:
+            raise TypeError("pooling_params must be None, a PoolingParams or a list of them")
+        for p in {id(p): p for p in params}.values():
+            if not method.startswith("embed"):
+                for name in ("dimensions", "normalize"):
+                    if getattr(p, name) is not None:
+                        raise ValueError(
+                            f"pooling_params.{name} applies to embed only, not {method}(); "
+                            "only truncate_prompt_tokens is used here"
+                        )
+            p.verify(
+                self.hidden_size, self.max_model_len, self.pooling_config.matryoshka_dimensions
+            )
+        return prompts, params
+
+    def tokenize(self, prompts: list[str], params: list[PoolingParams]) -> list[list[int]]:
+        if not prompts:
+            return []
+        if self.pooling_config.do_lower_case:
+            prompts = [p.lower() for p in prompts]
+        tok = self.tokenizer
+        token_ids = tok(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+        to_cut: dict[int, list[int]] = {}  # token limit -> prompt indices over it
+        for i, (ids, p) in enumerate(zip(token_ids, params)):
+            tpt = p.truncate_prompt_tokens
+            limit = self.max_model_len if tpt is None or tpt == -1 else tpt
+            if len(ids) <= limit:
+                continue
+            if tpt is None:
+                raise ValueError(
+                    f"texts[{i}] has {len(ids)} tokens, more than max_model_len="
+                    f"{self.max_model_len}; set PoolingParams(truncate_prompt_tokens=-1) to "
+                    "truncate to the model limit, or truncate_prompt_tokens=k to keep k tokens"
+                )
+            to_cut.setdefault(limit, []).append(i)
+        # Re-tokenizing with truncation (rather than slicing ids) keeps the special tokens
+        # at both ends, exactly as sentence-transformers truncates.
+        for limit, indices in to_cut.items():
+            cut = tok(
+                [prompts[i] for i in indices],
+                add_special_tokens=True, truncation=True, max_length=limit, verbose=False,
+            )["input_ids"]  # fmt: skip
+            for i, ids in zip(indices, cut):
+                if len(ids) > limit:
+                    raise ValueError(
+                        f"truncate_prompt_tokens={limit} is shorter than the special tokens the "
+                        f"tokenizer adds to texts[{i}]"
+                    )
+                token_ids[i] = ids
+        for i, ids in enumerate(token_ids):
+            if not ids:
+                raise ValueError(f"texts[{i}] tokenizes to no tokens; nothing to embed")
+        return token_ids
+
+
+def score_pairs(text_1: Any, text_2: Any) -> tuple[list[str], list[str]]:
+    """(text_1, text_2) -> lists of pair sides; text_1's has one text (1 -> N) or as many
+    as text_2's (N -> N)."""
+    sides = []
+    for name, value in (("text_1", text_1), ("text_2", text_2)):
+        if isinstance(value, str):
+            value = [value]
+        elif not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a str or a list of str, got {type(value).__name__}")
+        for i, text in enumerate(value):
+            if not isinstance(text, str):
+                raise TypeError(f"{name}[{i}] must be a str, got {type(text).__name__}")
+        sides.append(list(value))
+    firsts, seconds = sides
+    if len(firsts) != 1 and len(firsts) != len(seconds):
+        raise ValueError(
+            f"score: text_1 has {len(firsts)} texts and text_2 has {len(seconds)}; pass one "
+            "text_1 for every text_2 (1 -> N) or lists of equal length (N -> N)"
+        )
+    return firsts, seconds
