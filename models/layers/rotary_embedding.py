@@ -59,13 +59,13 @@ class RotaryEmbedding(nn.Module):
 
 
 class LongRopeRotaryEmbedding(RotaryEmbedding):
-    """LongRoPE: cache rows [0, P) rotate with the short factors, [P, 2P) with the long ones;
-    a token of a sequence longer than `original_max_position` reads the long half."""
+    """LongRoPE: cache rows [0, O) rotate positions 0..O-1 with the short factors (a sequence
+    of at most O = original_max_position tokens has no other positions), rows [O, O + P)
+    positions 0..P-1 with the long ones; a token of a longer sequence reads row O + pos."""
 
     def __init__(self, head_size: int, rotary_dim: int, cos_sin_cache: torch.Tensor,
                  is_neox_style: bool, original_max_position: int) -> None:
         super().__init__(head_size, rotary_dim, cos_sin_cache, is_neox_style)
-        self.max_position = cos_sin_cache.shape[0] // 2
         self.original_max_position = original_max_position
 
     def forward(
@@ -79,8 +79,8 @@ class LongRopeRotaryEmbedding(RotaryEmbedding):
         if is_long.shape[0] != num_tokens:  # not one token per sequence: spread over queries
             is_long = torch.repeat_interleave(is_long, attn_metadata.query_lens(),
                                               output_size=num_tokens)
-        return super().forward(positions + is_long.to(positions.dtype) * self.max_position,
-                               query, key)
+        rows = positions + is_long.to(positions.dtype) * self.original_max_position
+        return super().forward(rows, query, key)
 
 
 def _inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
@@ -183,13 +183,13 @@ def _longrope(head_size: int, rotary_dim: int, max_position: int, base: float,
                             else math.sqrt(1 + math.log(factor) / math.log(original)))
     exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
     halves = []
-    for key in ("short_factor", "long_factor"):
+    for key, num_positions in (("short_factor", original), ("long_factor", max_position)):
         ext = torch.tensor(scaling[key], dtype=torch.float32)
         if ext.shape != exponent.shape:
             raise ValueError(f"rope {key} must have rotary_dim / 2 = {exponent.shape[0]} "
                              f"values, got {ext.shape[0]}")
         inv_freq = 1.0 / (ext * base**exponent)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+        freqs = torch.outer(torch.arange(num_positions, dtype=torch.float32), inv_freq)
         halves.append(torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention_factor)
     return LongRopeRotaryEmbedding(head_size, rotary_dim, torch.cat(halves), is_neox_style,
                                    original)

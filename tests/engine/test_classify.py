@@ -177,6 +177,7 @@ def test_reward_is_the_raw_head_output(tiny_model) -> None:
 def test_cross_encoder_score_equals_sigmoid_of_hf_pair_logits(tiny_model, arch: str) -> None:
     folder = tiny_model(arch, **ONE_LABEL)
     llm = LLM(model=folder, device="cpu")
+    assert llm.apply_model(lambda m: type(m).__name__) == arch  # the native head
     outputs = llm.score(QUERY, DOCS)
     scores = torch.tensor([o.outputs.score for o in outputs])
     expected = torch.sigmoid(_hf_logits(folder, DOCS, pairs_with=QUERY)[:, 0])
