@@ -10,6 +10,7 @@
 #   TRITONSERVER          the tritonserver binary (default: `tritonserver` on PATH)
 #   TRITON_BACKENDS       its backend directory (passed as --backend-directory when set)
 #   TRITONSERVER_ARGS     extra tritonserver flags; arguments starting with "-" are appended too
+#                         (default model control: explicit, every model loaded at start)
 # Any other first argument is run instead (e.g. `docker run -it IMAGE bash`).
 #
 # Signals: this script stays PID 1 and runs tritonserver as its child instead of `exec`-ing it.
@@ -99,6 +100,13 @@ if [[ -n ${TRITON_BACKENDS:-} ]]; then
   args+=("--backend-directory=$TRITON_BACKENDS")
 fi
 read -r -a user_args <<<"${TRITONSERVER_ARGS:-}"
+# Explicit model control with every model loaded at start, unless the user chose a mode: a
+# model whose engine dies unloads itself then (Triton refuses unloads in the default "none"
+# mode), so its readiness turns false and docker/ready.py reports it.
+case " ${user_args[*]} $* " in
+  *" --model-control-mode"*) ;;
+  *) args+=("--model-control-mode=explicit" "--load-model=*") ;;
+esac
 args+=("${user_args[@]}" "$@")
 
 log "$server ${args[*]}"

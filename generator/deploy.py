@@ -37,6 +37,8 @@ EXIT_TIMEOUT_S = 30
 GRACE_PERIOD_S = 60
 # The startupProbe allows FAILURE_THRESHOLD * PERIOD seconds for download + weight loading.
 STARTUP_PERIOD_S = 10
+# The image's readiness check (docker/ready.py, copied there by docker/Dockerfile).
+READY_COMMAND = ["python3", "/opt/tritonforge/docker/ready.py"]
 STARTUP_FAILURE_THRESHOLD = 180
 # HPA metrics, as the Prometheus adapter exposes them (see docker/k8s/README section).
 HPA_METRICS = {
@@ -138,7 +140,7 @@ def render(spec: DeploySpec) -> dict[str, str]:
         "grace": GRACE_PERIOD_S, "startup_period": STARTUP_PERIOD_S,
         "startup_failures": STARTUP_FAILURE_THRESHOLD, "version": __version__,
         "metrics": HPA_METRICS[spec.task or "generate"],
-        "build_args": " ".join(spec.build_args),
+        "build_args": " ".join(spec.build_args), "ready_command": json.dumps(READY_COMMAND),
     }
     out = {f: env.from_string(TEMPLATES[f]).render(context) for f in FILES}
     out["kustomization.yaml"] = env.from_string(KUSTOMIZATION).render(context)
@@ -242,18 +244,19 @@ kind: Deployment
               nvidia.com/gpu: {{ s.gpus }}
 {% endif %}
           # Up to {{ startup_period * startup_failures }}s for download + weight loading.
+          # ready.py asks Triton whether TRITON_MODEL_NAME is ready (the server's own
+          # readiness stays true after a model whose engine died unloads itself).
           startupProbe:
-            httpGet:
-              path: /v2/health/ready
-              port: http
+            exec:
+              command: {{ ready_command }}
             periodSeconds: {{ startup_period }}
+            timeoutSeconds: 5
             failureThreshold: {{ startup_failures }}
           readinessProbe:
-            httpGet:
-              path: /v2/health/ready
-              port: http
+            exec:
+              command: {{ ready_command }}
             periodSeconds: 5
-            timeoutSeconds: 3
+            timeoutSeconds: 5
             failureThreshold: 3
           livenessProbe:
             httpGet:

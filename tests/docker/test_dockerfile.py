@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -78,11 +79,15 @@ def test_dockerfile_rules() -> None:
     (user,) = [a for i, a in ins[last:] if i == "USER"]
     assert user.split(":")[0] == str(deploy.RUN_AS) != "0"
     (health,) = [a for i, a in ins if i == "HEALTHCHECK"]
-    assert "/v2/health/ready" in health and "TRITON_HTTP_PORT" in health
+    assert json.loads(health.split("CMD", 1)[1]) == deploy.READY_COMMAND
     (entry,) = [a for i, a in ins if i == "ENTRYPOINT"]
     target = entry.strip('[]"')
-    copies = [a.split()[-2:] for i, a in ins if i == "COPY"]
-    assert ["docker/entrypoint.sh", target] in copies
+    copied: dict[str, str] = {}  # source -> destination folder, from the image's COPY lines
+    for i, a in ins:
+        *sources, dest = [t for t in a.split() if not t.startswith("--")] if i == "COPY" else [""]
+        copied.update((src, dest) for src in sources)
+    assert Path(copied["docker/entrypoint.sh"], "entrypoint.sh") == Path(target)
+    assert Path(copied["docker/ready.py"], "ready.py") == Path(deploy.READY_COMMAND[-1])
 
 
 def test_entrypoint_defaults_match_the_image_and_manifests() -> None:

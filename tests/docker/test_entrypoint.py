@@ -82,6 +82,26 @@ def test_tritonserver_env_var_wins_over_path(fake_server, tmp_path: Path) -> Non
     assert (tmp_path / "args").read_text().startswith("other --model-repository=")
 
 
+def test_models_load_under_explicit_control_unless_the_user_picks_a_mode(fake_server,
+                                                                          tmp_path: Path) -> None:
+    # Explicit control is what lets a model whose engine died unload itself (not-ready).
+    once = tmp_path / "once-tritonserver"  # records its arguments and exits at once
+    once.write_text("#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" > \"$ARGS_FILE\"\n")
+    once.chmod(0o755)
+    env = dict(fake_server, TRITONSERVER=str(once))
+    proc = subprocess.run([str(ENTRYPOINT)], env=env, capture_output=True, text=True,
+                          timeout=20, check=False)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "args").read_text().split()
+    assert args[-2:] == ["--model-control-mode=explicit", "--load-model=*"]
+    proc = subprocess.run([str(ENTRYPOINT), "--model-control-mode=poll"], env=env,
+                          capture_output=True, text=True, timeout=20, check=False)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "args").read_text().split()
+    assert "--model-control-mode=explicit" not in args and "--load-model=*" not in args
+    assert args[-1] == "--model-control-mode=poll"
+
+
 @pytest.mark.parametrize("change, message", [
     ({"MODEL_REPOSITORY": "/nonexistent"}, "set MODEL (and TASK)"),
     ({"PATH": "/usr/bin:/bin"}, "no tritonserver"),

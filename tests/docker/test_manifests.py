@@ -46,13 +46,11 @@ def check_consistent(resources: list[dict]) -> dict[str, dict]:
     assert svc["spec"]["selector"].items() <= labels.items()
     assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
         n: (port, n) for n, port in deploy.PORTS.items()}
-    # Probes on Triton's health endpoints, on the named HTTP port.
-    probes = {kind: container[kind]["httpGet"] for kind in
-              ("startupProbe", "readinessProbe", "livenessProbe")}
-    assert {kind: (p["path"], p["port"]) for kind, p in probes.items()} == {
-        "startupProbe": ("/v2/health/ready", "http"),
-        "readinessProbe": ("/v2/health/ready", "http"),
-        "livenessProbe": ("/v2/health/live", "http")}
+    # Startup/readiness: the image's ready.py (the served model's readiness, which turns false
+    # when its engine dies); liveness: Triton's own endpoint on the named HTTP port.
+    for kind in ("startupProbe", "readinessProbe"):
+        assert container[kind]["exec"]["command"] == deploy.READY_COMMAND
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 900  # weight loading
     # Graceful termination: preStop sleep + Triton's exit timeout fit the grace period.
@@ -150,7 +148,7 @@ def test_rendered_variants_validate(task: str | None, gpus: int) -> None:
 def test_a_bad_manifest_fails_validation() -> None:
     _, resources = load_kustomization(BASE)
     dep = by_kind(resources)["Deployment"]
-    pod_spec(dep)["containers"][0]["readinessProbe"]["httpGet"]["prot"] = "http"
+    pod_spec(dep)["containers"][0]["livenessProbe"]["httpGet"]["prot"] = "http"
     with pytest.raises(jsonschema.ValidationError):
         validate(dep)
     mon = by_kind(resources)["ServiceMonitor"]
