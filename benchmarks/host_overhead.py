@@ -13,12 +13,14 @@ model's reference forward instead.
 
 Each phase is timed by wrapping the engine's own objects from outside (the engine knows
 nothing of this benchmark): schedule (`Scheduler.schedule`), prepare (`ModelRunner.prepare`),
-forward (the model's forward and compute_logits), sample (the sampler and the building of
-its metadata), and postprocess (the rest of `LLMEngine.step`: token bookkeeping, stop checks,
+forward (the model's forward and compute_logits), metadata (building the sampler's inputs),
+sample (the sampler), and postprocess (the rest of `LLMEngine.step`: token bookkeeping, stop checks,
 outputs, the scheduler's step accounting). The table reports mean milliseconds per step over
 the decode-only steps with at least `--min-batch` sequences (the steady state the H100 run
-spends its time in), and over all steps. CPU timings are noisy on a shared machine: repeat,
-and compare ratios measured in the same session rather than absolute numbers. The sample phase
+spends its time in), and over all steps. Phases are timed on this thread's CPU time by
+default (`--clock thread`; with one intra-op thread all the work is on it), which time
+spent waiting for a core on a shared machine does not inflate; still, repeat, and compare
+ratios measured in the same session rather than absolute numbers. The sample phase
 includes the sampler's tensor math on [batch, 1000] logits (on CPU: mostly drawing the
 exponential noise, ~4 ms at batch 256), which on a GPU is kernel launches; the other phases
 are host work on either device.
@@ -40,7 +42,7 @@ import torch
 from benchmarks.common import random_model
 from benchmarks.throughput import Workload
 
-PHASES = ("schedule", "prepare", "forward", "sample", "postprocess")
+PHASES = ("schedule", "prepare", "forward", "metadata", "sample", "postprocess")
 
 
 class _Stop(Exception):
@@ -48,18 +50,19 @@ class _Stop(Exception):
 
 
 class _Clock:
-    """Seconds per phase within the current step."""
+    """Seconds per phase within the current step, on `now` (see --clock)."""
 
-    def __init__(self) -> None:
+    def __init__(self, now: Callable[[], float]) -> None:
+        self.now = now
         self.seconds: dict[str, float] = {}
 
     def timed(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0 = self.now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + self.now() - t0
 
         return wrapper
 
@@ -98,12 +101,12 @@ def _instrument(engine: Any, clock: _Clock, steps: list[dict[str, float]],
     # The metadata: an engine method where it has one, else SamplingMetadata.build (the
     # class attribute is patched for this process; the benchmark runs one engine at a time).
     if hasattr(engine, "_sampling_metadata"):
-        engine._sampling_metadata = clock.timed("sample", engine._sampling_metadata)
+        engine._sampling_metadata = clock.timed("metadata", engine._sampling_metadata)
     else:
         meta = sampler_module.SamplingMetadata
         build = getattr(meta, "_untimed_build", meta.build)
         meta._untimed_build = build
-        meta.build = clock.timed("sample", build)
+        meta.build = clock.timed("metadata", build)
     schedule, step = engine.scheduler.schedule, engine.step
     batch = {"size": 0, "decode_only": False}
 
@@ -115,9 +118,9 @@ def _instrument(engine: Any, clock: _Clock, steps: list[dict[str, float]],
 
     def measured_step() -> Any:
         clock.seconds.clear()
-        t0 = time.perf_counter()
+        t0 = clock.now()
         out = step()
-        total = time.perf_counter() - t0
+        total = clock.now() - t0
         record = {p: clock.seconds.get(p, 0.0) for p in PHASES[:-1]}
         record["postprocess"] = total - sum(record.values())
         record.update(total=total, batch=batch["size"], decode_only=batch["decode_only"])
@@ -143,7 +146,8 @@ def run_once(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.forward == "fake":
         engine.model.forward = _fake_forward(engine.hf_config.hidden_size, engine.dtype)
     steps: list[dict[str, float]] = []
-    _instrument(engine, _Clock(), steps, args.max_steps)
+    now = time.thread_time if args.clock == "thread" else time.perf_counter
+    _instrument(engine, _Clock(now), steps, args.max_steps)
     params = [SamplingParams(temperature=w.temperature, ignore_eos=True, max_tokens=n)
               for n in outputs]
     start = time.perf_counter()
@@ -182,6 +186,8 @@ def main() -> None:
     p.add_argument("--min-batch", type=int, default=200,
                    help="steady state: decode-only steps of at least this many sequences")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--clock", choices=("thread", "wall"), default="thread",
+                   help="thread: CPU time of this thread (robust on a shared machine); wall")
     p.add_argument("--out", type=Path, help="write the per-run summaries as JSON")
     args = p.parse_args()
     # One intra-op thread: the sampler's tensor math on two shared cores otherwise spends

@@ -97,7 +97,9 @@ class ModelRunner:
                                        self.block_size, self.device)
             try:
                 self.graphs.capture()
-            except Exception as err:  # noqa: BLE001 - e.g. a Transformers-backend model
+                logger.info("%s: CUDA graphs captured for decode batch sizes %s",
+                            type(model).__name__, self.graphs.sizes)
+            except Exception as err:  # noqa: BLE001 - a model with host syncs in forward
                 # A model whose forward cannot be captured still runs, eagerly.
                 logger.warning("CUDA graph capture failed (%s); decode runs eagerly", err)
                 self.graphs = None
