@@ -7,12 +7,15 @@ with the ensemble, not the engine step, because it is also the build record that
 `generator deploy` and the container entrypoint look for in <NAME>/. It holds that record
 (task, source, hub, ...), the public model name (`name`: the vllm:* metrics carry it), and
 under `engine` the EngineConfig fields. Only those fields are read, with their JSON types;
-`trust_remote_code` is refused there, as a config file alone must never enable remote code.
+`trust_remote_code` is refused there, as a config file alone must never enable remote code:
+a model built with `--trust-remote-code` (recorded at the top level) runs its remote code
+only where the server's environment also sets TRITONFORGE_TRUST_REMOTE_CODE=1.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ from tritonforge.models.weight_utils import load_config
 # EngineConfig fields a settings file may set; the device comes from the Triton instance.
 ENGINE_KEYS = tuple(f.name for f in fields(EngineConfig)
                     if f.name not in {"device", "trust_remote_code"})
+# The operator's consent to remote code, read here at the edge (the engine reads no env).
+TRUST_REMOTE_CODE_ENV = "TRITONFORGE_TRUST_REMOTE_CODE"
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,21 @@ def load_settings(args: dict[str, Any]) -> EngineSettings:
     for key in ("model", "tokenizer"):
         if key in engine:
             engine[key] = resolve_model_path(str(engine[key]), str(path.parent))
+    if data.get("trust_remote_code") is True:
+        if os.environ.get(TRUST_REMOTE_CODE_ENV) != "1":
+            raise ValueError(f"{path} was built with --trust-remote-code: the model runs code "
+                             f"from its repository, which this server allows only with "
+                             f"{TRUST_REMOTE_CODE_ENV}=1 in its environment")
+        engine["trust_remote_code"] = True
     return EngineSettings(name=str(data.get("name") or args["model_name"]),
                           task=str(data.get("task", "")), engine=engine, path=path)
 
 
-def model_max_len(model: str, requested: int | None) -> int:
+def model_max_len(config: EngineConfig) -> int:
     """max_model_len as LLMEngine resolves it: the request, capped by the model's positions.
     (For a pooling model it is an upper bound: its runner may also cap by ST's
     max_seq_length.) Reads config.json only, so a tokenizer step loads no weights."""
-    limit = getattr(load_config(model), "max_position_embeddings", None) or 2048
+    requested = config.max_model_len
+    hf_config = load_config(config.model, trust_remote_code=config.trust_remote_code)
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
     return min(requested or limit, limit) if limit > 0 else requested or 2048

@@ -80,8 +80,9 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         settings = load_settings(args)
         config = settings.engine_config("cpu").resolved()  # hub ids -> local snapshots
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
-        self.max_model_len = model_max_len(str(config.model), config.max_model_len)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model,
+                                        trust_remote_code=config.trust_remote_code)
+        self.max_model_len = model_max_len(config)
         self.max_bytes = max_input_bytes(self.max_model_len)
 
     def execute(self, requests: list[Any]) -> list[Any]:

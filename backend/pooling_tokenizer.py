@@ -26,7 +26,7 @@ from tritonforge.backend.triton_io import (
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = load_settings(args).engine_config("cpu").resolved()
-        self.max_model_len = model_max_len(str(config.model), config.max_model_len)
+        self.max_model_len = model_max_len(config)
         self.max_bytes = max_input_bytes(self.max_model_len)
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -525,6 +525,18 @@ def test_server_classifies_with_a_built_classify_model(triton_server, tiny):
 
 
 @pytest.mark.slow
+def test_a_trust_remote_code_build_loads_only_where_the_server_allows_it(triton_server, tiny):
+    from tritonforge.generator.errors import TritonServerError
+
+    # The session server's environment has no TRITONFORGE_TRUST_REMOTE_CODE: the build's
+    # request alone must not enable remote code, and the load failure says what would.
+    with pytest.raises(TritonServerError, match="TRITONFORGE_TRUST_REMOTE_CODE=1"):
+        build_into_server(triton_server, tiny["embed"], "built_remote", "embed",
+                          "--trust-remote-code")
+    triton_server.unload_model("built_remote")
+
+
+@pytest.mark.slow
 def test_one_repository_with_all_three_tasks_serves_as_tritonserver_starts_it(tmp_path, tiny):
     """No explicit model control, as `tritonserver --model-repository` runs in a container:
     every ensemble and its steps load READY, and each answers through its public name."""
