@@ -249,7 +249,7 @@ def test_scaled_caches_extend_to_the_positions_the_scaling_targets() -> None:
 
 def test_unknown_rope_type_lists_the_supported_ones() -> None:
     with pytest.raises(ValueError, match="default, linear, dynamic, llama3, yarn"):
-        get_rope(64, 64, 128, 10000.0, {"rope_type": "longrope", "factor": 2.0})
+        get_rope(64, 64, 128, 10000.0, {"rope_type": "mrope", "factor": 2.0})
 
 
 def test_gated_activations_match_the_formulas() -> None:
