@@ -21,6 +21,9 @@ so `bind_kv_cache` finds them like a native model's. Per call the function takes
 soft-capping and sliding window from HF's arguments (OPT pre-scales q and passes 1.0; Gemma
 passes its window per layer), so what HF computes is what we compute.
 
+RMSNorms whose code is exactly LlamaRMSNorm's run as our fused kernel on CUDA
+(`FusedRMSNorm`); everything else is HF's own module.
+
 Limits: models that do not route attention through the interface (transformers marks them
 `_supports_attention_backend = False`, e.g. Falcon in 5.x) are refused at construction,
 naming the architecture; forward also checks every layer really called the paged function.
@@ -38,6 +41,9 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from tritonforge.kernels.dispatch import use_triton
+from tritonforge.kernels.rms_norm import rms_norm
 from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.layers.attention import Attention
 
@@ -110,6 +116,58 @@ def paged_attention_forward(
 transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
 
 
+def _code_key(function: Any) -> tuple[Any, ...] | None:
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return None
+    return (code.co_code, code.co_consts, code.co_names, code.co_varnames)
+
+
+_LLAMA_RMS_NORM = _code_key(LlamaRMSNorm.forward)
+
+
+class FusedRMSNorm(nn.Module):
+    """An HF RMSNorm whose forward is exactly LlamaRMSNorm's (Llama, Qwen2/3, Mistral, Phi3,
+    Granite, ...: the "Copied from" family), run as our one-kernel rms_norm on CUDA.
+
+    Why: HF's norm is ~7 kernels (upcast, square, mean, rsqrt, two multiplies, downcast),
+    twice per layer (plus Qwen3's q/k norms); inside a decode CUDA graph each still costs a
+    few microseconds, which is most of the backend's gap to native. Elsewhere (CPU, meta,
+    or an input dtype that HF would promote against the weight) it runs HF's own forward,
+    so CPU results are bit-identical to transformers. On CUDA the one difference is
+    rounding: HF rounds the normalized value to the input dtype before the weight multiply,
+    the kernel rounds once at the end (the same in float32; at most an ulp apart in bf16).
+    """
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight = norm.weight  # the same Parameter: checkpoint names are unchanged
+        self.variance_epsilon = norm.variance_epsilon
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # hidden_states: [..., H] -> [..., H]
+        if not use_triton(hidden_states) or hidden_states.dtype != self.weight.dtype:
+            return LlamaRMSNorm.forward(self, hidden_states)
+        shape = hidden_states.shape
+        out = rms_norm(hidden_states.reshape(-1, shape[-1]), self.weight, self.variance_epsilon)
+        return out.view(shape)
+
+
+def fuse_rms_norms(model: nn.Module) -> int:
+    """Swaps every submodule whose forward is LlamaRMSNorm's code for a FusedRMSNorm (found
+    by comparing bytecode, not names: Gemma's `1 + weight` norm never matches); returns how
+    many were swapped."""
+    matches = [name for name, module in model.named_modules()
+               if _code_key(getattr(type(module), "forward", None)) == _LLAMA_RMS_NORM
+               and isinstance(getattr(module, "weight", None), nn.Parameter)
+               and module.weight.dim() == 1 and hasattr(module, "variance_epsilon")]
+    for name in matches:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FusedRMSNorm(getattr(parent, child)))
+    return len(matches)
+
+
 def num_kv_heads_of(config: Any) -> int:
     """KV heads, including configs that describe them another way (Falcon's multi_query)."""
     num_heads = config.num_attention_heads
@@ -162,6 +220,7 @@ class TransformersForCausalLM(nn.Module):
                 hf_config, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.model.tie_weights()  # no_init_weights skips post_init's tying
+        self.num_fused_norms = fuse_rms_norms(self.model)
         self.model.eval()
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         num_heads, head_dim = text.num_attention_heads, head_dim_of(text)

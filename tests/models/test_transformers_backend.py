@@ -18,6 +18,7 @@ from tritonforge.models.layers.attention import Attention
 from tritonforge.models.registry import MODEL_REGISTRY, kv_cache_shape, resolve_model_class
 from tritonforge.models.transformers_backend import (
     ATTN_IMPLEMENTATION,
+    FusedRMSNorm,
     TransformersForCausalLM,
 )
 from tritonforge.models.weight_utils import load_config, load_model
@@ -106,6 +107,28 @@ def test_decode_forward_has_no_host_sync_so_cuda_graphs_can_capture_it(models, m
     with torch.inference_mode():
         hidden = model(ids, ids.clone(), meta)  # forward checks every layer was called
     assert hidden.shape == (num_seqs, config.hidden_size) and hidden.device.type == "meta"
+
+
+@pytest.mark.parametrize("architecture, per_layer", [
+    ("LlamaForCausalLM", 2), ("Qwen3ForCausalLM", 4),  # Qwen3 adds q_norm and k_norm
+    ("Gemma2ForCausalLM", 0), ("GPTNeoXForCausalLM", 0),  # (1 + weight) norms; LayerNorm
+])
+def test_only_llama_style_rms_norms_are_fused_and_cpu_output_is_unchanged(
+        tiny_model, architecture, per_layer) -> None:
+    folder = tiny_model(architecture)
+    ours, config = load_model(folder, torch.float32, "cpu", model_impl="transformers")
+    expected = per_layer * config.num_hidden_layers + (1 if per_layer else 0)  # + final norm
+    assert ours.num_fused_norms == expected
+    fused = [m for m in ours.modules() if isinstance(m, FusedRMSNorm)]
+    assert len(fused) == expected
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert {n for n, _ in ours.model.named_parameters()} == {
+        n for n, _ in hf.named_parameters()}  # checkpoint names unchanged
+    if fused:  # off CUDA the fused norm runs HF's own code: bit-identical
+        norm = ours.model.model.norm
+        x = torch.randn(3, 7, config.hidden_size)
+        assert isinstance(norm, FusedRMSNorm)
+        assert torch.equal(norm(x), hf.model.norm(x))
 
 
 def test_registry_routes_model_impl() -> None:
