@@ -46,6 +46,9 @@ class StepInputs:
     sampled_seqs: list[Sequence]  # the S sequences, in row order
 
 
+_ALIGN = 16  # int64 elements: 128 bytes
+
+
 def to_device(host: HostInputs, device: torch.device) -> StepInputs:
     """Packs every integer array of the step into one int64 host buffer, copies it to
     `device` at once and takes the tensors as views (int32 ones converted there).
@@ -58,9 +61,15 @@ def to_device(host: HostInputs, device: torch.device) -> StepInputs:
     """
     parts = (host.input_ids, host.positions, host.slot_mapping, host.logits_indices,
              host.query_start_loc, host.seq_lens, host.block_tables.reshape(-1))
-    packed = np.concatenate(parts, dtype=np.int64)
+    # Each part starts on a 128-byte boundary, as a tensor of its own would: Triton
+    # specializes kernels on pointer alignment, so a misaligned view would cost a compile
+    # and slower loads.
+    starts = np.cumsum([0] + [-(-p.size // _ALIGN) * _ALIGN for p in parts])
+    packed = np.zeros(int(starts[-1]), dtype=np.int64)
+    for part, start in zip(parts, starts):
+        packed[start:start + part.size] = part
     flat = torch.from_numpy(packed).to(device, non_blocking=True)
-    views = torch.split(flat, [p.size for p in parts])
+    views = [flat[start:start + part.size] for part, start in zip(parts, starts.tolist())]
     input_ids, positions, slot_mapping, logits_indices = views[:4]
     query_start_loc, seq_lens, block_tables = (v.to(torch.int32) for v in views[4:])
     meta = AttentionMetadata(
