@@ -10,11 +10,12 @@ from tests.reliability._triton import build, set_engine_parameters
 GENERATE = "relgen"
 EMBED = "relembed"
 CLASSIFY = "relcls"
-MAX_MODEL_LEN = 128
+# Long enough that a stream lasts seconds on CPU (cancellation must beat its end).
+MAX_MODEL_LEN = 512
 MAX_NUM_SEQS = 8
-# A KV cache of 24 blocks of 16 tokens: three full-length sequences. Overload tests need
-# more concurrent demand than that; ordinary requests need one block.
-NUM_KV_BLOCKS = 24
+# A KV cache of 40 blocks of 16 tokens: one full-length sequence and a quarter. Overload
+# tests need more concurrent demand than that; ordinary requests need one block.
+NUM_KV_BLOCKS = 40
 
 
 @pytest.fixture(scope="session")

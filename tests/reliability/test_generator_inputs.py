@@ -115,12 +115,22 @@ def test_any_build_flags_end_cleanly_inside_the_output_folder(
     assert all(path.split(os.sep)[0] == "out" for path in snapshot(root)), snapshot(root)
     assert snapshot(decoder) == before_model
     if code == 0:
-        (folder,) = [p for p in (root / "out").iterdir()]
-        assert folder.name == name and parse_config(folder).name == name
+        assert_built(root / "out", name or decoder.name)
+
+
+def assert_built(repo: Path, name: str) -> None:
+    """The model folder NAME (and only its own steps, NAME_*) with a config naming it."""
+    folders = sorted(p.name for p in repo.iterdir())
+    assert name in folders and all(f == name or f.startswith(name + "_") for f in folders)
+    assert parse_config(repo / name).name == name
 
 
 @SETTINGS
-@given(model=HOSTILE)
+# Printable only: a control character echoed raw in the error is a known bug (see
+# test_an_error_quoting_a_newline_is_still_one_line).
+# Path-shaped (a hub id would be looked up on a network this machine does not have).
+@given(model=st.tuples(st.sampled_from(["./", "../", "/", "~/", "./a/../../"]),
+                       HOSTILE.filter(str.isprintable)).map("".join))
 def test_a_hostile_model_argument_never_escapes_or_crashes(sandbox, model):
     root = sandbox()
     code, stderr = run_cli(["build", model, "--task", "generate", "-o", "out"])
@@ -130,11 +140,14 @@ def test_a_hostile_model_argument_never_escapes_or_crashes(sandbox, model):
 
 
 @pytest.mark.parametrize("name", ["..", ".", "../evil", "a/../../evil", "/tmp/evil", "~evil",
-                                  "evil\n", "-rf", ".hidden", "a" * 129, ""])
+                                  "-rf", ".hidden", "a" * 129, "a\nb", pytest.param(
+                                      "evil\n", marks=pytest.mark.xfail(strict=True, reason=(
+                                          "bug: generator/render.py _MODEL_NAME_RE ends in $, "
+                                          "which matches before a final newline")))])
 def test_a_model_name_that_would_leave_the_repository_is_refused(sandbox, decoder, name):
     root = sandbox()
     code, stderr = run_cli(["build", str(decoder), "--task", "generate", "-o", "out",
-                            "--name", name])
+                            f"--name={name}"])
     assert (code, stderr.startswith("error: invalid model name")) == (1, True), stderr
     assert not (root / "out").exists() or not any((root / "out").iterdir())
 
@@ -145,9 +158,10 @@ def test_the_default_name_of_an_odd_folder_stays_inside(sandbox, decoder):
     shutil.copytree(decoder, odd)
     code, stderr = run_cli(["build", str(odd), "--task", "generate", "-o", "out"])
     assert code == 0, stderr
-    (folder,) = (root / "out").iterdir()
-    assert folder.parent == root / "out" and not folder.name.startswith(".")
-    assert parse_config(folder).name == folder.name
+    (config,) = (root / "out").glob("*/engine.json")
+    name = config.parent.name
+    assert not name.startswith(".") and "\n" not in name
+    assert_built(root / "out", name)
 
 
 # ---- values from model configs ------------------------------------------------------------
@@ -161,10 +175,10 @@ def test_hostile_label_names_cannot_inject_into_config_or_labels_file(
     code, stderr = run_cli(["build", str(model), "--task", "classify", "-o", "out",
                             "--name", "cls"])
     assert code == 0, stderr
-    config = parse_config(root / "out" / "cls")
-    assert config.name == "cls" and list(config.output[0].dims) == [len(labels)]
-    assert config.parameters["model"].string_value == str(model)
-    lines = (root / "out" / "cls" / "labels.txt").read_text(encoding="utf-8").split("\n")
+    assert_built(root / "out", "cls")
+    assert list(parse_config(root / "out" / "cls").output[0].dims) == [len(labels)]
+    (labels_file,) = (root / "out").glob("*/labels.txt")
+    lines = labels_file.read_text(encoding="utf-8").split("\n")
     assert lines[-1] == "" and len(lines) - 1 == len(labels)  # one line per label, in order
 
 
@@ -172,13 +186,14 @@ def test_hostile_label_names_cannot_inject_into_config_or_labels_file(
 @given(text=HOSTILE)
 def test_hostile_strings_in_config_json_render_a_valid_config(sandbox, decoder, text):
     root = sandbox()
-    model = copy_with_config(decoder, root / "src", _name_or_path=text, model_type="llama",
-                             architectures=[text + "ForCausalLM"])
+    # (A hostile architecture name is the subject of its own test below.)
+    model = copy_with_config(decoder, root / "src", _name_or_path=text, torch_dtype=text,
+                             chat_template=text, custom_field={text: text})
     code, stderr = run_cli(["build", str(model), "--task", "generate", "-o", "out",
                             "--name", "gen"])
-    assert_one_clean_outcome(code, stderr)
-    if code == 0:
-        assert parse_config(root / "out" / "gen").name == "gen"
+    assert (code, stderr) == (0, "")
+    assert_built(root / "out", "gen")
+    assert json.loads((root / "out" / "gen" / "engine.json").read_text())["name"] == "gen"
     assert all(path.split(os.sep)[0] in {"out", "src"} for path in snapshot(root))
 
 
@@ -201,12 +216,16 @@ def test_a_malformed_config_json_is_one_error_line(sandbox, classifier, changes)
     assert_one_clean_outcome(code, stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an architecture name with a newline is echoed "
-                   "raw, so the CLI's error spans two lines")
-def test_an_unknown_architecture_with_a_newline_is_one_error_line(sandbox, decoder):
+@pytest.mark.xfail(strict=True, reason="bug: generator errors quote values raw (not repr), "
+                   "so a newline in an architecture or model argument splits the error line")
+@pytest.mark.parametrize("where", ["architecture", "model argument"])
+def test_an_error_quoting_a_newline_is_still_one_line(sandbox, decoder, where):
     root = sandbox()
-    model = copy_with_config(decoder, root / "src", architectures=['Evil"\n}Model'])
-    code, stderr = run_cli(["build", str(model), "--task", "generate", "-o", "out"])
+    if where == "architecture":
+        model = str(copy_with_config(decoder, root / "src", architectures=['Evil"\n}Model']))
+    else:
+        model = "no/such\nmodel"
+    code, stderr = run_cli(["build", model, "--task", "generate", "-o", "out"])
     assert_one_clean_outcome(code, stderr)
 
 

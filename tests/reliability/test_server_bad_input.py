@@ -28,6 +28,8 @@ from tests.reliability._triton import (
 )
 from tests.reliability.conftest import MAX_MODEL_LEN
 
+pytestmark = pytest.mark.slow  # a real tritonserver, as every server test
+
 TEN_MB = "a " * 5_000_000
 GOOD_PROMPT = "The quick brown fox"
 
@@ -50,7 +52,7 @@ def with_extra(*extra: tuple) -> Callable[[], list]:
 BAD_GRPC: dict[str, tuple[Callable[[], list], list[str]]] = {
     "empty text": (lambda: generate_inputs("", GREEDY), ["text_input", "empty"]),
     "no text at all": (lambda: generate_inputs(None, GREEDY), ["text_input"]),
-    "prompt longer than max_model_len": (lambda: generate_inputs("hello " * 300, GREEDY),
+    "prompt longer than max_model_len": (lambda: generate_inputs("hello " * 700, GREEDY),
                                          ["text_input", "max_model_len"]),
     "10 MB text": (lambda: generate_inputs(TEN_MB, GREEDY), ["text_input", "too long"]),
     "invalid UTF-8": (lambda: generate_inputs(b"ok \xff\xfe bad", GREEDY),
@@ -156,7 +158,7 @@ def test_a_burst_of_good_and_bad_requests_fails_only_the_bad(
 # ---- HTTP generate / generate_stream --------------------------------------------------------
 BAD_HTTP: dict[str, tuple[dict | bytes, list[str]]] = {
     "empty text": ({"text_input": ""}, ["text_input"]),
-    "prompt longer than max_model_len": ({"text_input": "hello " * 300},
+    "prompt longer than max_model_len": ({"text_input": "hello " * 700},
                                          ["text_input", "max_model_len"]),
     "10 MB text": ({"text_input": TEN_MB}, ["text_input"]),
     "lone surrogate (not UTF-8)": (b'{"text_input": "\\udcff"}', ["text_input"]),

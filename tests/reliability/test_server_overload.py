@@ -3,8 +3,8 @@ all finish (none fails for capacity; the engine preempts), and a bounded soak of
 good, bad and cancelled requests leaves no KV block held and no memory growth in the
 model's stub processes once the load ends.
 
-The soak is `slow`; TRITONFORGE_SOAK_SECONDS (default 120) sets its length, so the GPU
-host can run it for as long as it likes."""
+Like every server test these are `slow`; TRITONFORGE_SOAK_SECONDS (default 120) sets the
+soak's length, so the GPU host can run it for as long as it likes."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ from tests.reliability._triton import (
 )
 from tests.reliability.conftest import MAX_NUM_SEQS, NUM_KV_BLOCKS
 
+pytestmark = pytest.mark.slow  # a real tritonserver, as every server test
+
 OVERLOAD = {"temperature": 0, "max_tokens": 90, "ignore_eos": True}
 # RSS may move by allocator noise; a leak of a request's state per request would not fit.
 RSS_SLACK_BYTES = 48 << 20
@@ -39,7 +41,7 @@ def test_more_streams_than_kv_blocks_all_finish(triton_server, generate_model):
     model = generate_model
     before = vllm_metrics(triton_server, model)
     count = 2 * MAX_NUM_SEQS
-    # Each needs ceil((~10 + 90) / 16) = 7 blocks: 16 streams want 112 of 24 blocks.
+    # Each needs ceil((~10 + 90) / 16) = 7 blocks: 16 streams want 112 of 40 blocks.
     assert count * 7 > NUM_KV_BLOCKS
     with ThreadPoolExecutor(count) as pool:
         futures = [pool.submit(grpc_stream, triton_server.grpc_url, model,
@@ -73,7 +75,6 @@ def _one_wave(url: str, model: str, wave: int) -> tuple[int, int]:
     return len(good) + len(bad), errors
 
 
-@pytest.mark.slow
 def test_soak_leaves_no_kv_block_and_no_memory_growth(triton_server, generate_model):
     model = generate_model
     duration = float(os.environ.get("TRITONFORGE_SOAK_SECONDS", "120"))
