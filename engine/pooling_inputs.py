@@ -16,6 +16,27 @@ from tritonforge.engine.pooling_params import PoolingParams
 from tritonforge.models.pooling_config import PoolingConfig
 
 
+def encode_batch_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of `texts` with special tokens, untruncated: what `tokenizer(texts)` returns
+    as input_ids, without building its BatchEncoding.
+
+    Why: for short texts, transformers' per-text Python work around the Rust tokenizer
+    (attention masks, token type ids, dict-of-lists assembly) costs more than the encoder's
+    forward on a GPU. A fast tokenizer's Rust backend encodes the batch in parallel; only
+    its ids are read. Slow tokenizers take the ordinary call.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "split_special_tokens", False):
+        return tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    # transformers resets these on every call too; a truncation or padding left configured
+    # in tokenizer.json must not apply here (over-long texts are checked by the caller).
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    return [enc.ids for enc in backend.encode_batch(texts, add_special_tokens=True)]
+
+
 @dataclass
 class PoolingInputs:
     tokenizer: Any
@@ -105,7 +126,7 @@ class PoolingInputs:
         if self.pooling_config.do_lower_case:
             prompts = [p.lower() for p in prompts]
         tok = self.tokenizer
-        token_ids = tok(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+        token_ids = encode_batch_ids(tok, prompts)
         to_cut: dict[int, list[int]] = {}  # token limit -> prompt indices over it
         for i, (ids, p) in enumerate(zip(token_ids, params)):
             tpt = p.truncate_prompt_tokens

@@ -69,6 +69,9 @@ from tritonforge.models.transformers_encoder import TransformersEncoder
 from tritonforge.models.weight_utils import load_model
 
 TASKS = POOLING_TASKS
+# Rows of results kept on the device before one copy to the host (bounds device memory for
+# huge calls: 65536 x 4096 float32 is 1 GiB at worst).
+_PENDING_ROWS = 65536
 # The Transformers wrapper of each task, for architectures without a native class.
 _TRANSFORMERS_WRAPPERS: dict[str, Callable[..., nn.Module]] = {
     "embed": TransformersEncoder, "classify": TransformersSequenceClassifier,
@@ -406,12 +409,23 @@ class PoolingRunner:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=len(token_ids), desc=desc, unit="prompt")
+        # Results stay on the device until _PENDING_ROWS rows wait (or the end): copying each
+        # batch to the host at once would make the host wait for the GPU every batch, instead
+        # of packing and launching the next batch while the GPU computes this one.
+        pending: list[torch.Tensor] = []
+        pending_rows: list[int] = []
         for batch in batches:
             types = None if token_type_ids is None else [token_type_ids[i] for i in batch]
             packed = PackedBatch.of([token_ids[i] for i in batch], types, self._device)
-            out[batch] = forward(packed).float().cpu()
+            pending.append(forward(packed).float())
+            pending_rows.extend(batch)
+            if len(pending_rows) >= _PENDING_ROWS:
+                out[pending_rows] = torch.cat(pending).cpu()
+                pending, pending_rows = [], []
             if progress is not None:
                 progress.update(len(batch))
+        if pending:
+            out[pending_rows] = torch.cat(pending).cpu()
         if progress is not None:
             progress.close()
         return out
