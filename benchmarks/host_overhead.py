@@ -9,7 +9,9 @@ temperature 0.6, ignore_eos, through `LLM.generate`). Only the model is a stand-
 benchmarks' `tiny` config (vocab 1000; prompt ids are taken modulo the vocab) whose forward
 is replaced by one returning zeros [N, hidden] (`--forward fake`, the default), so what is
 left of a step is what the host does around the GPU. `--forward real` runs the tiny
-model's reference forward instead.
+model's reference forward instead. On the GPU machine, `--device cuda --model qwen3-0.6b
+--clock wall --num-kv-blocks 0` gives the same breakdown for the real run (the forward is
+then asynchronous: its GPU time shows up where the host waits, in sample).
 
 Each phase is timed by wrapping the engine's own objects from outside (the engine knows
 nothing of this benchmark): schedule (`Scheduler.schedule`), prepare (`ModelRunner.prepare`),
@@ -137,13 +139,14 @@ def run_once(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     w = Workload(num_requests=args.num_requests)
     prompts, outputs = w.requests()
-    llm = LLM(model=model_dir, runner="generate", device="cpu", dtype="float32",
-              max_model_len=w.max_model_len, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens,
-              num_kv_blocks=args.num_kv_blocks, seed=w.seed)
+    cuda = args.device == "cuda"
+    llm = LLM(model=model_dir, runner="generate", device=args.device,
+              dtype="bfloat16" if cuda else "float32", max_model_len=w.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              num_kv_blocks=args.num_kv_blocks or None, seed=w.seed)
     engine = llm.engine
     prompts = [[t % engine.vocab_size for t in p] for p in prompts]
-    if args.forward == "fake":
+    if args.forward == "fake" and not cuda:
         engine.model.forward = _fake_forward(engine.hf_config.hidden_size, engine.dtype)
     steps: list[dict[str, float]] = []
     now = time.thread_time if args.clock == "thread" else time.perf_counter
@@ -176,12 +179,18 @@ def summarize(steps: list[dict[str, float]], min_batch: int) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-cache", type=Path, default=Path(tempfile.gettempdir()) / "tf-bench")
-    p.add_argument("--forward", choices=("fake", "real"), default="fake")
+    p.add_argument("--forward", choices=("fake", "real"), default="fake",
+                   help="fake: zeros for hidden states (CPU only); real: the model's forward")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the real model on the GPU (use --model qwen3-0.6b --clock "
+                        "wall --num-kv-blocks 0); forward and sample then include GPU waits")
+    p.add_argument("--model", default="tiny", help="a benchmarks.common config name")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--num-kv-blocks", type=int, default=24000,
-                   help="enough for workload 1 without preemption, as on the H100")
+                   help="enough for workload 1 without preemption, as on the H100; 0: the "
+                        "engine sizes the cache (on CUDA from gpu memory)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
     p.add_argument("--min-batch", type=int, default=200,
                    help="steady state: decode-only steps of at least this many sequences")
@@ -193,7 +202,7 @@ def main() -> None:
     # One intra-op thread: the sampler's tensor math on two shared cores otherwise spends
     # more time in thread contention than in work, which no GPU run would see.
     torch.set_num_threads(1)
-    model_dir = random_model("tiny", args.model_cache, device="cpu")
+    model_dir = random_model(args.model, args.model_cache, device=args.device)
     runs = []
     for i in range(args.repeat):
         result = run_once(model_dir, args)
