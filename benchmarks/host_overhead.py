@@ -156,8 +156,15 @@ def run_once(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     tokens = None
     try:
-        results = llm.generate(prompts, params)
-        tokens = sum(len(r.outputs[0].token_ids) for r in results)
+        if args.stream:  # as the serving path drives it: every step reports every request
+            for i, (prompt, sp) in enumerate(zip(prompts, params)):
+                engine.add_request(str(i), prompt, sp, stream=True)
+            tokens = 0
+            while engine.has_unfinished_requests():
+                tokens += sum(len(o.outputs[0].token_ids_delta) for o in engine.step())
+        else:
+            results = llm.generate(prompts, params)
+            tokens = sum(len(r.outputs[0].token_ids) for r in results)
     except _Stop:
         pass
     return {"steps": steps, "wall_s": time.perf_counter() - start, "tokens": tokens}
@@ -185,6 +192,9 @@ def main() -> None:
                    help="cuda: the real model on the GPU (use --model qwen3-0.6b --clock "
                         "wall --num-kv-blocks 0); forward and sample then include GPU waits")
     p.add_argument("--model", default="tiny", help="a benchmarks.common config name")
+    p.add_argument("--stream", action="store_true",
+                   help="stream every request (per-token detokenization and outputs, as "
+                        "the Triton backend drives the engine) instead of LLM.generate")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
