@@ -73,6 +73,9 @@ class DeploySpec:
     gpus: int = 1
     replicas: int = 1
     hpa_max: int = 4
+    # The build ran with --trust-remote-code: the pods get the server-side consent too
+    # (backend/engine_settings.py refuses remote code without it).
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -114,19 +117,21 @@ def spec_for_repository(repo: Path, **kw) -> DeploySpec:
             raise UserError(f"{folder.name} was built from the local folder {source} without "
                             "--download: rebuild with --download so the weights travel with the "
                             "repository, or build from a hub id")
-        return DeploySpec(model_name=folder.name, task=task, **kw)
+        return DeploySpec(model_name=folder.name, task=task,
+                          trust_remote_code=bool(s.get("trust_remote_code")), **kw)
     kind = "gpu" if kw.get("gpus", 1) > 0 else "cpu"
     args = ["--name", folder.name, "--kind", kind, "--hub", hub]
     flags = {"revision": "--revision", "dtype": "--dtype", "max_model_len": "--max-model-len",
              "gpu_memory_utilization": "--gpu-memory-utilization",
              "max_num_seqs": "--max-num-seqs", "instance_count": "--instance-count",
-             "model_impl": "--model-impl"}
+             "tokenizer_instance_count": "--tokenizer-instances", "model_impl": "--model-impl"}
     for key, flag in flags.items():
         if s.get(key) not in (None, "", "auto"):
             args += [flag, str(s[key])]
     if s.get("trust_remote_code"):
         args.append("--trust-remote-code")
-    return DeploySpec(model_name=folder.name, task=task, model=source, build_args=args, **kw)
+    return DeploySpec(model_name=folder.name, task=task, model=source, build_args=args,
+                      trust_remote_code=bool(s.get("trust_remote_code")), **kw)
 
 
 def render(spec: DeploySpec) -> dict[str, str]:
@@ -180,6 +185,10 @@ kind: ConfigMap
   GENERATOR_BUILD_ARGS: {{ build_args | q }}
   TRITON_MODEL_NAME: {{ s.model_name | q }}
   TRITONSERVER_ARGS: ""
+{% if s.trust_remote_code %}
+  # The build asked for the model's own code; the server runs it only with this consent.
+  TRITONFORGE_TRUST_REMOTE_CODE: "1"
+{% endif %}
 """,
     "pvc.yaml": """apiVersion: v1
 kind: PersistentVolumeClaim

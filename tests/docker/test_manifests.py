@@ -193,7 +193,8 @@ def test_deploy_from_a_hub_built_repository_rebuilds_it(tmp_path: Path) -> None:
     (folder / "engine.json").write_text(json.dumps({
         "task": "generate", "source": "Qwen/Qwen3-0.6B", "hub": "hf", "revision": "v1",
         "downloaded": False, "dtype": "bfloat16", "max_model_len": 4096,
-        "instance_count": 1, "model_impl": "auto", "trust_remote_code": False}))
+        "instance_count": 1, "tokenizer_instance_count": 2, "model_impl": "auto",
+        "trust_remote_code": False}))
     spec = deploy.spec_for_repository(tmp_path / "repo", name="chat")
     resources = [d for t in deploy.render(spec).values() for d in yaml.safe_load_all(t)]
     cm = check_consistent([r for r in resources if r["kind"] != "Kustomization"])["ConfigMap"]
@@ -201,6 +202,26 @@ def test_deploy_from_a_hub_built_repository_rebuilds_it(tmp_path: Path) -> None:
     args = shlex.split(cm["data"]["GENERATOR_BUILD_ARGS"])
     assert args[args.index("--revision") + 1] == "v1"
     assert args[args.index("--max-model-len") + 1] == "4096"
+    assert args[args.index("--tokenizer-instances") + 1] == "2"
+    assert "--trust-remote-code" not in args
+    assert "TRITONFORGE_TRUST_REMOTE_CODE" not in cm["data"]
+
+
+@pytest.mark.parametrize("downloaded", [False, True])
+def test_a_remote_code_build_deploys_with_the_servers_consent(tmp_path: Path,
+                                                              downloaded: bool) -> None:
+    # Without TRITONFORGE_TRUST_REMOTE_CODE=1 the pods' server refuses to load the model.
+    folder = tmp_path / "repo" / "custom"
+    folder.mkdir(parents=True)
+    (folder / "engine.json").write_text(json.dumps({
+        "task": "generate", "source": "org/custom-arch", "hub": "hf", "downloaded": downloaded,
+        "trust_remote_code": True}))
+    spec = deploy.spec_for_repository(tmp_path / "repo", name="custom")
+    resources = [d for t in deploy.render(spec).values() for d in yaml.safe_load_all(t)]
+    cm = check_consistent([r for r in resources if r["kind"] != "Kustomization"])["ConfigMap"]
+    assert cm["data"]["TRITONFORGE_TRUST_REMOTE_CODE"] == "1"
+    if not downloaded:
+        assert "--trust-remote-code" in shlex.split(cm["data"]["GENERATOR_BUILD_ARGS"])
 
 
 @pytest.mark.parametrize("argv, message", [
