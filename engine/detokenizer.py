@@ -64,6 +64,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
+        self._backend_decode = backend_decode(tokenizer)
         # Candidates for skipping; each is confirmed by decoding it once (see _visible).
         self._special = _special_ids(tokenizer) if skip_special_tokens else frozenset()
         self._skips: dict[int, bool] = {}
@@ -138,12 +139,39 @@ class IncrementalDetokenizer:
         return self._decode_ids(self._ids[start:end]) if start < end else ""
 
     def _decode_ids(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(
             ids,
             skip_special_tokens=self.skip_special_tokens,
             clean_up_tokenization_spaces=False,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
         )
+
+
+def backend_decode(tokenizer: Any) -> Any:
+    """The Rust tokenizer's own decode when it is exactly what `tokenizer.decode` does with
+    our arguments, else None.
+
+    Why: decode runs two or three times per generated token of a streamed request, and
+    transformers' Python wrapper (argument normalization, `to_py_obj` over the ids) costs
+    several times the Rust decode itself. With clean_up_tokenization_spaces=False, the fast
+    tokenizer's decode is `self._tokenizer.decode(ids, skip_special_tokens=...)` and nothing
+    else (spaces_between_special_tokens is accepted and ignored), as long as the class
+    overrides neither `decode` nor `_decode` (a few model tokenizers post-process there).
+    """
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: keep the public decode
+        return None
+    cls = type(tokenizer)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (isinstance(tokenizer, TokenizersBackend) and backend is not None
+            and cls.decode is PreTrainedTokenizerBase.decode
+            and cls._decode is TokenizersBackend._decode):
+        return backend.decode
+    return None
 
 
 def _special_ids(tokenizer: Any) -> frozenset[int]:

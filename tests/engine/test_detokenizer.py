@@ -21,6 +21,7 @@ from tritonforge.engine.detokenizer import (
     INITIAL_PREFIX_TOKENS,
     MAX_HELD_TOKENS,
     IncrementalDetokenizer,
+    backend_decode,
 )
 
 from tests.fixtures.tiny_models import CORPUS, make_tokenizer
@@ -324,3 +325,32 @@ def test_smollm2_gguf_tokenizer_streams_the_reference(smollm2_tokenizer):
         chunks = [rng.randint(1, 4) for _ in output]
         assert_streams_reference(tok, prompt, output, skip=rng.random() < 0.5)
         assert_streams_reference(tok, prompt, output, chunks)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backend_decode_is_taken_for_fast_tokenizers_and_equals_their_decode(kind):
+    tok = get_tokenizer(kind)
+    fast = backend_decode(tok)
+    assert fast is not None
+    rng = random.Random(kind)
+    for _ in range(200):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(0, 12))]
+        for skip in (True, False):
+            assert fast(ids, skip_special_tokens=skip) == tok.decode(
+                ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False,
+                spaces_between_special_tokens=True)
+
+
+def test_a_tokenizer_that_post_processes_its_decode_keeps_the_public_decode():
+    class Shouting(type(get_tokenizer("byte_bpe"))):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    tok = get_tokenizer("byte_bpe")
+    tok.__class__ = Shouting
+    assert backend_decode(tok) is None
+    ids = tok("hello brown world")["input_ids"]
+    detok = IncrementalDetokenizer(tok, ids[:1])
+    text = detok.push(ids[1:]) + detok.flush()
+    assert text == reference(tok, ids[:1], ids[1:], skip=True)
+    assert "WORLD" in text  # the subclass's decode ran
