@@ -142,10 +142,17 @@ def estimate_params(text: dict[str, Any], architecture: str) -> int | None:
     inter = text.get("intermediate_size") or 4 * hidden
     head_dim = text.get("head_dim") or hidden // heads
     kv_heads = text.get("num_key_value_heads") or heads
-    if support(architecture).tasks == ("generate",):
+    # BERT-family configs (the encoder layout) carry token type embeddings; decoders don't,
+    # whatever their head (LM, sequence classification or none, as embedding models).
+    if "type_vocab_size" not in text:
         attn = hidden * head_dim * (2 * heads + 2 * kv_heads)
         per_layer = attn + 3 * hidden * inter + 2 * hidden
-        head = 0 if text.get("tie_word_embeddings", False) else vocab * hidden
+        if support(architecture).tasks == ("generate",):
+            head = 0 if text.get("tie_word_embeddings", False) else vocab * hidden
+        elif architecture.endswith("ForSequenceClassification"):
+            head = hidden * max(len(text.get("id2label") or {}), 2)  # the score head
+        else:
+            head = 0  # a base model: hidden states out
         return vocab * hidden + layers * per_layer + hidden + head
     positions = text.get("max_position_embeddings") or 512
     types = text.get("type_vocab_size") or 0

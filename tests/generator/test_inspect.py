@@ -117,7 +117,9 @@ def test_inspect_a_native_decoder(tiny_model, capsys):
     assert info["weight_bytes"] == 2 * info["num_params"]
 
 
-@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen3ForCausalLM", "BertModel"])
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen3ForCausalLM", "BertModel",
+                                          "Qwen3ForSequenceClassification",
+                                          "BertForSequenceClassification"])
 def test_the_config_estimate_is_close_to_the_real_parameter_count(tiny_model, architecture):
     folder = tiny_model(architecture)
     config = json.loads((folder / "config.json").read_text())
