@@ -62,6 +62,11 @@ BAD_GRPC: dict[str, tuple[Callable[[], list], list[str]]] = {
     "deeply nested JSON": (raw_params("[" * 100_000), ["sampling_parameters", "JSON"]),
     "invalid UTF-8 in sampling_parameters": (
         lambda: generate_inputs("Hi", b'{"stop": "\xff"}'), ["sampling_parameters"]),
+    "messages deeply nested JSON": (
+        lambda: [tensor(grpcclient, "messages", b"[" * 100_000, "BYTES")], ["messages", "JSON"]),
+    "messages not a list of turns": (
+        lambda: [tensor(grpcclient, "messages", b'{"role": "user"}', "BYTES")],
+        ["messages", "list"]),
     "unknown sampling key": (params(temprature=0), ["temprature", "allowed"]),
     "temperature a word": (params(temperature="hot"), ["temperature"]),
     "max_tokens a list": (params(max_tokens=[5]), ["max_tokens"]),
@@ -104,6 +109,8 @@ BAD_GRPC: dict[str, tuple[Callable[[], list], list[str]]] = {
 KNOWN_BUGS = {
     "deeply nested JSON": "bug: backend/generate_tokenizer.py json.loads lets RecursionError "
                           "through: 'could not parse the request', sampling_parameters unnamed",
+    "messages deeply nested JSON": "bug: backend/generate_tokenizer.py json.loads of messages "
+                                   "lets RecursionError through; messages unnamed",
 }
 
 

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.reliability._triton import (
@@ -33,6 +34,7 @@ from tests.reliability.conftest import MAX_NUM_SEQS, NUM_KV_BLOCKS
 pytestmark = pytest.mark.slow  # a real tritonserver, as every server test
 
 OVERLOAD = {"temperature": 0, "max_tokens": 90, "ignore_eos": True}
+LONG = {"temperature": 0.8, "max_tokens": 200, "ignore_eos": True}
 # RSS may move by allocator noise; a leak of a request's state per request would not fit.
 RSS_SLACK_BYTES = 48 << 20
 
@@ -60,19 +62,24 @@ def test_more_streams_than_kv_blocks_all_finish(triton_server, generate_model):
 
 
 def _one_wave(url: str, model: str, wave: int) -> tuple[int, int]:
-    """A burst of good, bad and long (then cancelled by timeout-less close) requests;
-    returns (requests sent, requests that failed as they should)."""
+    """A burst of good and bad requests beside a long stream its client cancels; returns
+    (requests sent, faults injected: bad requests and cancels)."""
     good = [generate_inputs(f"Soak wave {wave} request {i}", GREEDY) for i in range(6)]
     bad = [generate_inputs("", GREEDY), generate_inputs("Hi", {"top_p": 9}),
            generate_inputs(b"\xff", GREEDY)]
+    doomed = grpcclient.InferenceServerClient(url)
+    doomed.start_stream(callback=lambda result, error: None)
+    doomed.async_stream_infer(model, generate_inputs(f"Soak wave {wave} cancelled", LONG))
     with ThreadPoolExecutor(len(good) + len(bad)) as pool:
         ok = [pool.submit(grpc_stream, url, model, inputs) for inputs in good]
         failing = [pool.submit(grpc_stream, url, model, inputs) for inputs in bad]
         for future in ok:
             assert text_of(future.result())
         errors = sum(isinstance(f.exception(), InferenceServerException) for f in failing)
+    doomed.stop_stream(cancel_requests=True)
+    doomed.close()
     assert errors == len(bad)
-    return len(good) + len(bad), errors
+    return len(good) + len(bad) + 1, errors + 1
 
 
 def test_soak_leaves_no_kv_block_and_no_memory_growth(triton_server, generate_model):
@@ -84,17 +91,17 @@ def test_soak_leaves_no_kv_block_and_no_memory_growth(triton_server, generate_mo
     assert wait_for(lambda: idle_gauges(triton_server, model), timeout=30)
     warm = {pid: rss_bytes(pid) for pid in stubs}
     samples: list[tuple[float, int, float]] = []
-    sent = failed = wave = 0
+    sent = injected = wave = 0
     end = time.monotonic() + duration
     while time.monotonic() < end:
-        n, errors = _one_wave(triton_server.grpc_url, model, wave)
-        sent, failed, wave = sent + n, failed + errors, wave + 1
+        n, faults = _one_wave(triton_server.grpc_url, model, wave)
+        sent, injected, wave = sent + n, injected + faults, wave + 1
         samples.append((time.monotonic(), sum(rss_bytes(p) for p in stubs),
                         vllm_metrics(triton_server, model)["vllm:kv_cache_usage_perc"]))
     idle = wait_for(lambda: idle_gauges(triton_server, model), timeout=60)
     assert idle, "KV blocks held once the soak ended"
     grown = {pid: rss_bytes(pid) - warm[pid] for pid in stubs}
-    print(f"soak: {wave} waves, {sent} requests ({failed} bad, all refused), "
+    print(f"soak: {wave} waves, {sent} requests ({injected} bad or cancelled), "
           f"{len(samples)} samples, RSS growth per stub {grown}, "
           f"peak KV usage {max(s[2] for s in samples):.2f}")
     assert all(g < RSS_SLACK_BYTES for g in grown.values()), grown
