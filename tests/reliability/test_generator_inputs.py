@@ -25,8 +25,9 @@ from tritonforge.generator.cli import main as generator_main
 from tests.reliability._hostile import write_remote_code_model
 
 # Characters that break naive rendering: quotes, escapes, braces, newlines, path syntax.
+# Lone surrogates (JSON's "\ud800") are left to their own test: a known bug.
 HOSTILE = st.text(alphabet=st.sampled_from(list('aZ09_.-/\\"\'{}[]:#\n\r\t $`~ü🙂\x00\x7f')) |
-                  st.characters(), max_size=24)
+                  st.characters(blacklist_categories=("Cs",)), max_size=24)
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
@@ -195,6 +196,16 @@ def test_hostile_strings_in_config_json_render_a_valid_config(sandbox, decoder, 
     assert_built(root / "out", "gen")
     assert json.loads((root / "out" / "gen" / "engine.json").read_text())["name"] == "gen"
     assert all(path.split(os.sep)[0] in {"out", "src"} for path in snapshot(root))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: generator/render.py writes files as strict UTF-8; "
+                   "a lone surrogate from a config.json escape (\\ud800) crashes the build")
+def test_a_lone_surrogate_in_a_label_is_one_error_line_or_a_build(sandbox, classifier):
+    root = sandbox()
+    model = copy_with_config(classifier, root / "src", id2label={"0": "a", "1": "\ud800"},
+                             num_labels=2)
+    code, stderr = run_cli(["build", str(model), "--task", "classify", "-o", "out"])
+    assert_one_clean_outcome(code, stderr)
 
 
 MALFORMED_CONFIGS = {
