@@ -108,3 +108,23 @@ def test_repeated_faults_declare_the_engine_dead_and_nothing_hangs(faulty_engine
     with pytest.raises(EngineDeadError, match="failed 3 steps in a row"):
         late.result()
     assert engine.engine.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.xfail(strict=True, reason="bug: engine/llm_engine.py add_request range-checks "
+                   "token-id prompts only; text whose tokens pass vocab_size raises IndexError "
+                   "inside the step and fails every request in flight")
+def test_text_the_model_cannot_embed_fails_alone(tiny_model):
+    # A tokenizer larger than the model's embedding (a mismatched pair, as users make them):
+    # Cyrillic and CJK tokens get ids >= 512.
+    model = tiny_model("LlamaForCausalLM", config_overrides={"vocab_size": 512})
+    engine = AsyncEngine(EngineConfig(model=model, device="cpu", max_model_len=MAX_MODEL_LEN))
+    try:
+        bystander = engine.add_request(None, "a long story", SamplingParams(
+            temperature=0.0, max_tokens=100, ignore_eos=True))
+        stream = iter(bystander)
+        assert not next(stream).finished
+        with pytest.raises(ValueError, match="vocab|token ids"):
+            engine.add_request(None, "Привет, мир! 你好", GREEDY).result()
+        assert list(stream)[-1].outputs[0].finish_reason == "length"
+    finally:
+        engine.shutdown()
