@@ -1,19 +1,89 @@
 """The pooling runner's inputs: texts and PoolingParams checked against the model, then
-tokenized (and truncated) as sentence-transformers would, single texts or score pairs.
+tokenized (and truncated) as sentence-transformers would, single texts or score pairs; or
+token ids, tokenized elsewhere, checked against the same limits.
 
 Design: every check runs before any batch does, so a bad prompt among many fails the call
 with a ValueError (or TypeError) naming its index and the field, and nothing is computed.
 Truncation re-tokenizes with the tokenizer's own truncation (not slicing ids), which keeps
-the special tokens at both ends, exactly as sentence-transformers truncates.
+the special tokens at both ends, exactly as sentence-transformers truncates; so token ids
+cannot be truncated afterwards, only checked against the limit.
+
+`read_pooling_files` reads everything the runner needs besides the weights (config,
+task, pooling config, tokenizer, max_model_len); `load_pooling_inputs` builds from it the
+same PoolingInputs the runner tokenizes with, for a process that must tokenize exactly as
+the runner does without loading the model (the Triton ensembles' CPU tokenizer step).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from tritonforge.engine.config import EngineConfig
 from tritonforge.engine.pooling_params import PoolingParams
-from tritonforge.models.pooling_config import PoolingConfig
+from tritonforge.models.classifier_config import cross_encoder_max_seq_length
+from tritonforge.models.loader import (
+    resolve_architecture,
+    resolve_max_model_len,
+    resolve_model_dir,
+)
+from tritonforge.models.pooling_config import (
+    PoolingConfig,
+    is_encoder_architecture,
+    read_pooling_config,
+)
+from tritonforge.models.pooling_registry import pooling_task
+
+
+@dataclass(frozen=True)
+class PoolingModelFiles:
+    """What a pooling model's folder says besides its weights."""
+
+    model_dir: Path
+    config: Any  # the HF PretrainedConfig
+    architecture: str
+    task: str  # "embed" or "classify" (models/pooling_registry.py)
+    pooling_config: PoolingConfig
+    tokenizer: Any
+    max_model_len: int
+
+
+def read_pooling_files(engine_config: EngineConfig) -> PoolingModelFiles:
+    """Config, task, pooling config, tokenizer and max_model_len of engine_config's model,
+    resolved as the pooling runner resolves them; reads no weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    trust_remote_code = engine_config.trust_remote_code
+    # .resolved(): a hub id -> its local snapshot (no-op for local paths)
+    model_dir = resolve_model_dir(engine_config.resolved().model)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    architecture = resolve_architecture(config)
+    task = pooling_task(architecture)
+    if task == "classify":
+        # A classifier's head does the pooling; only the length limit matters here.
+        # (sentence-transformers CrossEncoder folders carry a modules.json without a
+        # Pooling module, which read_pooling_config rightly rejects for embeddings.)
+        pooling_config = PoolingConfig(
+            pooling_type="CLS" if is_encoder_architecture(architecture) else "LAST",
+            normalize=False,
+            max_seq_length=cross_encoder_max_seq_length(model_dir),
+        )
+    else:
+        pooling_config = read_pooling_config(model_dir, architecture)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    max_model_len = resolve_max_model_len(engine_config.max_model_len, config, tokenizer,
+                                          pooling_config)
+    return PoolingModelFiles(model_dir, config, architecture, task, pooling_config, tokenizer,
+                             max_model_len)
+
+
+def load_pooling_inputs(engine_config: EngineConfig) -> PoolingInputs:
+    """The PoolingInputs the pooling runner would build for engine_config, without loading
+    weights: `encode(texts)` gives the ids `embed_tensors(texts)` would embed (hidden_size,
+    which only bounds `dimensions`, is the config's)."""
+    files = read_pooling_files(engine_config)
+    return PoolingInputs.of(files, int(files.config.get_text_config().hidden_size))
 
 
 def encode_batch_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -43,6 +113,61 @@ class PoolingInputs:
     max_model_len: int
     pooling_config: PoolingConfig
     hidden_size: int
+    vocab_size: int | None = None  # bounds token ids given directly; None: not checked
+
+    @classmethod
+    def of(cls, files: PoolingModelFiles, hidden_size: int) -> PoolingInputs:
+        vocab_size = getattr(files.config.get_text_config(), "vocab_size", None)
+        return cls(files.tokenizer, files.max_model_len, files.pooling_config, hidden_size,
+                   vocab_size if isinstance(vocab_size, int) and vocab_size > 0 else None)
+
+    def encode(
+        self, texts: Any, pooling_params: Any = None, method: str = "embed"
+    ) -> list[list[int]]:
+        """Token ids of `texts`, checked and tokenized (and truncated, per
+        truncate_prompt_tokens) exactly as the runner's `method` does before it computes."""
+        prompts, params = self.check(texts, pooling_params, method)
+        return self.tokenize(prompts, params)
+
+    def check_token_ids(
+        self, token_ids: Any, pooling_params: Any, method: str = "embed"
+    ) -> tuple[list[list[int]], list[PoolingParams]]:
+        """Token ids (one list per prompt, special tokens included, as `encode` returns
+        them) checked as `check` and `tokenize` check texts. Ids cannot be re-tokenized, so
+        truncate_prompt_tokens only bounds them: truncate when tokenizing."""
+        if not isinstance(token_ids, (list, tuple)):
+            raise TypeError("token_ids must be a list of token-id lists, got "
+                            f"{type(token_ids).__name__}")
+        prompts = list(token_ids)
+        for i, ids in enumerate(prompts):
+            if not isinstance(ids, (list, tuple)):
+                raise TypeError(f"token_ids[{i}] must be a list of int, got {type(ids).__name__}")
+            if not set(map(type, ids)) <= {int}:
+                raise TypeError(f"token_ids[{i}] must hold int token ids only")
+        _, params = self.check([""] * len(prompts), pooling_params, method)
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            if not ids:
+                raise ValueError(f"token_ids[{i}] is empty; nothing to embed")
+            tpt = p.truncate_prompt_tokens
+            if len(ids) > self.max_model_len:
+                raise ValueError(
+                    f"token_ids[{i}] has {len(ids)} tokens, more than max_model_len="
+                    f"{self.max_model_len}; token ids are not truncated: tokenize the text with "
+                    "truncate_prompt_tokens set instead"
+                )
+            if tpt is not None and tpt != -1 and len(ids) > tpt:
+                raise ValueError(
+                    f"token_ids[{i}] has {len(ids)} tokens, more than truncate_prompt_tokens="
+                    f"{tpt}; token ids are not truncated: tokenize the text with it instead"
+                )
+            low, high = min(ids), max(ids)
+            if low < 0 or (self.vocab_size is not None and high >= self.vocab_size):
+                raise ValueError(
+                    f"token_ids[{i}] holds id {low if low < 0 else high}, outside the "
+                    f"vocabulary [0, {self.vocab_size})"
+                )
+            prompts[i] = list(ids)
+        return prompts, params
 
     def tokenize_pairs(
         self, firsts: list[str], seconds: list[str], truncate_prompt_tokens: int | None

@@ -12,7 +12,9 @@ A call checks and tokenizes every prompt (engine/pooling_inputs.py), packs promp
 of at most max_num_batched_tokens tokens (engine/pooling_batches.py: real tokens for native
 models, which compute no padding; padded tokens for the Transformers wrappers, which pad
 internally), runs the model, pools, and restores input order. Pooling reads each prompt
-once: no KV cache.
+once: no KV cache. `tokenize` and the *_token_ids methods split a call in two (the ids,
+then the tensors), for callers that tokenize in another process (the Triton ensembles'
+CPU step, with load_pooling_inputs: no weights there); the split gives the same tensors.
 
 Invariant: a prompt's embedding does not depend on which other prompts share its batch
 (the packed models and the pooler read each sequence's own rows only).
@@ -40,30 +42,12 @@ from tritonforge.engine.outputs import (
 )
 from tritonforge.engine.pooler import finalize, pool
 from tritonforge.engine.pooling_batches import PackedBatch, plan_pooling_batches
-from tritonforge.engine.pooling_inputs import PoolingInputs, score_pairs
+from tritonforge.engine.pooling_inputs import PoolingInputs, read_pooling_files, score_pairs
 from tritonforge.engine.pooling_params import PoolingParams
-from tritonforge.models.classifier_config import (
-    apply_activation,
-    cross_encoder_max_seq_length,
-    read_classifier_config,
-)
-from tritonforge.models.loader import (
-    resolve_architecture,
-    resolve_device,
-    resolve_dtype,
-    resolve_max_model_len,
-    resolve_model_dir,
-)
-from tritonforge.models.pooling_config import (
-    PoolingConfig,
-    is_encoder_architecture,
-    read_pooling_config,
-)
-from tritonforge.models.pooling_registry import (
-    POOLING_TASKS,
-    pooling_task,
-    resolve_pooling_model_class,
-)
+from tritonforge.models.classifier_config import apply_activation, read_classifier_config
+from tritonforge.models.loader import resolve_device, resolve_dtype
+from tritonforge.models.pooling_config import PoolingConfig
+from tritonforge.models.pooling_registry import POOLING_TASKS, resolve_pooling_model_class
 from tritonforge.models.transformers_classifier import TransformersSequenceClassifier
 from tritonforge.models.transformers_encoder import TransformersEncoder
 from tritonforge.models.weight_utils import load_model
@@ -77,8 +61,8 @@ _TRANSFORMERS_WRAPPERS: dict[str, Callable[..., nn.Module]] = {
     "embed": TransformersEncoder, "classify": TransformersSequenceClassifier,
 }
 _TASK_METHODS = {
-    "embed": ("embed", "embed_tensors", "encode", "score"),
-    "classify": ("classify", "classify_tensors", "reward", "score"),
+    "embed": ("embed", "embed_tensors", "encode", "score", "embed_token_ids"),
+    "classify": ("classify", "classify_tensors", "reward", "score", "classify_token_ids"),
 }
 
 
@@ -91,35 +75,18 @@ class PoolingRunner:
         trust_remote_code = engine_config.trust_remote_code
         max_num_batched_tokens = engine_config.max_num_batched_tokens
         self._device = resolve_device(engine_config.device)
-
-        from transformers import AutoConfig, AutoTokenizer
-
-        # .resolved(): a hub id -> its local snapshot (no-op for local paths)
-        model_dir = resolve_model_dir(engine_config.resolved().model)
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        architecture = resolve_architecture(config)
+        # Everything but the weights, read as load_pooling_inputs reads it (the CPU
+        # tokenizer step of the Triton ensembles tokenizes with that, without weights).
+        files = read_pooling_files(engine_config)
+        model_dir, config, architecture = files.model_dir, files.config, files.architecture
         self._architecture = architecture
-        self._task = pooling_task(architecture)
-        # Fails here, before anything is read, for model_impl="native" without a native class.
+        self._task = files.task
+        # Fails here, before any weight is read, for model_impl="native" without a native class.
         model_class = resolve_pooling_model_class(architecture, engine_config.model_impl)
         self._dtype = resolve_dtype(engine_config.dtype, config, self._device)
-        if self._task == "classify":
-            # A classifier's head does the pooling; only the length limit matters here.
-            # (sentence-transformers CrossEncoder folders carry a modules.json without a
-            # Pooling module, which read_pooling_config rightly rejects for embeddings.)
-            self._pooling_config = PoolingConfig(
-                pooling_type="CLS" if is_encoder_architecture(architecture) else "LAST",
-                normalize=False,
-                max_seq_length=cross_encoder_max_seq_length(model_dir),
-            )
-        else:
-            self._pooling_config = read_pooling_config(model_dir, architecture)
-        self._tokenizer = AutoTokenizer.from_pretrained(
-            model_dir, trust_remote_code=trust_remote_code
-        )
-        self._max_model_len = resolve_max_model_len(
-            engine_config.max_model_len, config, self._tokenizer, self._pooling_config
-        )
+        self._pooling_config = files.pooling_config
+        self._tokenizer = files.tokenizer
+        self._max_model_len = files.max_model_len
         if max_num_batched_tokens < self._max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens must be >= max_model_len ({self._max_model_len}) so the "
@@ -141,8 +108,7 @@ class PoolingRunner:
             raise ValueError(
                 f"{model_dir}: truncate_dim {default_dims} exceeds hidden size {self._hidden_size}"
             )
-        self._inputs = PoolingInputs(self._tokenizer, self._max_model_len, self._pooling_config,
-                                     self._hidden_size)
+        self._inputs = PoolingInputs.of(files, self._hidden_size)
         self._request_ids = itertools.count()
 
     # ---- public API -------------------------------------------------------------------
@@ -234,18 +200,34 @@ class PoolingRunner:
         """
         self._require("embed_tensors")
         prompts, params = self._inputs.check(texts, pooling_params)
-        sizes = {self._dimensions(p) or self._hidden_size for p in params}
-        if len(sizes) > 1:
-            raise ValueError(
-                f"pooling_params: embed_tensors needs one output size for all prompts, got "
-                f"dimensions {sorted(sizes)}"
-            )
-        size = sizes.pop() if sizes else self._dimensions(PoolingParams()) or self._hidden_size
-        _, pooled = self._pool(prompts, params, use_tqdm)
-        out = torch.empty(len(prompts), size, dtype=torch.float32)
-        for rows, emb in self._finalize(pooled, params):
-            out[rows] = emb
-        return out
+        size = self._stacked_size(params, "embed_tensors")
+        return self._embed_rows(self._inputs.tokenize(prompts, params), params, size, use_tqdm)
+
+    def embed_token_ids(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> torch.Tensor:
+        """embed_tensors for prompts already tokenized (as `tokenize` does: special tokens
+        included, truncated when tokenizing): float32 CPU [N, D], equal to embed_tensors of
+        the texts the ids came from. Ids over the limit, empty lists or ids outside the
+        vocabulary raise ValueError naming token_ids[i]."""
+        self._require("embed_token_ids")
+        token_ids, params = self._inputs.check_token_ids(token_ids, pooling_params)
+        size = self._stacked_size(params, "embed_token_ids")
+        return self._embed_rows(token_ids, params, size, use_tqdm)
+
+    def tokenize(
+        self,
+        texts: str | Sequence[str],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+    ) -> list[list[int]]:
+        """The token ids this runner computes on for `texts` (lowercasing, special tokens,
+        the max_model_len check and truncate_prompt_tokens applied), without running the
+        model. `engine.pooling_inputs.load_pooling_inputs(config).encode(texts)` gives the
+        same ids without loading weights."""
+        return self._inputs.encode(texts, pooling_params, self._task)
 
     def classify(
         self,
@@ -273,6 +255,21 @@ class PoolingRunner:
     ) -> torch.Tensor:
         """Probabilities as one float32 CPU tensor [N, num_labels]: the backend's path."""
         _, logits = self._classifier_logits("classify_tensors", texts, pooling_params, use_tqdm)
+        return apply_activation(logits, self._classifier.activation)
+
+    def classify_token_ids(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> torch.Tensor:
+        """classify_tensors for prompts already tokenized (see embed_token_ids): float32
+        CPU [N, num_labels], equal to classify_tensors of the texts the ids came from."""
+        self._require("classify_token_ids")
+        token_ids, _ = self._inputs.check_token_ids(token_ids, pooling_params,
+                                                    "classify_token_ids")
+        logits = self._run_batches(token_ids, self._classifier.num_labels, self._classify_batch,
+                                   "Classifying", use_tqdm)
         return apply_activation(logits, self._classifier.activation)
 
     def reward(
@@ -377,6 +374,26 @@ class PoolingRunner:
             token_ids, self._hidden_size, self._embed_batch, "Embedding", use_tqdm
         )
         return token_ids, pooled
+
+    def _stacked_size(self, params: list[PoolingParams], method: str) -> int:
+        """D of the [N, D] a *_tensors method returns: one size for all prompts."""
+        sizes = {self._dimensions(p) or self._hidden_size for p in params}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"pooling_params: {method} needs one output size for all prompts, got "
+                f"dimensions {sorted(sizes)}"
+            )
+        return sizes.pop() if sizes else self._dimensions(PoolingParams()) or self._hidden_size
+
+    def _embed_rows(self, token_ids: list[list[int]], params: list[PoolingParams], size: int,
+                    use_tqdm: bool) -> torch.Tensor:
+        # -> finalized embeddings [N, size] float32 CPU, in input order
+        pooled = self._run_batches(token_ids, self._hidden_size, self._embed_batch, "Embedding",
+                                   use_tqdm)
+        out = torch.empty(len(token_ids), size, dtype=torch.float32)
+        for rows, emb in self._finalize(pooled, params):
+            out[rows] = emb
+        return out
 
     def _embed_batch(self, batch: PackedBatch) -> torch.Tensor:
         # -> pooled [B, H] float32
