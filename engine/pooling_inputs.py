@@ -282,6 +282,13 @@ class PoolingInputs:
         for i, ids in enumerate(token_ids):
             if not ids:
                 raise ValueError(f"texts[{i}] tokenizes to no tokens; nothing to embed")
+            # A tokenizer larger than the model's embedding would fail the whole batch
+            # inside the model (IndexError); refuse the one text instead.
+            if self.vocab_size is not None and max(ids) >= self.vocab_size:
+                raise ValueError(
+                    f"texts[{i}] tokenizes to id {max(ids)}, outside the model's vocabulary "
+                    f"[0, {self.vocab_size}): the tokenizer does not match the model"
+                )
         return token_ids
 
 

@@ -197,3 +197,20 @@ def test_token_ids_of_the_wrong_type_or_params_raise_naming_the_field(pooling_ll
     with pytest.raises(ValueError, match=r"embed_token_ids\(\).*supports classify, "):
         classify.embed_token_ids([[2, 3]])
     assert embed.embed_token_ids([]).shape == (0, embed.hidden_size)
+
+
+def test_text_past_the_models_vocabulary_fails_naming_it_not_the_batch(tiny_model) -> None:
+    # A tokenizer larger than the model's embedding (a mismatched pair): "hello" gets an id
+    # >= 64, which would index past the embedding inside the model.
+    folder = tiny_model("BertModel", config_overrides={"vocab_size": 64})
+    runner = LLM(model=folder, runner="pooling", device="cpu", max_model_len=MAX_MODEL_LEN).pooler
+    inputs = load_pooling_inputs(EngineConfig(model=folder, max_model_len=MAX_MODEL_LEN))
+    assert inputs.vocab_size == 64
+    high = "hello"
+    assert max(runner.tokenizer(high)["input_ids"]) >= 64
+    for call in (runner.embed_tensors, inputs.encode):
+        with pytest.raises(ValueError, match=r"texts\[1\] tokenizes to id \d+, outside the "
+                                             r"model's vocabulary \[0, 64\)"):
+            call(["", high])
+    with pytest.raises(ValueError, match=r"token_ids\[0\] holds id \d+, outside"):
+        runner.embed_token_ids(runner.tokenizer([high])["input_ids"])
