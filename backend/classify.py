@@ -1,5 +1,5 @@
-"""The classification model: batched `text_input` (BYTES [b, 1]) in, FP32 `probabilities`
-[b, num_labels] out.
+"""The classify ensemble's engine step: batched `input_ids` (INT64 [b, n], from the CPU
+tokenizer step) in, FP32 `probabilities` [b, num_labels] out.
 
 Batching and per-request errors as in pooling_model.py. The output's `label_filename`
 (labels.txt, the model's id2label in id order) lets Triton's classification extension
@@ -37,6 +37,6 @@ class TritonPythonModel(PoolingTritonModel):
                 f"{num_labels} labels; re-render the model folder"
             )
 
-    def run(self, texts: list[str]) -> np.ndarray:
+    def run(self, token_ids: list[list[int]]) -> np.ndarray:
         # [N, num_labels] float32
-        return self.llm.classify_tensors(texts).float().cpu().numpy()
+        return self.llm.pooler.classify_token_ids(token_ids).numpy()

@@ -1,5 +1,6 @@
-"""The embedding model: batched `text_input` (BYTES [b, 1]) in, FP32 `embedding` [b, D]
-out (see pooling_model.py for batching and per-request errors)."""
+"""The embed ensemble's engine step: batched `input_ids` (INT64 [b, n], from the CPU
+tokenizer step) in, FP32 `embedding` [b, D] out (see pooling_model.py for batching and
+per-request errors)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,6 @@ from tritonforge.backend.pooling_model import PoolingTritonModel
 class TritonPythonModel(PoolingTritonModel):
     OUTPUT = "embedding"
 
-    def run(self, texts: list[str]) -> np.ndarray:
+    def run(self, token_ids: list[list[int]]) -> np.ndarray:
         # [N, D] float32
-        return self.llm.embed_tensors(texts).float().cpu().numpy()
+        return self.llm.pooler.embed_token_ids(token_ids).numpy()

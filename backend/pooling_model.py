@@ -1,9 +1,13 @@
-"""The engine step of the pooling ensembles (embed, classify): batched `text` (BYTES
-[b, 1], checked by the CPU step, pooling_tokenizer.py) in, one FP32 output [b, ...] out.
+"""The engine step of the pooling ensembles (embed, classify): batched `input_ids` (INT64
+[b, n] from the CPU tokenizer step, pooling_tokenizer.py: one row per text, padded at the
+end with -1) in, one FP32 output [b, ...] out.
 
-Non-decoupled with dynamic batching: execute() runs all texts of all requests in one engine
-call and slices the result back per request. A request with a bad field (not UTF-8, too
-long for the model) gets an error naming the field; the others in the batch are answered.
+Non-decoupled with dynamic batching over ragged inputs (requests of different lengths
+batch together): execute() runs the token ids of all requests in one engine call and slices
+the result back per request. A request with bad ids (wrong type, empty, too long for the
+model, outside the vocabulary) gets an error naming `input_ids`; the others in the batch
+are answered. The ids are the ones the engine would compute for the texts (the CPU step
+tokenizes with the engine's own inputs), so the outputs equal the engine's on the texts.
 Subclasses name their output and the engine call.
 """
 
@@ -15,15 +19,32 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from tritonforge.backend.engine_settings import load_settings
-from tritonforge.backend.triton_io import (
-    RequestError,
-    error_response,
-    input_texts,
-    instance_device,
-)
+from tritonforge.backend.pooling_tokenizer import PAD_ID, answer_batched
+from tritonforge.backend.triton_io import RequestError, instance_device
 from tritonforge.engine import LLM
 
-INPUT = "text"  # the CPU step's output; clients send `text_input` to the ensemble
+INPUT = "input_ids"  # the CPU step's output; clients send `text_input` to the ensemble
+
+
+def read_token_ids(request: Any) -> list[list[int]]:
+    """The rows of a request's `input_ids`, their -1 padding removed."""
+    tensor = pb_utils.get_input_tensor_by_name(request, INPUT)
+    if tensor is None:
+        raise RequestError(f"input '{INPUT}' is required (INT64 token ids)")
+    array = tensor.as_numpy()
+    if array.dtype not in (np.int64, np.int32):
+        raise RequestError(f"input '{INPUT}' must be INT64 or INT32, got {array.dtype}")
+    if array.ndim != 2:
+        raise RequestError(f"input '{INPUT}' must have shape [batch, tokens], got "
+                           f"{list(array.shape)}")
+    is_id = array >= 0  # [b, n]
+    lengths = is_id.sum(axis=1)  # [b]
+    # The ids of a row come first; everything after them is padding, exactly PAD_ID.
+    if (not np.array_equal(is_id, np.arange(array.shape[1]) < lengths[:, None])
+            or np.any(array[~is_id] != PAD_ID)):
+        raise RequestError(f"input '{INPUT}' rows must hold token ids (>= 0), padded at the "
+                           f"end with {PAD_ID}")
+    return [row[:n].tolist() for row, n in zip(array, lengths)]
 
 
 class PoolingTritonModel(ABC):
@@ -34,8 +55,8 @@ class PoolingTritonModel(ABC):
         self.llm = LLM(runner="pooling", device=instance_device(args), **settings.engine)
 
     @abstractmethod
-    def run(self, texts: list[str]) -> np.ndarray:
-        """[N, ...] float32 for N texts; ValueError for a text the engine refuses."""
+    def run(self, token_ids: list[list[int]]) -> np.ndarray:
+        """[N, ...] float32 for N prompts' ids; ValueError for ids the engine refuses."""
 
     def _response(self, array: np.ndarray) -> Any:
         return pb_utils.InferenceResponse(
@@ -43,32 +64,7 @@ class PoolingTritonModel(ABC):
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses: list[Any] = [None] * len(requests)
-        batch: list[tuple[int, list[str]]] = []
-        for i, request in enumerate(requests):
-            try:
-                batch.append((i, input_texts(request, INPUT)))
-            except RequestError as err:
-                responses[i] = error_response(err, "INVALID_ARG")
-        if not batch:
-            return responses
-        try:
-            rows = self.run([t for _, texts in batch for t in texts])
-        except ValueError:
-            # A text was refused: run request by request so only the offending ones fail,
-            # with the engine's message naming the field.
-            for i, texts in batch:
-                try:
-                    responses[i] = self._response(self.run(texts))
-                except ValueError as err:
-                    responses[i] = error_response(RequestError(f"text_input: {err}"),
-                                                  "INVALID_ARG")
-            return responses
-        start = 0
-        for i, texts in batch:
-            responses[i] = self._response(rows[start : start + len(texts)])
-            start += len(texts)
-        return responses
+        return answer_batched(requests, read_token_ids, self.run, self._response, INPUT)
 
     def finalize(self) -> None:
         self.llm = None

@@ -1,7 +1,9 @@
 """The classify model: the template renders a config Triton parses and a labels.txt of one
 label per line; instances map to their devices; and, through a real tritonserver, the tiny
 BERT classifier's probabilities match the engine over gRPC and HTTP, class_count returns
-the top labels, and a bad request fails alone."""
+the top labels, and a bad request fails alone. The CPU step tokenizes: the engine step takes
+`input_ids` (called directly, it answers as the ensemble does) and batches requests of
+different lengths together."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 from tritonforge.generator.render import render_model
+
+from tests.fixtures.triton_statistics import send_concurrently
 
 
 def classify_context(model: str = "/models/classifier", labels: tuple[str, ...] = (
@@ -61,6 +65,13 @@ def test_config_has_batched_text_in_and_labelled_probabilities_out(tmp_path):
         "probabilities", model_config_pb2.TYPE_FP32, [3], "labels.txt")
     engine = _parse(tmp_path / "c_engine")
     assert engine.backend == "python" and engine.HasField("dynamic_batching")
+    # The CPU step tokenizes; the engine step batches ids of any length (ragged).
+    [ids_in] = engine.input
+    assert (ids_in.name, ids_in.data_type, list(ids_in.dims), ids_in.allow_ragged_batch) == (
+        "input_ids", model_config_pb2.TYPE_INT64, [-1], True)
+    [ids_out] = _parse(tmp_path / "c_tokenizer").output
+    assert (ids_out.name, ids_out.data_type, list(ids_out.dims)) == (
+        "input_ids", model_config_pb2.TYPE_INT64, [-1])
     assert list(engine.output[0].dims) == [3] and engine.max_batch_size == 16
     assert engine.instance_group[0].count == 2
     assert engine.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
@@ -251,3 +262,100 @@ def test_concurrent_requests_with_bad_ones_fail_alone(triton_server, classify_mo
     # The model is still healthy afterwards.
     np.testing.assert_allclose(_one(triton_server.grpc_url, classify_model, b"x")[0],
                                reference[3], atol=1e-5)
+
+
+# --- the engine step takes token ids ------------------------------------------------------------
+def _ids_input(token_ids: list[list[int]]) -> grpcclient.InferInput:
+    """A request's `input_ids` as the CPU step sends them: rows padded at the end with -1."""
+    padded = np.full((len(token_ids), max(map(len, token_ids))), -1, dtype=np.int64)
+    for row, ids in zip(padded, token_ids):
+        row[: len(ids)] = ids
+    tensor = grpcclient.InferInput("input_ids", list(padded.shape), "INT64")
+    tensor.set_data_from_numpy(padded)
+    return tensor
+
+
+def _infer_ids(url: str, model: str, token_ids: list[list[int]]) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        return client.infer(model, [_ids_input(token_ids)]).as_numpy("probabilities")
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_engine_step_takes_token_ids_and_answers_as_the_ensemble(triton_server, classify_model,
+                                                                  llm, reference):
+    token_ids = [llm.tokenizer(t)["input_ids"] for t in TEXTS]  # the tokenizer's own ids
+    assert len(set(map(len, token_ids))) > 1  # one request, padded rows
+    direct = _infer_ids(triton_server.grpc_url, f"{classify_model}_engine", token_ids)
+    np.testing.assert_allclose(direct, reference, atol=1e-5)
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    try:
+        through = client.infer(classify_model, [_texts_input(grpcclient, TEXTS)])
+    finally:
+        client.close()
+    np.testing.assert_array_equal(through.as_numpy("probabilities"), direct)
+
+
+BAD_IDS = {
+    # case: (rows, fragments the error must hold)
+    "too long": ([list(range(5, 5 + MAX_MODEL_LEN + 1))],
+                 ["input_ids", f"more than max_model_len={MAX_MODEL_LEN}"]),
+    "outside the vocabulary": ([[2, 10**7, 3]], ["input_ids", "outside the vocabulary"]),
+    "negative id": ([[2, -5, 3]], ["input_ids", "padded at the end with -1"]),
+    "padding inside": ([[2, -1, 3], [2, 3, 4]], ["input_ids", "padded at the end with -1"]),
+    "only padding": ([[-1, -1]], ["input_ids", "empty"]),
+}
+
+
+@pytest.mark.slow
+def test_bad_token_ids_fail_alone_naming_input_ids(triton_server, classify_model, llm,
+                                                   reference):
+    engine = f"{classify_model}_engine"
+    good = [llm.tokenizer(t)["input_ids"] for t in TEXTS]
+    cases = [rows for rows, _ in BAD_IDS.values()] + [[ids] for ids in good] * 2
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(
+            lambda rows: _try(_infer_ids, triton_server.grpc_url, engine, rows), cases))
+    for (case, (_, fragments)), result in zip(BAD_IDS.items(), results):
+        assert isinstance(result, InferenceServerException), case
+        for fragment in fragments:
+            assert fragment in str(result), f"{case}: {fragment!r} not in {result}"
+    for i, served in enumerate(results[len(BAD_IDS):]):
+        assert not isinstance(served, Exception), served
+        np.testing.assert_allclose(served[0], reference[i % len(TEXTS)], atol=1e-5)
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except InferenceServerException as err:
+        return err
+
+
+@pytest.fixture(scope="module")
+def batching_model(triton_server, classifier_dir, labels) -> str:
+    """One engine instance that waits up to 1 s for a full batch: concurrent requests must
+    share runs, unless Triton refuses to batch their different shapes."""
+    name = "tiny_classifier_batching"
+    context = classify_context(str(classifier_dir), tuple(labels), max_model_len=MAX_MODEL_LEN)
+    context["settings"] |= {"max_queue_delay_us": 1_000_000, "instance_count": 1}
+    render_model("classify", triton_server.model_repository, name, context, force=True)
+    triton_server.load_model(name)
+    return name
+
+
+@pytest.mark.slow
+def test_requests_of_different_lengths_are_batched_and_answered_each(triton_server,
+                                                                     batching_model, llm):
+    texts = [" ".join(["hello"] * k) for k in range(1, 17)]  # 16 = max_batch_size
+    assert len({len(ids) for ids in llm.pooler.tokenize(texts)}) == len(texts)
+    expected = llm.classify_tensors(texts).numpy()
+    served, inferences, executions = send_concurrently(
+        triton_server.grpc_url, f"{batching_model}_engine", texts,
+        lambda text: _one(triton_server.grpc_url, batching_model, text.encode()))
+    assert inferences == len(texts)
+    assert executions < inferences, "no two requests of different lengths shared a batch"
+    for row, want in zip(served, expected):
+        np.testing.assert_allclose(row[0], want, atol=1e-5)

@@ -1,6 +1,8 @@
 """The embed ensemble through a real tritonserver: all-MiniLM-L6-v2 embeddings over gRPC and
 HTTP match sentence-transformers, batches are split back per request, a bad request fails
-alone, and malformed ones (10 MB, wrong dtype or shape) fail at once naming the field."""
+alone, and malformed ones (10 MB, wrong dtype or shape) fail at once naming the field.
+The CPU step tokenizes: the engine step takes the tokenizer's `input_ids` (called directly,
+it answers as the ensemble does) and batches requests of different lengths together."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 from tritonforge.generator.demo import build_demo_repository, query_embeddings
+from tritonforge.generator.render import render_model
+
+from tests.fixtures.triton_statistics import send_concurrently
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +143,57 @@ def test_malformed_requests_fail_at_once_naming_the_field(triton_server, embed_m
     for fragment in fragments:
         assert fragment in str(info.value), f"{case}: {fragment!r} not in {info.value}"
     assert _cosine(_one(triton_server.grpc_url, embed_model, b"x")[0], reference[3]) >= 0.9999
+
+
+# --- the engine step takes token ids ------------------------------------------------------------
+def _padded_ids(token_ids: list[list[int]]) -> grpcclient.InferInput:
+    """`input_ids` as the CPU step sends a request's rows: padded at the end with -1."""
+    width = max(map(len, token_ids))
+    array = np.array([ids + [-1] * (width - len(ids)) for ids in token_ids], dtype=np.int64)
+    return _tensor("input_ids", array, "INT64")
+
+
+def test_engine_step_takes_the_tokenizers_ids_and_answers_as_the_ensemble(
+    triton_server, embed_model, minilm_dir, reference
+):
+    from transformers import AutoTokenizer
+
+    token_ids = AutoTokenizer.from_pretrained(str(minilm_dir))(TEXTS)["input_ids"]
+    assert len(set(map(len, token_ids))) > 1
+    direct = _raw_infer(triton_server.grpc_url, f"{embed_model}_engine", _padded_ids(token_ids))
+    assert direct.shape == reference.shape
+    assert _cosine(direct, reference).min() >= 0.9999
+    np.testing.assert_array_equal(
+        query_embeddings(triton_server.grpc_url, embed_model, TEXTS), direct)
+    # The engine step no longer reads text: the CPU step has tokenized it.
+    with pytest.raises(InferenceServerException, match="unexpected inference input 'text'"):
+        _raw_infer(triton_server.grpc_url, f"{embed_model}_engine",
+                   _tensor("text", np.array([[b"x"]], dtype=np.object_), "BYTES"))
+
+
+@pytest.fixture(scope="module")
+def patient_embed_model(triton_server, minilm_dir) -> str:
+    """One engine instance that waits up to 1 s for a full batch of 8."""
+    name = "minilm_batching"
+    render_model("embed", triton_server.model_repository, name, {"settings": {
+        "task": "embed", "source": str(minilm_dir), "max_batch_size": 8,
+        "max_queue_delay_us": 1_000_000, "instance_count": 1, "instance_kind": "KIND_CPU",
+        "tokenizer_instance_count": 1, "engine": {"model": str(minilm_dir), "dtype": "auto"},
+    }}, force=True)
+    triton_server.load_model(name)
+    return name
+
+
+def test_requests_of_different_lengths_share_engine_batches(triton_server, patient_embed_model,
+                                                           minilm_dir):
+    from sentence_transformers import SentenceTransformer
+
+    texts = [" ".join(["embedding"] * k) for k in range(1, 9)]
+    expected = SentenceTransformer(str(minilm_dir), device="cpu").encode(texts)
+    served, inferences, executions = send_concurrently(
+        triton_server.grpc_url, f"{patient_embed_model}_engine", texts,
+        lambda text: _one(triton_server.grpc_url, patient_embed_model, text.encode()))
+    assert inferences == len(texts)
+    assert executions < inferences, "no two requests of different lengths shared a batch"
+    for row, want in zip(served, expected):
+        assert _cosine(row[0], want) >= 0.9999
