@@ -108,5 +108,5 @@ def unsupported_reason(architecture: str, task: str) -> str:
         "embed": ", ".join(POOLING_ENCODERS),
         "classify": "*ForSequenceClassification",
     }[task]
-    return (f"architecture {architecture} cannot do --task {task} ({can}); "
+    return (f"architecture {architecture!r} cannot do --task {task} ({can}); "
             f"{task} supports {allowed} (see `generator list`)")

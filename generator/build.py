@@ -85,6 +85,9 @@ class BuildOptions:
         if gmu is not None and self.kind == "cpu":
             raise ValueError("--gpu-memory-utilization conflicts with --kind cpu "
                              "(a CPU instance uses no GPU memory); drop one of them")
+        if self.name is not None and not self.name:
+            raise ValueError("--name must not be empty: give a model name, or leave --name "
+                             "out for the default (the model's name, sanitized)")
         if self.task is not None:
             check_task_flags(self, self.task)
 
@@ -115,7 +118,7 @@ def build_model(opts: BuildOptions) -> BuildResult:
         info = describe(folder, opts.model, ref.hub, opts.dtype)
     task = opts.task or info.default_task
     if task is None:
-        raise UserError(f"cannot tell a task for architecture {info.architecture}: it is not "
+        raise UserError(f"cannot tell a task for architecture {info.architecture!r}: it is not "
                         "supported (see `generator list`)")
     try:
         check_task_flags(opts, task)
@@ -125,16 +128,18 @@ def build_model(opts: BuildOptions) -> BuildResult:
         raise UserError(unsupported_reason(info.architecture, task))
     _check_model_impl(opts.model_impl, info, task)
     if info.auto_map and not opts.trust_remote_code:
-        raise UserError(f"{opts.model} asks for remote code (auto_map in config.json); "
+        raise UserError(f"{opts.model!r} asks for remote code (auto_map in config.json); "
                         "review it and pass --trust-remote-code")
-    name = validate_ensemble_name(opts.name) if opts.name else _default_name(opts.model)
+    name = (validate_ensemble_name(opts.name) if opts.name is not None
+            else _default_name(opts.model))
     repo = Path(opts.output).expanduser().resolve()
     if repo.exists() and not repo.is_dir():
-        raise UserError(f"output {repo} exists and is not a folder")
+        raise UserError(f"output {str(repo)!r} exists and is not a folder")
     models = list(step_names(name).values())
     taken = existing_models(repo, models) if repo.is_dir() else []
     if taken and not opts.force:
-        raise UserError(f"{taken[0]} exists and is not empty; pass --force to replace it")
+        raise UserError(f"{str(taken[0])!r} exists and is not empty; pass --force to "
+                        "replace it")
     target = repo / name
     settings = _settings(opts, ref, info, task)
     repo_created = not repo.exists()
@@ -169,8 +174,9 @@ def _default_name(model: str) -> str:
 
 def _check_model_impl(model_impl: str, info: ModelInfo, task: str) -> None:
     if model_impl == "native" and info.implementation != "native":
-        raise UserError(f"--model-impl native: {info.architecture} has no native implementation "
-                        f"(it runs through {info.implementation}); use --model-impl auto")
+        raise UserError(f"--model-impl native: {info.architecture!r} has no native "
+                        f"implementation (it runs through {info.implementation}); use "
+                        "--model-impl auto")
 
 
 def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo,

@@ -83,14 +83,15 @@ def describe(folder: Path, model: str, source: str, dtype: str = "auto") -> Mode
         config, num_params = _gguf_config(gguf_path)
         fmt, params_source = "gguf", "gguf tensors"
     elif config is None:
-        raise UserError(f"{model} has no config.json")
+        raise UserError(f"{model!r} has no config.json")
     else:
         num_params = _safetensors_params(folder) if source == "local" else None
         fmt = "safetensors" if num_params is not None else "config only"
         params_source = "safetensors headers"
     if not isinstance(config, dict):
-        raise UserError(f"{model}: config.json is not a JSON object")
+        raise UserError(f"{model!r}: config.json is not a JSON object")
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    _check_config_types(config, text, model)
     architecture = _architecture(config, model)
     found = support(architecture)
     if num_params is None:
@@ -126,11 +127,60 @@ def describe(folder: Path, model: str, source: str, dtype: str = "auto") -> Mode
 
 
 def labels_of(config: dict[str, Any]) -> list[str]:
-    """id2label as a list ordered by id; LABEL_i where the config names none."""
+    """id2label as a list ordered by id; LABEL_i where the config names none. Expects a
+    config that passed _check_config_types."""
     id2label = config.get("id2label") or {}
-    count = max(int(config.get("num_labels") or 0), len(id2label)) or 2
-    names = {int(k): str(v) for k, v in id2label.items()}
+    count = max(config.get("num_labels") or 0, len(id2label)) or 2
+    names = {int(k): v for k, v in id2label.items()}
     return [names.get(i, f"LABEL_{i}") for i in range(count)]
+
+
+# config.json keys read as sizes (arithmetic, list lengths): an integer >= 0, or absent/null.
+_SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size", "max_position_embeddings", "intermediate_size",
+              "type_vocab_size")
+
+
+def _check_config_types(config: dict[str, Any], text: dict[str, Any], model: str) -> None:
+    """Refuses, as one UserError line naming the file and key, the config.json values the
+    generator computes with when they have the wrong type (a string size, id2label keys
+    that are not ids, a label that is not valid UTF-8), instead of a traceback later."""
+    where = f"{model!r}: config.json"
+    prefix = "text_config." if text is not config else ""
+    for key in _SIZE_KEYS:
+        value = text.get(key)
+        if value is not None and not _is_int(value, 0):
+            raise UserError(f"{where}: {prefix}{key} must be an integer >= 0 or null, "
+                            f"got {value!r}")
+    num_labels = config.get("num_labels")
+    if num_labels is not None and not _is_int(num_labels, 1):
+        raise UserError(f"{where}: num_labels must be an integer >= 1 or null, "
+                        f"got {num_labels!r}")
+    dtype = config.get("torch_dtype")
+    if dtype is not None and not isinstance(dtype, str):
+        raise UserError(f"{where}: torch_dtype must be a string such as 'bfloat16' or null, "
+                        f"got {dtype!r}")
+    id2label = config.get("id2label")
+    if id2label is None:
+        return
+    if not isinstance(id2label, dict):
+        raise UserError(f"{where}: id2label must be an object mapping ids to label names "
+                        f'(like {{"0": "NEGATIVE"}}), got {type(id2label).__name__}')
+    for key, label in id2label.items():
+        if not (key.isascii() and key.isdigit()):
+            raise UserError(f"{where}: id2label keys must be ids (integers >= 0 written as "
+                            f"strings, like \"0\"), got {key!r}")
+        if not isinstance(label, str):
+            raise UserError(f"{where}: id2label[{key!r}] must be a string, got {label!r}")
+        try:
+            label.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{where}: id2label[{key!r}] is {label!r}, which holds a lone "
+                            "surrogate (not valid UTF-8); fix that label") from None
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def estimate_params(text: dict[str, Any], architecture: str) -> int | None:
@@ -171,7 +221,7 @@ def _architecture(config: dict[str, Any], model: str) -> str:
     model_type = config.get("model_type")
     if model_type in _MODEL_TYPE_ARCH:
         return _MODEL_TYPE_ARCH[model_type]
-    raise UserError(f"{model}: config.json names no `architectures` and model_type "
+    raise UserError(f"{model!r}: config.json names no `architectures` and model_type "
                     f"{model_type!r} is not one the generator knows")
 
 
@@ -179,7 +229,7 @@ def _resolve_dtype(dtype: str, config: dict[str, Any]) -> str:
     if dtype != "auto":
         return dtype
     declared = config.get("torch_dtype") or config.get("dtype")
-    return declared if declared in DTYPE_BYTES else "bfloat16"
+    return declared if isinstance(declared, str) and declared in DTYPE_BYTES else "bfloat16"
 
 
 def _pooling(folder: Path | None, tasks: tuple[str, ...]) -> tuple[str | None, bool | None]:

@@ -63,13 +63,17 @@ def resolve(model: str, hub: str | None = None, revision: str | None = None) -> 
     if path.exists():
         path = path.resolve()
         if path.is_file() and path.suffix != ".gguf":
-            raise UserError(f"{model} is a file but not a .gguf; pass a model folder")
+            raise UserError(f"{model!r} is a file but not a .gguf; pass a model folder")
         if path.is_dir() and not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
-            raise UserError(f"{model} has no config.json (and no .gguf file): not a model folder")
+            raise UserError(f"{model!r} has no config.json (and no .gguf file): not a model "
+                            "folder")
         return ModelRef(model, "local", revision, path)
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or not model.strip()
     if looks_local:
-        raise UserError(f"{model}: no such file or folder")
+        raise UserError(f"{model!r}: no such file or folder")
+    if any(c.isspace() or not c.isprintable() for c in model):
+        # Hub ids hold no whitespace or control characters: no need to ask the network.
+        raise UserError(f"{model!r}: no such file or folder, and not a valid hub id")
     hub = hub or "hf"
     if hub not in HUBS:
         raise UserError(f"--hub must be one of {', '.join(HUBS)}, got {hub!r}")
@@ -92,7 +96,7 @@ def fetch_config(ref: ModelRef) -> Iterator[Path]:
                 folder = _modelscope_snapshot(ref, Path(ms_dir), CONFIG_FILES)
                 _copy_listed(folder, tmp)
         if not (tmp / "config.json").is_file():
-            raise UserError(f"{ref.name} has no config.json on {_hub_title(ref.hub)}")
+            raise UserError(f"{ref.name!r} has no config.json on {_hub_title(ref.hub)}")
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,7 +140,8 @@ def _hf_config(ref: ModelRef, dest: Path) -> None:
             raise UserError(_hub_failure(ref, err)) from None
         except errors.EntryNotFoundError:
             if filename == "config.json":
-                raise UserError(f"{ref.name} has no config.json on the Hugging Face Hub") from None
+                raise UserError(f"{ref.name!r} has no config.json on the Hugging Face "
+                                "Hub") from None
             continue
         except Exception as err:  # noqa: BLE001 - the network boundary: one line for all
             raise UserError(_hub_failure(ref, err)) from None
@@ -189,8 +194,8 @@ def _hub_failure(ref: ModelRef, err: Exception) -> str:
     if "RepositoryNotFound" in kind or "404" in first or "not exist" in first.lower():
         return f"unknown model id {ref.name!r} on {where} (check the spelling, or log in if gated)"
     if "Revision" in kind:
-        return f"revision {ref.revision!r} of {ref.name} not found on {where}"
+        return f"revision {ref.revision!r} of {ref.name!r} not found on {where}"
     if "Gated" in kind:
-        return f"{ref.name} is gated on {where}: accept its license and log in"
-    return (f"cannot fetch {ref.name} from {where} (no network? {kind}: {first}); "
+        return f"{ref.name!r} is gated on {where}: accept its license and log in"
+    return (f"cannot fetch {ref.name!r} from {where} (no network? {kind}: {first}); "
             "pass a local folder instead")

@@ -31,14 +31,15 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 # Triton names a model by its folder; we keep to a portable subset of that.
-_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Matched with fullmatch: `$` would also accept a name ending in a newline.
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # An ensemble template's parts: subfolder -> suffix of its model name (NAME + suffix).
 ENSEMBLE_PARTS = {"ensemble": "", "tokenizer": "_tokenizer", "engine": "_engine"}
 _LONGEST_SUFFIX = max(len(s) for s in ENSEMBLE_PARTS.values())
 
 
 def validate_model_name(name: str, max_length: int = 128) -> str:
-    if (not _MODEL_NAME_RE.match(name) or name in {".", ".."}
+    if (not _MODEL_NAME_RE.fullmatch(name) or name in {".", ".."}
             or len(name) > max_length):
         raise UserError(
             f"invalid model name {name!r}: use 1-{max_length} letters, digits, '_', '.' or "
@@ -141,9 +142,14 @@ def _template_files(folder: str) -> list[str]:
 
 
 def existing_models(repository: Path, names: list[str]) -> list[Path]:
-    """The non-empty folders among `names` in `repository`."""
-    return [repository / n for n in names
-            if (repository / n).exists() and any((repository / n).iterdir())]
+    """The paths among `names` in `repository` that a build would replace: non-empty
+    folders, and anything that is not a real folder (a symlink, even dangling, or a file)."""
+    def taken(path: Path) -> bool:
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            return True
+        return path.is_dir() and any(path.iterdir())
+
+    return [repository / n for n in names if taken(repository / n)]
 
 
 def render_model(
@@ -167,7 +173,8 @@ def render_model(
     repository.mkdir(parents=True, exist_ok=True)
     taken = existing_models(repository, list(folders.values()))
     if taken and not force:
-        raise UserError(f"{taken[0]} exists and is not empty; pass --force to replace it")
+        raise UserError(f"{str(taken[0])!r} exists and is not empty; pass --force to "
+                        "replace it")
     env = _environment()
     values = {"version": __version__, "name": name, **context}
     if is_ensemble(template):
@@ -182,18 +189,34 @@ def render_model(
                 text = env.get_template(f"{template}/{sub}{rel}").render(values)
                 out = out_dir / rel[: -len(".j2")]
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(text, encoding="utf-8")
+                out.write_bytes(_utf8(text, f"{model}/{rel[: -len('.j2')]}"))
         move_models(staging, repository, list(folders.values()))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return repository / name
 
 
+def _utf8(text: str, where: str) -> bytes:
+    """`text` as UTF-8; a lone surrogate (a config.json escape such as "\\ud800") cannot be
+    written and is a UserError naming it, not a UnicodeEncodeError traceback."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        context = text[max(err.start - 20, 0): err.end + 20]
+        raise UserError(f"cannot write {where}: {context!r} holds a lone surrogate, which is "
+                        "not valid UTF-8; fix that value in the model's files") from None
+
+
 def move_models(staging: Path, repository: Path, names: list[str]) -> None:
     """Moves complete model folders from `staging` into `repository`, replacing any there.
-    Staging is a folder inside the repository, so each move is an atomic rename."""
+    Staging is a folder inside the repository, so each move is an atomic rename.
+
+    A symlink (or file) in a model's place is removed itself, never followed: replacing a
+    model must not touch anything outside the repository."""
     for model in names:
         target = repository / model
-        if target.exists():
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            target.unlink()
+        elif target.exists():
             shutil.rmtree(target)
         (staging / model).rename(target)
