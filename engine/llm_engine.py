@@ -119,7 +119,8 @@ class LLMEngine:
         stream: bool = True,
     ) -> str:
         """Queues a request (text, or token ids); returns its id. Raises ValueError for a
-        prompt that cannot run (empty, too long for max_model_len with max_tokens).
+        prompt that cannot run (empty, ids outside the vocabulary, too long for
+        max_model_len with max_tokens).
 
         stream=False: step() reports the request only when it finishes, and its text is
         decoded once at the end unless stop strings need it token by token (the offline
@@ -133,11 +134,19 @@ class LLMEngine:
             text, token_ids = prompt, self.tokenize(prompt)
         else:
             text, token_ids = None, [int(t) for t in prompt]
-            bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}"
-                )
+        # An id past the model's embedding would raise IndexError inside step() and fail
+        # every request in flight; refuse this one request instead. Text reaches here when
+        # the tokenizer is larger than the model's vocabulary (a mismatched pair).
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad and text is not None:
+            raise ValueError(
+                f"prompt tokenizes to ids outside the model's vocabulary [0, "
+                f"{self.vocab_size}) (got {bad[:5]}): the tokenizer does not match the model"
+            )
+        if bad:
+            raise ValueError(
+                f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}"
+            )
         if not token_ids:
             raise ValueError("prompt is empty: it tokenizes to no tokens")
         if len(token_ids) >= self.max_model_len:

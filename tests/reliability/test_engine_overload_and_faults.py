@@ -110,9 +110,6 @@ def test_repeated_faults_declare_the_engine_dead_and_nothing_hangs(faulty_engine
     assert engine.engine.block_manager.num_used_blocks == 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: engine/llm_engine.py add_request range-checks "
-                   "token-id prompts only; text whose tokens pass vocab_size raises IndexError "
-                   "inside the step and fails every request in flight")
 def test_text_the_model_cannot_embed_fails_alone(tiny_model):
     # A tokenizer larger than the model's embedding (a mismatched pair, as users make them):
     # Cyrillic and CJK tokens get ids >= 512.
