@@ -88,3 +88,12 @@ def model_max_len(config: EngineConfig) -> int:
     hf_config = load_config(config.model, trust_remote_code=config.trust_remote_code)
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
     return min(requested or limit, limit) if limit > 0 else requested or 2048
+
+
+def model_vocab_size(config: EngineConfig) -> int | None:
+    """The model's vocab_size (its embedding rows) from config.json, None when it names
+    none: a tokenizer step bounds token ids with it, so a tokenizer larger than the model
+    fails the one request there. Reads config.json only."""
+    hf_config = load_config(config.model, trust_remote_code=config.trust_remote_code)
+    vocab_size = getattr(hf_config.get_text_config(), "vocab_size", None)
+    return vocab_size if isinstance(vocab_size, int) and vocab_size > 0 else None

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from tritonforge.backend.engine_settings import load_settings, model_max_len
+from tritonforge.backend.engine_settings import load_settings, model_max_len, model_vocab_size
 from tritonforge.backend.triton_io import (
     RequestError,
     check_text_size,
@@ -48,7 +48,7 @@ def sampling_data(request: Any) -> dict[str, Any]:
         source = "sampling_parameters"
         try:
             data = json.loads(raw) if raw.strip() else {}
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # "[" * 100000 recurses past the limit
             raise RequestError(f"sampling_parameters is not valid JSON: {err}") from None
     else:
         source = "request parameters"
@@ -63,9 +63,15 @@ def sampling_data(request: Any) -> dict[str, Any]:
 
 
 def check_prompt_ids(ids: list[int], field: str, params: dict[str, Any],
-                     max_model_len: int) -> None:
+                     max_model_len: int, vocab_size: int | None = None) -> None:
     if not ids:
         raise RequestError(f"input '{field}' tokenizes to no tokens")
+    # A tokenizer larger than the model (a mismatched pair) gives ids past its embedding;
+    # the engine step would refuse them naming input_ids, which this client never sent.
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise RequestError(
+            f"input '{field}' tokenizes to id {max(ids)}, outside the model's vocabulary "
+            f"[0, {vocab_size}): the tokenizer does not match the model")
     if len(ids) >= max_model_len:
         raise RequestError(
             f"input '{field}' is too long: the prompt has {len(ids)} tokens and "
@@ -83,6 +89,7 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(config.tokenizer or config.model,
                                         trust_remote_code=config.trust_remote_code)
         self.max_model_len = model_max_len(config)
+        self.vocab_size = model_vocab_size(config)
         self.max_bytes = max_input_bytes(self.max_model_len)
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -110,7 +117,7 @@ class TritonPythonModel:
         else:
             field, prompt = "text_input", text
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        check_prompt_ids(ids, field, params, self.max_model_len)
+        check_prompt_ids(ids, field, params, self.max_model_len, self.vocab_size)
         return pb_utils.InferenceResponse([
             pb_utils.Tensor("input_ids", np.asarray(ids, dtype=np.int64)),
             text_tensor("prompt", [prompt]),
@@ -120,7 +127,7 @@ class TritonPythonModel:
     def _render_chat(self, raw: str) -> str:
         try:
             conversation = json.loads(raw)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # too deeply nested: RecursionError
             raise RequestError(f"messages is not valid JSON: {err}") from None
         if not (isinstance(conversation, list) and conversation and all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in conversation)):

@@ -125,7 +125,7 @@ def request_parameters(request: Any) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         raise RequestError("request parameters are not valid JSON") from None
     return value if isinstance(value, dict) else {}
 
