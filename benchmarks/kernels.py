@@ -364,6 +364,28 @@ def bench_store_kv(bench: Bench) -> None:
                   lambda f=fn: (lambda: f(k, v, k_cache, v_cache, slots), nbytes))
 
 
+def bench_sampling(bench: Bench) -> None:
+    """The decode sampler at the Qwen3-0.6B profile's shape: unfused vs fused, whole Sampler
+    calls (metadata prebuilt, one .tolist() included) and the bare kernel."""
+    from tritonforge.engine.sampler import Sampler
+    from tritonforge.engine.sampling_metadata import UniformSamplingMetadata
+    from tritonforge.kernels.sampling import sample
+
+    rows, vocab = 238, 151936
+    logits = torch.randn(rows, vocab, device="cuda") * 4
+    md = UniformSamplingMetadata("cuda").build(rows, 0.6, vocab)
+    nbytes = logits.numel() * 4  # the floor: the logits read once
+    op = f"sampling {rows}x{vocab} T=0.6"
+    for name, fused in (("Sampler, unfused", False), ("Sampler, fused", True)):
+        sampler = Sampler(seed=0, device="cuda", fused=fused)
+        bench.run(op, name, lambda s=sampler: (lambda: s(logits, md), nbytes))
+    seed = torch.zeros(1, dtype=torch.int64, device="cuda")
+    bench.run(op, "fused kernel only", lambda: (lambda: sample(logits, md.temperature, seed),
+                                                nbytes))
+    bench.run(op, "fused kernel only, greedy", lambda: (lambda: sample(logits, None, None),
+                                                        nbytes))
+
+
 def print_table(bench: Bench) -> None:
     print(f"\n{'op':26s} {'variant':46s} {'ms':>9s} {'achieved':>14s} {'% ceiling':>9s}  note")
     for r in bench.rows:
@@ -412,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         ("rotary", lambda: bench_rotary(bench)),
         ("silu_and_mul", lambda: bench_silu_and_mul(bench)),
         ("store_kv", lambda: bench_store_kv(bench)),
+        ("sampling", lambda: bench_sampling(bench)),
     ]
     if not args.quick:
         sections.append(("flex_attention", lambda: bench_flex_attention(bench)))

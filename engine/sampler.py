@@ -14,6 +14,14 @@ batch, on the raw model logits:
      one stable sort of the vocabulary (shared with top-k); top-k alone uses torch.topk.
      Both keep exactly k tokens, ties going to the lowest ids, so top_k=1 is argmax.
 
+Fused path: a batch that needs nothing but temperature or greedy (no top-k/top-p/min-p,
+penalties, min_tokens bans, seeded rows or top-k logprobs) takes kernels/sampling.py on
+CUDA: one kernel reads each row's logits once and returns its token and logprob, with the
+same exponential race drawn from in-kernel Philox noise keyed by a seed the Sampler's
+generator draws each step (so unseeded runs stay reproducible under the engine seed). The
+tokens are draws from the same distribution, not the same draws as the unfused path's.
+Everything else, and every CPU batch, runs the pipeline below unchanged.
+
 Logprobs come from the RAW logits (log_softmax before penalties and temperature, vLLM v1's
 default), so they describe the model, not the sampling knobs.
 
@@ -32,6 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tritonforge.engine.sampling_params import SamplingParams
+from tritonforge.kernels import dispatch
+from tritonforge.kernels.sampling import sample as fused_sample
 
 # Above this top_k, torch.topk costs about what the full sort does.
 TOP_K_FAST_MAX = 1024
@@ -87,6 +97,14 @@ class SamplingMetadata:
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows [B], token ids [B]) -> -inf
     num_logprobs: list[int | None]  # per row
     logprob_rows: torch.Tensor | None  # [L] rows that asked for logprobs
+
+    @property
+    def is_plain(self) -> bool:
+        """True when every row is greedy or samples with a temperature alone: no filter,
+        penalty, min_tokens ban, seeded generator or top-k logprobs (the fused path)."""
+        return (self.top_k is None and self.top_p is None and self.min_p is None
+                and self.penalty_rows is None and self.banned is None and not self.seeded
+                and self.logprob_rows is None)
 
     @property
     def all_greedy(self) -> bool:
@@ -199,11 +217,25 @@ def _flat_ids(
 
 
 class Sampler:
-    """Picks one token per row; owns the generator that unseeded rows share."""
+    """Picks one token per row; owns the generator that unseeded rows share.
 
-    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+    fused: None takes the fused kernel for plain batches on CUDA (kernels.dispatch decides);
+    True takes it for plain batches on any device (CPU only under TRITON_INTERPRET=1, for
+    tests); False never takes it.
+    """
+
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu",
+                 fused: bool | None = None) -> None:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.fused = fused
+
+    def uses_fused_path(self, logits: torch.Tensor, metadata: SamplingMetadata) -> bool:
+        if self.fused is False or not metadata.is_plain:
+            return False
+        if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        return self.fused is True or dispatch.use_triton(logits)
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
@@ -213,6 +245,10 @@ class Sampler:
             raise ValueError(
                 f"logits must be [{md.num_rows}, {md.vocab_size}], got {list(logits.shape)}"
             )
+        if self.uses_fused_path(logits, md):
+            token_ids, sampled_lp = self._sample_fused(logits, md)
+            ids, lps = torch.stack((token_ids.double(), sampled_lp.double())).tolist()
+            return SamplerOutput([int(t) for t in ids], [None] * md.num_rows, lps)
         raw = logits.float()
         processed = apply_min_tokens(apply_penalties(raw, md), md)
 
@@ -234,6 +270,21 @@ class Sampler:
         # every float32 logprob exactly.
         ids, lps = torch.stack((token_ids.double(), sampled_lp.double())).tolist()
         return SamplerOutput([int(t) for t in ids], logprobs, lps)
+
+    def _sample_fused(self, logits: torch.Tensor, md: SamplingMetadata
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        # logits: [S, V] raw -> (token ids [S], raw-logit logprobs [S])
+        if md.all_greedy:
+            return fused_sample(logits, None, None)
+        if md.all_random:
+            temperature = md.temperature  # both builders list random rows in order: 0..S-1
+        else:
+            temperature = torch.zeros(md.num_rows, dtype=torch.float32, device=logits.device)
+            temperature[md.random_rows] = md.temperature
+        # The Philox key for this step, drawn on the generator's device: no host sync.
+        seed = torch.randint(0, 2**63 - 1, (1,), generator=self.generator,
+                             device=self.generator.device, dtype=torch.int64)
+        return fused_sample(logits, temperature, seed.to(logits.device, non_blocking=True))
 
     def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         # logits: [R, V] penalized logits of the random rows -> [R] token ids

@@ -4,11 +4,16 @@ the batch, and temperature sampling draws from softmax(logits / T)."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
+from tritonforge.engine import sampler as sampler_module
 from tritonforge.engine.sampler import (
     Sampler,
     SamplingMetadata,
@@ -18,7 +23,9 @@ from tritonforge.engine.sampler import (
     apply_penalties,
     request_generator,
 )
+from tritonforge.engine.sampling_metadata import GREEDY, UniformSamplingMetadata
 from tritonforge.engine.sampling_params import SamplingParams
+from tritonforge.kernels import dispatch
 
 V = 64
 EOS = 7
@@ -315,3 +322,123 @@ def test_cuda_sampler_matches_argmax_and_reproduces_seeds():
         md = SamplingMetadata.build(params, [[1]] * 6, [[]] * 6, gens, {EOS}, V, "cuda")
         outs.append(Sampler(device="cuda")(logits, md).token_ids)
     assert outs[0][:3] == logits[:3].argmax(-1).tolist() and outs[0] == outs[1]
+
+
+# --- the fused path (kernels/sampling.py) -------------------------------------------------------
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+NOT_PLAIN = [
+    SamplingParams(top_k=5), SamplingParams(top_p=0.9), SamplingParams(min_p=0.1),
+    SamplingParams(presence_penalty=0.5), SamplingParams(repetition_penalty=1.2),
+    SamplingParams(min_tokens=4), SamplingParams(seed=3), SamplingParams(logprobs=2),
+    SamplingParams(temperature=0.0, logprobs=0),
+]
+
+
+def _metadata(params: list[SamplingParams], vocab: int = V, device: str = "cpu"):
+    return SamplingMetadata.build(params, [[1, 2]] * len(params), [[]] * len(params),
+                                  [request_generator(p, device) for p in params], {EOS},
+                                  vocab, device)
+
+
+def test_fused_path_is_taken_only_for_plain_batches_on_cuda():
+    logits = torch.zeros(3, V)
+    plain = [[SamplingParams(temperature=0.6)] * 3, [SamplingParams(temperature=0.0)] * 3,
+             [SamplingParams(temperature=0.0), SamplingParams(temperature=1.3),
+              SamplingParams(temperature=0.7, max_tokens=3, stop=["x"], ignore_eos=True)]]
+    for params in plain:
+        md = _metadata(params)
+        assert md.is_plain
+        assert not Sampler().uses_fused_path(logits, md)  # CPU: dispatch says reference
+        assert Sampler(fused=True).uses_fused_path(logits, md)
+        assert not Sampler(fused=False).uses_fused_path(logits, md)
+        assert not Sampler(fused=True).uses_fused_path(logits.double(), md)
+    uniform = UniformSamplingMetadata("cpu")
+    assert uniform.build(3, 0.6, V).is_plain and uniform.build(3, GREEDY, V).is_plain
+    for odd in NOT_PLAIN:
+        md = _metadata([SamplingParams(temperature=0.8), odd, SamplingParams(temperature=0.0)])
+        assert not md.is_plain, odd
+        assert not Sampler(fused=True).uses_fused_path(logits, md), odd
+    if HAS_CUDA:
+        md = _metadata(plain[0], device="cuda")
+        assert Sampler(device="cuda").uses_fused_path(logits.cuda(), md)
+        with dispatch.force_reference():
+            assert not Sampler(device="cuda").uses_fused_path(logits.cuda(), md)
+
+
+def test_cpu_sampler_never_launches_the_fused_kernel(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the fused kernel ran on CPU")
+
+    monkeypatch.setattr(sampler_module, "fused_sample", boom)
+    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(0))
+    for params in ([SamplingParams(temperature=0.6)] * 5, [SamplingParams(temperature=0)] * 5):
+        out, _ = run(logits, params)
+        assert len(out.token_ids) == 5
+
+
+fused_kernel_test = pytest.mark.skipif(
+    not (INTERPRETED or HAS_CUDA),
+    reason="CPU without TRITON_INTERPRET=1: run by test_fused_sampler_under_the_interpreter",
+)
+
+
+@fused_kernel_test
+def test_fused_sampler_end_to_end_draws_tokens_and_raw_logprobs():
+    gen = torch.Generator().manual_seed(11)
+    num_rows, vocab = 17, 1000
+    logits = torch.randn(num_rows, vocab, generator=gen) * 3
+    logits[:, 500:] = float("-inf")  # banned: never drawn, even hot
+    logits[4] = 0.0
+    logits[4, [9, 700]] = 5.0  # a greedy tie
+    logits = logits.to(KERNEL_DEVICE)
+    params = [SamplingParams(temperature=0.0 if i % 4 == 0 else 0.5 + i / 4)
+              for i in range(num_rows)]
+    md = _metadata(params, vocab, KERNEL_DEVICE)
+    expected_lp = logits.double().log_softmax(-1)
+    results = []
+    for seed in (0, 0, 1):
+        sampler = Sampler(seed=seed, device=KERNEL_DEVICE, fused=True)
+        assert sampler.uses_fused_path(logits, md)
+        out = sampler(logits, md)
+        assert out.logprobs == [None] * num_rows
+        for i, (tok, lp) in enumerate(zip(out.token_ids, out.sampled_logprobs)):
+            if i % 4 == 0:
+                assert tok == int(logits[i].argmax())
+            assert tok < 500 or i == 4
+            assert lp == pytest.approx(expected_lp[i, tok].item(), abs=1e-5)
+        assert out.token_ids[4] == 9
+        results.append(out.token_ids)
+    assert results[0] == results[1] != results[2]  # the engine seed reproduces the draws
+    uniform = UniformSamplingMetadata(KERNEL_DEVICE)
+    for temperature in (GREEDY, 0.6):
+        out = Sampler(seed=2, device=KERNEL_DEVICE, fused=True)(
+            logits, uniform.build(num_rows, temperature, vocab))
+        assert all(t < 500 or i == 4 for i, t in enumerate(out.token_ids))
+        if temperature == GREEDY:
+            assert out.token_ids == logits.argmax(-1).tolist()
+
+
+@fused_kernel_test
+def test_fused_sampler_draws_follow_softmax():
+    logits = torch.tensor([1.0, 0.5, 0.0, -1.0])
+    num = 800
+    md = UniformSamplingMetadata(KERNEL_DEVICE).build(num, 0.6, 4)
+    out = Sampler(seed=5, device=KERNEL_DEVICE, fused=True)(
+        logits.repeat(num, 1).to(KERNEL_DEVICE), md)
+    freq = torch.bincount(torch.tensor(out.token_ids), minlength=4).float() / num
+    expected = (logits / 0.6).softmax(-1)
+    assert ((freq - expected).abs() <= 4 * (expected * (1 - expected) / num).sqrt()).all()
+
+
+@pytest.mark.skipif(INTERPRETED or HAS_CUDA, reason="the fused tests run in-process here")
+def test_fused_sampler_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+         "-k", "fused_sampler and not under_the_interpreter"],
+        check=False, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True,
+        text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "2 passed" in output, output[-6000:]
