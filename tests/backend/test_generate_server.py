@@ -24,6 +24,8 @@ from tritonclient.utils import InferenceServerException
 from tritonforge.engine import LLM, SamplingParams
 from tritonforge.generator.render import render_model
 
+from tests.fixtures.triton_client import grpc_stream, is_final
+
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny_generate"
@@ -101,32 +103,6 @@ def inputs(text: str | bytes | None = None, *, messages: Any = None, stream: boo
     return out
 
 
-def is_final(result: Any) -> bool:
-    return result.get_response().parameters["triton_final_response"].bool_param
-
-
-def grpc_generate(url: str, model: str, request: list, parameters: dict | None = None,
-                  timeout: float = 120) -> list[Any]:
-    """Every response of one request, over its own gRPC stream; raises its error."""
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        client.start_stream(callback=lambda result, error: responses.put(error or result))
-        client.async_stream_infer(model, request, parameters=parameters,
-                                  enable_empty_final_response=True)
-        out = []
-        while True:
-            item = responses.get(timeout=timeout)
-            if isinstance(item, Exception):
-                raise item
-            out.append(item)
-            if is_final(item):
-                return out
-    finally:
-        client.stop_stream()
-        client.close()
-
-
 def texts(results: list[Any]) -> list[str]:
     return [r.as_numpy("text_output").reshape(-1)[0].decode() for r in results]
 
@@ -171,8 +147,8 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1) -> Any:
 def test_grpc_stream_deltas_concatenate_to_the_engine_greedy_text(triton_server, model, llm):
     refs = reference(llm, PROMPTS, **GREEDY)
     for prompt, ref in zip(PROMPTS, refs):
-        results = grpc_generate(triton_server.grpc_url, model,
-                                inputs(prompt, stream=True, params=GREEDY))
+        results = grpc_stream(triton_server.grpc_url, model,
+                              inputs(prompt, stream=True, params=GREEDY))
         # One response per engine step, every one a data response; FINAL on the last.
         assert [is_final(r) for r in results] == [False] * (len(results) - 1) + [True]
         assert len(results) == GREEDY["max_tokens"]
@@ -193,15 +169,15 @@ def test_http_generate_stream_deltas_concatenate_to_the_engine_greedy_text(
 def test_non_streaming_sends_exactly_one_response_equal_to_the_stream(
         triton_server, model, llm):
     prompt = PROMPTS[0]
-    streamed = "".join(texts(grpc_generate(triton_server.grpc_url, model,
-                                           inputs(prompt, stream=True, params=GREEDY))))
+    streamed = "".join(texts(grpc_stream(triton_server.grpc_url, model,
+                                         inputs(prompt, stream=True, params=GREEDY))))
     # exclude_input_in_output defaults to false: the prompt comes first, as in vllm_backend.
     for request, expected in [
         (inputs(prompt, params=GREEDY), prompt + streamed),
         (inputs(prompt, stream=False, params=GREEDY), prompt + streamed),
         (inputs(prompt, stream=False, params=GREEDY, exclude_input_in_output=True), streamed),
     ]:
-        results = grpc_generate(triton_server.grpc_url, model, request)
+        results = grpc_stream(triton_server.grpc_url, model, request)
         assert len(results) == 1 and is_final(results[0])
         assert texts(results) == [expected]
     assert streamed == reference(llm, [prompt], **GREEDY)[0].outputs[0].text
@@ -214,7 +190,7 @@ def test_32_concurrent_streams_all_finish_with_their_own_text(triton_server, mod
     prompts = [f"Request number {i} asks about the weather in the north" for i in range(32)]
     refs = reference(llm, prompts, **GREEDY)
     with ThreadPoolExecutor(32) as pool:
-        futures = [pool.submit(grpc_generate, triton_server.grpc_url, model,
+        futures = [pool.submit(grpc_stream, triton_server.grpc_url, model,
                                inputs(p, stream=True, params=GREEDY)) for p in prompts]
         results = [f.result() for f in futures]
     for result, ref in zip(results, refs):
@@ -228,12 +204,12 @@ def test_sampling_parameters_as_vllm_backend_clients_send_them(triton_server, mo
                          ignore_eos=True)[0].outputs[0].text
     # Numbers and booleans as strings, as vllm_backend's sample client writes them.
     as_strings = {"temperature": "0", "max_tokens": "8", "ignore_eos": "true"}
-    results = grpc_generate(triton_server.grpc_url, model,
-                            inputs(prompt, stream=True, params=as_strings))
+    results = grpc_stream(triton_server.grpc_url, model,
+                          inputs(prompt, stream=True, params=as_strings))
     assert "".join(texts(results)) == expected
     # No sampling_parameters input: the request's own parameters are used.
-    results = grpc_generate(triton_server.grpc_url, model, inputs(prompt, stream=True),
-                            parameters={"temperature": 0, "max_tokens": 8, "ignore_eos": True})
+    results = grpc_stream(triton_server.grpc_url, model, inputs(prompt, stream=True),
+                          parameters={"temperature": 0, "max_tokens": 8, "ignore_eos": True})
     assert "".join(texts(results)) == expected
     # vllm_backend's README: HTTP generate with a `parameters` object (its `stream` ignored).
     body = {"text_input": prompt, "parameters": {"stream": False, "temperature": 0,
@@ -247,12 +223,12 @@ def test_return_outputs_come_only_when_asked(triton_server, model):
     extra = ["finish_reason", "cumulative_logprob", "logprobs", "num_input_tokens",
              "num_output_tokens"]
     for stream in (True, False):
-        for result in grpc_generate(triton_server.grpc_url, model,
-                                    inputs(PROMPTS[0], stream=stream, params=GREEDY)):
+        for result in grpc_stream(triton_server.grpc_url, model,
+                                  inputs(PROMPTS[0], stream=stream, params=GREEDY)):
             assert result.as_numpy("text_output") is not None
             assert all(result.as_numpy(name) is None for name in extra)
-        only = grpc_generate(triton_server.grpc_url, model,
-                             inputs(PROMPTS[0], stream=stream, params=GREEDY,
+        only = grpc_stream(triton_server.grpc_url, model,
+                           inputs(PROMPTS[0], stream=stream, params=GREEDY,
                                     return_num_output_tokens=True))[-1]
         assert only.as_numpy("num_output_tokens") is not None
         assert all(only.as_numpy(name) is None for name in extra if name != "num_output_tokens")
@@ -266,8 +242,8 @@ ALL_RETURNS = {f"return_{name}": True for name in
 def test_return_outputs_are_correct_non_streaming(triton_server, model, llm):
     params = GREEDY | {"logprobs": 2}
     ref = reference(llm, [PROMPTS[2]], **params)[0]
-    (result,) = grpc_generate(triton_server.grpc_url, model,
-                              inputs(PROMPTS[2], params=params, **ALL_RETURNS))
+    (result,) = grpc_stream(triton_server.grpc_url, model,
+                            inputs(PROMPTS[2], params=params, **ALL_RETURNS))
     assert result.as_numpy("finish_reason").tolist() == [b"length"]
     assert result.as_numpy("num_input_tokens").tolist() == [len(ref.prompt_token_ids)]
     assert result.as_numpy("num_output_tokens").tolist() == [GREEDY["max_tokens"]]
@@ -290,8 +266,8 @@ def test_return_outputs_are_correct_non_streaming(triton_server, model, llm):
 def test_return_outputs_are_correct_streaming(triton_server, model, llm):
     params = GREEDY | {"logprobs": 1}
     ref = reference(llm, [PROMPTS[0]], **params)[0]
-    results = grpc_generate(triton_server.grpc_url, model,
-                            inputs(PROMPTS[0], stream=True, params=params, **ALL_RETURNS))
+    results = grpc_stream(triton_server.grpc_url, model,
+                          inputs(PROMPTS[0], stream=True, params=params, **ALL_RETURNS))
     reasons = [r.as_numpy("finish_reason")[0].decode() for r in results]
     assert reasons == ["None"] * (len(results) - 1) + ["length"]  # str(None) until the end
     assert sum(int(r.as_numpy("num_output_tokens")[0]) for r in results) == GREEDY["max_tokens"]
@@ -308,7 +284,7 @@ def test_a_stop_token_finishes_with_reason_stop(triton_server, model, llm):
     ref = reference(llm, [PROMPTS[0]], **GREEDY)[0].outputs[0].token_ids
     stop_id = ref[4]
     params = GREEDY | {"stop_token_ids": [stop_id]}
-    (result,) = grpc_generate(triton_server.grpc_url, model, inputs(
+    (result,) = grpc_stream(triton_server.grpc_url, model, inputs(
         PROMPTS[0], params=params, return_finish_reason=True, return_num_output_tokens=True))
     assert result.as_numpy("finish_reason").tolist() == [b"stop"]
     assert result.as_numpy("num_output_tokens").tolist() == [ref.index(stop_id) + 1]
@@ -316,11 +292,11 @@ def test_a_stop_token_finishes_with_reason_stop(triton_server, model, llm):
 
 def test_messages_are_rendered_with_the_chat_template(triton_server, model, llm):
     ref = llm.chat(CHAT, SamplingParams(**GREEDY))[0]
-    results = grpc_generate(triton_server.grpc_url, model,
-                            inputs(messages=CHAT, stream=True, params=GREEDY))
+    results = grpc_stream(triton_server.grpc_url, model,
+                          inputs(messages=CHAT, stream=True, params=GREEDY))
     assert "".join(texts(results)) == ref.outputs[0].text
     # text_input may be sent empty beside messages; the prompt prepended is the rendered chat.
-    (result,) = grpc_generate(triton_server.grpc_url, model, inputs(
+    (result,) = grpc_stream(triton_server.grpc_url, model, inputs(
         "", messages=CHAT, params=GREEDY, return_num_input_tokens=True))
     assert texts([result]) == [ref.prompt + ref.outputs[0].text]
     assert result.as_numpy("num_input_tokens").tolist() == [len(ref.prompt_token_ids)]
@@ -375,9 +351,9 @@ BAD_REQUESTS = {
 def test_bad_requests_fail_alone_naming_the_field(triton_server, model, llm):
     good = reference(llm, [PROMPTS[1]], **GREEDY)[0].outputs[0].text
     with ThreadPoolExecutor(len(BAD_REQUESTS) + 1) as pool:
-        good_future = pool.submit(grpc_generate, triton_server.grpc_url, model,
+        good_future = pool.submit(grpc_stream, triton_server.grpc_url, model,
                                   inputs(PROMPTS[1], stream=True, params=GREEDY))
-        futures = {name: pool.submit(grpc_generate, triton_server.grpc_url, model, request)
+        futures = {name: pool.submit(grpc_stream, triton_server.grpc_url, model, request)
                    for name, (request, _) in BAD_REQUESTS.items()}
         assert "".join(texts(good_future.result())) == good
         for name, future in futures.items():
@@ -388,11 +364,11 @@ def test_bad_requests_fail_alone_naming_the_field(triton_server, model, llm):
     # A 10 MB text is refused by its size, before any tokenizer time is spent on it.
     started = time.monotonic()
     with pytest.raises(InferenceServerException, match="text_input"):
-        grpc_generate(triton_server.grpc_url, model, inputs(TEN_MB))
+        grpc_stream(triton_server.grpc_url, model, inputs(TEN_MB))
     assert time.monotonic() - started < 5
     # The server is healthy afterwards and the next request succeeds.
-    assert "".join(texts(grpc_generate(triton_server.grpc_url, model,
-                                       inputs(PROMPTS[1], stream=True, params=GREEDY)))) == good
+    assert "".join(texts(grpc_stream(triton_server.grpc_url, model,
+                                     inputs(PROMPTS[1], stream=True, params=GREEDY)))) == good
 
 
 # ---- metrics and cancellation ------------------------------------------------------------
@@ -400,7 +376,7 @@ def test_metrics_count_the_tokens_of_each_request(triton_server, model):
     before = scrape(triton_server.metrics_url, model)
     assert {"vllm:num_requests_running", "vllm:num_requests_waiting",
             "vllm:kv_cache_usage_perc"} <= set(before)
-    (result,) = grpc_generate(triton_server.grpc_url, model, inputs(
+    (result,) = grpc_stream(triton_server.grpc_url, model, inputs(
         PROMPTS[2], params=GREEDY, return_num_input_tokens=True, return_num_output_tokens=True))
     n_in = int(result.as_numpy("num_input_tokens")[0])
     n_out = int(result.as_numpy("num_output_tokens")[0])
@@ -447,7 +423,7 @@ def cancel_20_long_streams_beside_20_short(triton_server, target: str, long_requ
         doomed.append(client)
     assert not isinstance(started.get(timeout=60), Exception)  # generation is under way
     with ThreadPoolExecutor(20) as pool:
-        futures = [pool.submit(grpc_generate, triton_server.grpc_url, MODEL,
+        futures = [pool.submit(grpc_stream, triton_server.grpc_url, MODEL,
                                inputs(p, stream=True, params=GREEDY)) for p in short_prompts]
         for client in doomed:
             client.stop_stream(cancel_requests=True)
@@ -484,7 +460,7 @@ def test_cancelling_20_of_40_engine_streams_frees_the_kv_cache(triton_server, mo
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
     client.close()
-    assert "".join(texts(grpc_generate(triton_server.grpc_url, model, inputs(
+    assert "".join(texts(grpc_stream(triton_server.grpc_url, model, inputs(
         short_prompts[0], stream=True, params=GREEDY)))) == refs[0].outputs[0].text
 
 
@@ -498,10 +474,10 @@ def test_the_engine_step_refuses_ids_it_cannot_run(triton_server, model, llm, ti
     empty.set_data_from_numpy(np.zeros([0], dtype=np.int64))
     for request, fragment in [([bad_ids], "outside [0, "), ([empty], "no tokens")]:
         with pytest.raises(InferenceServerException, match="input_ids") as info:
-            grpc_generate(triton_server.grpc_url, f"{model}_engine", request)
+            grpc_stream(triton_server.grpc_url, f"{model}_engine", request)
         assert fragment in str(info.value)
-    results = grpc_generate(triton_server.grpc_url, f"{model}_engine",
-                            engine_inputs(llm, PROMPTS[0], stream=True, params=GREEDY))
+    results = grpc_stream(triton_server.grpc_url, f"{model}_engine",
+                          engine_inputs(llm, PROMPTS[0], stream=True, params=GREEDY))
     assert "".join(texts(results)) == reference(llm, [PROMPTS[0]], **GREEDY)[0].outputs[0].text
 
 
@@ -552,14 +528,14 @@ def test_smollm2_streams_exactly_the_engine_greedy_text(triton_server, smollm2):
         del reference_llm
         loading.result()
     assert "Paris" in chat_ref
-    grpc_chat = grpc_generate(triton_server.grpc_url, name,
-                              inputs(messages=CHAT, stream=True, params=params))
+    grpc_chat = grpc_stream(triton_server.grpc_url, name,
+                            inputs(messages=CHAT, stream=True, params=params))
     assert "".join(texts(grpc_chat)) == chat_ref
     events = http_generate(triton_server.http_url, name, {
         "text_input": "The capital of France is", "stream": True,
         "sampling_parameters": json.dumps(params)}, stream=True)
     assert "".join(e["text_output"] for e in events) == text_ref
-    (single,) = grpc_generate(triton_server.grpc_url, name, inputs(
+    (single,) = grpc_stream(triton_server.grpc_url, name, inputs(
         "The capital of France is", params=params, exclude_input_in_output=True))
     assert texts([single]) == [text_ref]
     triton_server.unload_model(name)
@@ -582,8 +558,8 @@ def test_model_unloads_and_reloads_cleanly(triton_server, model):
         assert client.is_model_ready(model)
     finally:
         client.close()
-    results = grpc_generate(triton_server.grpc_url, model,
-                            inputs(PROMPTS[0], stream=True, params=GREEDY))
+    results = grpc_stream(triton_server.grpc_url, model,
+                          inputs(PROMPTS[0], stream=True, params=GREEDY))
     assert is_final(results[-1])
 
 
@@ -619,16 +595,16 @@ def test_a_dead_engine_makes_the_model_not_ready_instead_of_hanging(triton_serve
         # Every step fails; after AsyncEngine.MAX_CONSECUTIVE_FAILURES the engine is dead.
         for _ in range(3):
             with pytest.raises(InferenceServerException, match="injected fault"):
-                grpc_generate(triton_server.grpc_url, name,
-                              inputs(PROMPTS[0], stream=True, params=GREEDY), timeout=60)
+                grpc_stream(triton_server.grpc_url, name,
+                            inputs(PROMPTS[0], stream=True, params=GREEDY), timeout=60)
         assert wait_for(lambda: not client.is_model_ready(name), timeout=60), \
             "the model still reports ready with a dead engine"
         assert not client.is_model_ready(f"{name}_engine")
         # A request now fails at once (the model is gone), it does not hang.
         started = time.monotonic()
         with pytest.raises(InferenceServerException):
-            grpc_generate(triton_server.grpc_url, name, inputs(PROMPTS[0], params=GREEDY),
-                          timeout=30)
+            grpc_stream(triton_server.grpc_url, name, inputs(PROMPTS[0], params=GREEDY),
+                        timeout=30)
         assert time.monotonic() - started < 10
     finally:
         client.close()

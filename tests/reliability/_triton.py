@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import time
 import urllib.error
@@ -117,33 +116,9 @@ def generate_inputs(text: str | bytes | None, params: dict | str | bytes | None 
     return out
 
 
-def is_final(result: Any) -> bool:
-    return result.get_response().parameters["triton_final_response"].bool_param
-
-
 def text_of(results: list[Any]) -> str:
     return "".join(r.as_numpy("text_output").reshape(-1)[0].decode() for r in results
                    if r.as_numpy("text_output") is not None)
-
-
-def grpc_stream(url: str, model: str, inputs: list[Any], timeout: float = 120) -> list[Any]:
-    """Every response of one request on its own gRPC stream; raises the request's error."""
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        client.start_stream(callback=lambda result, error: responses.put(error or result))
-        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
-        out = []
-        while True:
-            item = responses.get(timeout=timeout)
-            if isinstance(item, Exception):
-                raise item
-            out.append(item)
-            if is_final(item):
-                return out
-    finally:
-        client.stop_stream()
-        client.close()
 
 
 def http_generate(url: str, model: str, body: dict | bytes, stream: bool = False,

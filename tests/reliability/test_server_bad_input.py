@@ -16,10 +16,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from tests.fixtures.triton_client import grpc_stream
 from tests.reliability._triton import (
     GREEDY,
     generate_inputs,
-    grpc_stream,
     healthy,
     http_error,
     http_generate,

@@ -20,15 +20,14 @@ import tritonclient.grpc as grpcclient
 from tritonforge.generator.errors import TritonServerError
 from tritonforge.generator.tritonserver import TritonServer
 
+from tests.fixtures.triton_client import grpc_stream, is_final
 from tests.reliability._hostile import write_remote_code_model
 from tests.reliability._triton import (
     GREEDY,
     build,
     generate_inputs,
-    grpc_stream,
     healthy,
     idle_gauges,
-    is_final,
     server_pid,
     stub_pids,
     text_of,

@@ -16,13 +16,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from tests.fixtures.triton_client import grpc_stream, is_final
 from tests.reliability._triton import (
     GREEDY,
     generate_inputs,
-    grpc_stream,
     healthy,
     idle_gauges,
-    is_final,
     rss_bytes,
     stub_pids,
     text_of,
