@@ -51,6 +51,7 @@ import triton_python_backend_utils as pb_utils
 from tritonforge.backend.engine_settings import load_settings
 from tritonforge.backend.generate_tokenizer import RETURN_OUTPUTS, check_prompt_ids, sampling_data
 from tritonforge.backend.metrics import GaugeValues, GenerateMetrics
+from tritonforge.backend.response_writer import ResponseWriter
 from tritonforge.backend.triton_io import (
     RequestError,
     cancelled_response,
@@ -66,7 +67,10 @@ from tritonforge.engine import AsyncEngine, RequestOutput, SamplingParams
 from tritonforge.engine.async_engine import EngineDeadError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-POLL_INTERVAL = 0.05  # seconds between cancellation checks of a request
+POLL_INTERVAL = 0.1  # seconds between cancellation checks of a request
+# Parallel sends: each waits on a round trip to Triton with the GIL released, so a few
+# threads keep up with hundreds of streams (ordering holds per stream; see ResponseWriter).
+SENDER_THREADS = 4
 
 
 @dataclass(eq=False)
@@ -108,6 +112,9 @@ class TritonPythonModel:
             self._gauge_values)
         self._stop = threading.Event()
         self._unloading = False
+        # Sends happen on these threads, never on the engine's (see response_writer.py).
+        self._writer = ResponseWriter(self._deliver, log_exception,
+                                      num_threads=SENDER_THREADS)
         self._poller = threading.Thread(target=self._poll_cancelled, daemon=True,
                                         name="tritonforge-cancel-poller")
         self._poller.start()
@@ -189,20 +196,36 @@ class TritonPythonModel:
             self._record(s, output, now)
             if not s.stream and not output.finished:
                 return
-            s.checked_at = now
-            if sender.is_cancelled():
-                self._cancel(s)
-                return
-            self._send(s, self._response(s, output), final=output.finished)
+            # No is_cancelled() here: it is a round trip to Triton per token; the poller
+            # checks every POLL_INTERVAL instead.
+            self._writer.submit(s.request_id, (s, output), shard=int(s.request_id))
         except Exception as err:  # noqa: BLE001 - the stream must still end
-            log_exception("could not send a generate response")
+            log_exception("could not hand over a generate response")
             self.engine.abort(s.request_id)
             self._send(s, error_response(f"could not build the response: {err}"), final=True)
 
-    def _response(self, s: _Stream, output: RequestOutput) -> Any:
+    def _deliver(self, request_id: Any, items: list[tuple[_Stream, RequestOutput]]) -> None:
+        """A writer thread: one response for all of a stream's outputs that piled up while its
+        previous send was in flight (their deltas joined), FINAL if the last one finished."""
+        s = items[0][0]
+        outputs = [output for _, output in items]
+        try:
+            response = self._response(s, outputs)
+        except Exception as err:  # noqa: BLE001 - the stream must still end
+            log_exception("could not build a generate response")
+            self.engine.abort(s.request_id)
+            self._send(s, error_response(f"could not build the response: {err}"), final=True)
+            return
+        self._send(s, response, final=outputs[-1].finished)
+
+    def _response(self, s: _Stream, outputs: list[RequestOutput]) -> Any:
+        # outputs: consecutive outputs of one stream, oldest first (one unless the writer
+        # merged several); the response carries their joined deltas and the last one's state.
+        output = outputs[-1]
         c = output.outputs[0]
         if s.stream:
-            text, num_new = c.text_delta, len(c.token_ids_delta)
+            text = "".join(o.outputs[0].text_delta for o in outputs)
+            num_new = sum(len(o.outputs[0].token_ids_delta) for o in outputs)
         else:
             text, num_new = (s.prompt if s.prepend else "") + c.text, len(c.token_ids)
         tensors = [text_tensor("text_output", [text])]
@@ -228,7 +251,8 @@ class TritonPythonModel:
         not among the top k it is the (k+1)-th entry, and its rank (> k) is unknown: null."""
         if per_token is None:
             return "null"
-        tokenizer = self.engine.engine.tokenizer  # we run in the engine thread
+        # A writer thread: decode() only reads the tokenizer, as the engine thread does.
+        tokenizer = self.engine.engine.tokenizer
         out = []
         for alternatives in per_token:
             ranked = sorted(alternatives.items(), key=lambda kv: -kv[1])
@@ -338,6 +362,7 @@ class TritonPythonModel:
         # In-flight streams end with an error from the engine; requests it had not admitted
         # yet end here.
         self.engine.shutdown()
+        self._writer.close()
         for s in list(self._pending.values()):
             self._send(s, error_response("the model was unloaded with this request in flight",
                                          "UNAVAILABLE"), final=True)

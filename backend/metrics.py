@@ -11,9 +11,10 @@ Families (labels `model` and `version`, as vllm_backend sets them):
               or not yet admitted), vllm:kv_cache_usage_perc (fraction of KV blocks held by
               requests; 1 means 100%; cached free prefix blocks do not count)
 
-Every metric call is a round trip to the Triton process (~10 us), so the engine thread only
-queues events; one thread applies them and refreshes the gauges from engine stats every
-`interval` seconds. If the server runs with metrics off, every call is a no-op.
+Every metric call is a round trip to the Triton process (~10 us, more under load), so the
+engine thread only queues events; one thread applies them (a counter's queued increments as
+one call) and refreshes the gauges from engine stats every `interval` seconds. If the
+server runs with metrics off, every call is a no-op.
 """
 
 from __future__ import annotations
@@ -124,11 +125,36 @@ class GenerateMetrics:
                 event = ()
             if event is None:
                 return
-            if event:
-                self._apply(*event)
+            if event and not self._apply_batch(event):
+                return
             if time.monotonic() >= next_refresh:
                 self._refresh_gauges()
                 next_refresh = time.monotonic() + self._interval
+
+    def _apply_batch(self, first: tuple[str, str, float]) -> bool:
+        """Applies `first` and every event already queued behind it, with the increments of
+        one counter summed into one call. Why: increment() holds the GIL for its round trip
+        to Triton (observe() releases it), so one call per token would stall the engine
+        thread. False when the stop marker was among them (after applying the rest)."""
+        events, stop = [first], False
+        while len(events) < 100_000:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if event is None:
+                stop = True
+                break
+            events.append(event)
+        sums: dict[str, float] = {}
+        for key, op, value in events:
+            if op == "increment":
+                sums[key] = sums.get(key, 0.0) + value
+            else:
+                self._apply(key, op, value)
+        for key, value in sums.items():
+            self._apply(key, "increment", value)
+        return not stop
 
     def _apply(self, key: str, op: str, value: float) -> None:
         try:
