@@ -45,5 +45,10 @@ def test_built_wheel_holds_one_import_package_with_templates(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"tritonforge"}
-    assert "tritonforge/model_repo_templates/embed/config.pbtxt.j2" in names
+    # Every template file, however deep (ensemble/, tokenizer/, engine/ steps), ships.
+    templates = ROOT / "model_repo_templates"
+    shipped = {f"tritonforge/model_repo_templates/{p.relative_to(templates).as_posix()}"
+               for p in templates.rglob("*") if p.suffix in {".j2", ".txt"}}
+    assert "tritonforge/model_repo_templates/embed/ensemble/config.pbtxt.j2" in shipped
+    assert shipped <= set(names), sorted(shipped - set(names))
     assert "tritonforge/generator/commands/demo.py" in names

@@ -525,15 +525,22 @@ def test_server_classifies_with_a_built_classify_model(triton_server, tiny):
 
 
 @pytest.mark.slow
-def test_a_trust_remote_code_build_loads_only_where_the_server_allows_it(triton_server, tiny):
+def test_a_trust_remote_code_build_loads_only_where_the_server_allows_it(tmp_path, tiny):
     from tritonforge.generator.errors import TritonServerError
+    from tritonforge.generator.tritonserver import TritonServer
 
-    # The session server's environment has no TRITONFORGE_TRUST_REMOTE_CODE: the build's
-    # request alone must not enable remote code, and the load failure says what would.
-    with pytest.raises(TritonServerError, match="TRITONFORGE_TRUST_REMOTE_CODE=1"):
-        build_into_server(triton_server, tiny["embed"], "built_remote", "embed",
-                          "--trust-remote-code")
-    triton_server.unload_model("built_remote")
+    # A server of its own: Triton keeps a model that failed to load in its index (and its
+    # strict readiness false) even after an unload, which would leak into later tests.
+    # Its environment has no TRITONFORGE_TRUST_REMOTE_CODE: the build's request alone must
+    # not enable remote code, and the load failure says what would.
+    repo = tmp_path / "repo"
+    assert generator("build", tiny["embed"], "-o", repo, "--name", "built_remote",
+                     "--task", "embed", "--dtype", "float32", "--trust-remote-code") == 0
+    stub_env = os.environ.get("TRITONFORGE_STUB_VENV")  # the GPU host's, as conftest does
+    with TritonServer(repo, model_control_mode="explicit", log_file=tmp_path / "log",
+                      stub_env=Path(stub_env) if stub_env else None) as server, \
+            pytest.raises(TritonServerError, match="TRITONFORGE_TRUST_REMOTE_CODE=1"):
+        server.load_model("built_remote")
 
 
 @pytest.mark.slow
