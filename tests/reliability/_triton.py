@@ -151,10 +151,13 @@ def http_error(url: str, model: str, body: dict | bytes, stream: bool = False) -
 
 
 def healthy(server: TritonServer, model: str) -> bool:
+    """The server is live and `model` is ready. Not the server's own readiness: under strict
+    readiness it stays false while any model of the shared session server sits in a failed
+    load (Triton keeps one in its index even after an unload), which other tests cause on
+    purpose; this model's readiness and the next good request are what this suite checks."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        return (client.is_server_live() and client.is_server_ready()
-                and client.is_model_ready(model))
+        return client.is_server_live() and client.is_model_ready(model)
     finally:
         client.close()
 
