@@ -41,11 +41,14 @@ class _Request:
     seq: Sequence
     prompt: str | None
     params: SamplingParams
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None when token_only
     generator: torch.Generator | None
     logprobs: list[dict[int, float]] | None
     cumulative_logprob: float = 0.0
     stream: bool = True  # report every step (and keep its text current) or only the end
+    # No text at all: the engine-core process reports token ids, and its front ends
+    # detokenize and apply stop strings (engine/output_processor.py).
+    token_only: bool = False
     # Per-request constants of the step loop, decided once in add_request:
     lazy: bool = False  # not streamed and no stop strings: text decoded once at the end
     plain_temperature: float | None = None  # sampling_metadata.plain_temperature(params)
@@ -117,6 +120,7 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         stream: bool = True,
+        detokenize: bool = True,
     ) -> str:
         """Queues a request (text, or token ids); returns its id. Raises ValueError for a
         prompt that cannot run (empty, ids outside the vocabulary, too long for
@@ -125,6 +129,10 @@ class LLMEngine:
         stream=False: step() reports the request only when it finishes, and its text is
         decoded once at the end unless stop strings need it token by token (the offline
         API's batch generation: detokenizing every step would cost more than the GPU).
+
+        detokenize=False: no text and no stop strings here, only token-level stops (EOS,
+        stop_token_ids, min_tokens, max_tokens, max_model_len); the caller detokenizes and
+        aborts the request when one of its stop strings matches (the engine core's mode).
         """
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
@@ -165,11 +173,12 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(
                 self.tokenizer, token_ids, params.skip_special_tokens,
                 params.spaces_between_special_tokens,
-            ),
+            ) if detokenize else None,
             generator=request_generator(params, self.device),
             logprobs=[] if params.logprobs is not None else None,
             stream=stream,
-            lazy=not stream and not params.stop,
+            token_only=not detokenize,
+            lazy=detokenize and not stream and not params.stop,
             plain_temperature=plain_temperature(params),
             stop_token_set=frozenset(params.stop_token_ids) | (
                 frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)),
@@ -223,7 +232,9 @@ class LLMEngine:
             request.cumulative_logprob += logprob
             if request.logprobs is not None:
                 request.logprobs.append(top or {})
-            if request.lazy:
+            if request.token_only:
+                output = self._process_token_id(request, token)
+            elif request.lazy:
                 output = self._process_token_lazily(request, token)
             else:
                 output = self._process_token(request)
@@ -283,6 +294,19 @@ class LLMEngine:
             request.text = detok.push(seq.output_token_ids) + detok.flush()
             return self._finish(request, "length", None)
         return None
+
+    def _process_token_id(self, request: _Request, token: int) -> RequestOutput | None:
+        """Token-level stops only and no text (detokenize=False): the same checks as
+        _process_token_lazily, reported every step when streaming."""
+        seq, params = request.seq, request.params
+        num_tokens = len(seq.token_ids)
+        if (request.stop_token_set and token in request.stop_token_set
+                and num_tokens - seq.num_prompt_tokens >= params.min_tokens):
+            reason = None if (not params.ignore_eos and token in self.eos_token_ids) else token
+            return self._finish(request, "stop", reason)
+        if num_tokens >= request.length_limit:
+            return self._finish(request, "length", None)
+        return self._output(request) if request.stream else None
 
     def _finish(self, request: _Request, finish_reason: str,
                 stop_reason: int | str | None) -> RequestOutput:

@@ -1,0 +1,318 @@
+"""The engine core: one process per GPU that does nothing but continuous-batching steps.
+
+    python -m tritonforge.engine.core SPEC.json     (started by EngineCoreClient)
+
+Why a process: the step loop, detokenization and Triton's response sends used to share one
+stub process and one GIL, and one model instance was the only sender. Here the core owns
+the scheduler, block manager, model runner and sampler and nothing else; the Triton model
+instances in front of it (engine/core_client.py) own text, stop strings and responses, and
+several of them attach to one core, so sending scales without more engines on the card.
+The core never sees strings: requests arrive as token ids, outputs leave as token ids.
+
+Threads: the main thread runs the loop (drain commands, one step, hand the outputs out);
+one reader thread per attached front end turns its messages into commands; one sender
+thread pickles and sends, so a slow front end never stalls a step. Each step sends ONE
+message per front end holding every one of its requests' new tokens.
+
+Lifecycle: the socket appears once the engine is built (its existence means ready); a
+failed build writes the error next to it and exits 1. The core exits when the process it
+serves (the tritonserver, `watch_pid`) is gone, when no front end has been attached for
+`idle_timeout` seconds, or after MAX_CONSECUTIVE_FAILURES failed steps (telling every front
+end DEAD first). A front end that detaches or dies has its requests aborted before the next
+step, so their KV blocks are free at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+from typing import Any
+
+from tritonforge.engine.config import EngineConfig
+from tritonforge.engine.core_protocol import (
+    ABORT,
+    ADD,
+    BYE,
+    DEAD,
+    FAILED,
+    HELLO,
+    READY,
+    STATS,
+    STEP,
+    CoreInfo,
+    Stats,
+    StepOutput,
+)
+from tritonforge.engine.llm_engine import LLMEngine
+from tritonforge.engine.outputs import RequestOutput
+
+logger = logging.getLogger("tritonforge.engine.core")
+
+MAX_CONSECUTIVE_FAILURES = 3
+_GONE = "gone"  # a reader's own command: its front end's connection closed
+
+
+@dataclass(eq=False)
+class _Peer:
+    peer_id: int
+    conn: Connection
+    name: str = "?"
+    requests: set[str] = field(default_factory=set)
+    alive: bool = True
+
+
+class EngineCore:
+    def __init__(self, engine: LLMEngine, listener: Listener, watch_pid: int | None,
+                 idle_timeout: float) -> None:
+        self.engine = engine
+        self.listener = listener
+        self.watch_pid = watch_pid
+        self.idle_timeout = idle_timeout
+        self.info = CoreInfo(max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+                             eos_token_ids=tuple(engine.eos_token_ids),
+                             device=str(engine.device), pid=os.getpid())
+        self._cv = threading.Condition()
+        self._inbox: deque[tuple[_Peer, tuple[Any, ...]]] = deque()
+        self._peers: dict[int, _Peer] = {}
+        self._owner: dict[str, _Peer] = {}  # request id -> the front end that added it
+        self._outbox: queue.SimpleQueue[tuple[_Peer, tuple[Any, ...]] | None] = (
+            queue.SimpleQueue())
+        self._ids = itertools.count()
+        self._last_attached = time.monotonic()
+        self._last_stats: Stats | None = None
+
+    # ---- threads ----------------------------------------------------------------------
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn = self.listener.accept()  # authenticates with the core's key
+            except OSError:
+                return  # the listener closed: the core is exiting
+            except Exception:  # noqa: BLE001 - a bad handshake must not end the core
+                logger.exception("rejected a connection")
+                continue
+            peer = _Peer(next(self._ids), conn)
+            threading.Thread(target=self._read, args=(peer,), daemon=True,
+                             name=f"core-reader-{peer.peer_id}").start()
+
+    def _read(self, peer: _Peer) -> None:
+        while True:
+            try:
+                message = peer.conn.recv()
+            except (EOFError, OSError):
+                message = (_GONE,)
+            except Exception:  # noqa: BLE001 - an unreadable message: drop the peer
+                logger.exception("unreadable message from front end %s", peer.name)
+                message = (_GONE,)
+            with self._cv:
+                self._inbox.append((peer, message))
+                self._cv.notify()
+            if message[0] in (_GONE, BYE):
+                return
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            peer, message = item
+            if not peer.alive:
+                continue
+            try:
+                peer.conn.send(message)
+            except (OSError, ValueError):
+                peer.alive = False  # its reader sees the EOF and drops it
+
+    # ---- the loop -----------------------------------------------------------------------
+    def serve(self) -> int:
+        threading.Thread(target=self._accept, daemon=True, name="core-accept").start()
+        sender = threading.Thread(target=self._send_loop, daemon=True, name="core-sender")
+        sender.start()
+        failures = 0
+        code = 0
+        while True:
+            commands = self._wait_for_work()
+            if commands is None:
+                break
+            for peer, message in commands:
+                self._handle(peer, message)
+            if not self.engine.has_unfinished_requests():
+                self._broadcast_stats()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as err:  # noqa: BLE001 - any engine failure ends its requests
+                failures += 1
+                logger.exception("engine step failed (%d in a row)", failures)
+                self._fail_all(f"the engine step failed: {err}")
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    message = f"the engine failed {failures} steps in a row: {err}"
+                    for peer in list(self._peers.values()):
+                        self._outbox.put((peer, (DEAD, message)))
+                    code = 1
+                    break
+                continue
+            failures = 0
+            self._hand_out(outputs)
+        self._outbox.put(None)
+        sender.join(timeout=5)
+        return code
+
+    def _wait_for_work(self) -> list[tuple[_Peer, tuple[Any, ...]]] | None:
+        """The commands that arrived; waits while idle; None when the core must exit."""
+        with self._cv:
+            while not self._inbox and not self.engine.has_unfinished_requests():
+                if self._should_exit():
+                    return None
+                self._cv.wait(timeout=0.5)
+            commands = list(self._inbox)
+            self._inbox.clear()
+        return commands
+
+    def _should_exit(self) -> bool:
+        if self.watch_pid is not None and not _alive(self.watch_pid):
+            logger.info("the process this core serves (pid %d) is gone", self.watch_pid)
+            return True
+        if not self._peers and time.monotonic() - self._last_attached > self.idle_timeout:
+            logger.info("no front end attached for %.0f s", self.idle_timeout)
+            return True
+        return False
+
+    def _handle(self, peer: _Peer, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == ADD:
+            _, request_id, prompt_ids, params = message
+            try:
+                self.engine.add_request(request_id, prompt_ids, params, detokenize=False)
+            except ValueError as err:
+                self._outbox.put((peer, (FAILED, request_id, "invalid", str(err))))
+                return
+            self._owner[request_id] = peer
+            peer.requests.add(request_id)
+        elif kind == ABORT:
+            output = self.engine.abort_request(message[1])
+            if output is not None:
+                self._hand_out([output])
+        elif kind == HELLO:
+            peer.name = str(message[1])
+            self._peers[peer.peer_id] = peer
+            self._last_attached = time.monotonic()
+            self._outbox.put((peer, (READY, self.info)))
+        elif kind in (BYE, _GONE):
+            self._drop(peer)
+
+    def _drop(self, peer: _Peer) -> None:
+        """A front end left: its requests stop now (blocks free before the next step)."""
+        if self._peers.pop(peer.peer_id, None) is None:
+            return
+        peer.alive = False
+        for request_id in list(peer.requests):
+            self._owner.pop(request_id, None)
+            self.engine.abort_request(request_id)
+        peer.requests.clear()
+        self._last_attached = time.monotonic()
+        with contextlib.suppress(OSError):
+            peer.conn.close()
+
+    def _hand_out(self, outputs: list[RequestOutput]) -> None:
+        stats = self._stats()
+        by_peer: dict[int, tuple[_Peer, list[StepOutput]]] = {}
+        for output in outputs:
+            peer = self._owner.get(output.request_id)
+            if output.finished:
+                self._owner.pop(output.request_id, None)
+                if peer is not None:
+                    peer.requests.discard(output.request_id)
+            if peer is None or not peer.alive:
+                continue
+            c = output.outputs[0]
+            delta = c.token_ids_delta
+            new_logprobs = None
+            if delta and c.logprobs is not None:
+                new_logprobs = c.logprobs[len(c.logprobs) - len(delta):]
+            step = StepOutput(output.request_id, delta, new_logprobs,
+                              c.cumulative_logprob or 0.0, c.finish_reason, c.stop_reason,
+                              output.num_cached_tokens)
+            by_peer.setdefault(peer.peer_id, (peer, []))[1].append(step)
+        for peer, steps in by_peer.values():
+            self._outbox.put((peer, (STEP, steps, stats)))
+        self._last_stats = stats
+
+    def _broadcast_stats(self) -> None:
+        stats = self._stats()
+        if stats == self._last_stats:
+            return
+        self._last_stats = stats
+        for peer in self._peers.values():
+            self._outbox.put((peer, (STATS, stats)))
+
+    def _fail_all(self, message: str) -> None:
+        for request_id, peer in list(self._owner.items()):
+            self.engine.abort_request(request_id)
+            peer.requests.discard(request_id)
+            self._outbox.put((peer, (FAILED, request_id, "engine", message)))
+        self._owner.clear()
+
+    def _stats(self) -> Stats:
+        s = self.engine.stats()
+        return Stats(s.num_running, s.num_waiting, s.kv_cache_usage, s.num_preemptions)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run(spec: dict[str, Any]) -> int:
+    """Builds the engine, then serves on the spec's socket until told to exit."""
+    socket_path = Path(spec["socket"])
+    error_path = Path(spec["error_file"])
+    try:
+        config = EngineConfig(**spec["config"])
+        engine = LLMEngine(config.for_runner("generate"))
+    except Exception as err:  # noqa: BLE001 - the front end quotes it
+        logger.exception("the engine failed to load")
+        error_path.write_text(f"{type(err).__name__}: {err}", encoding="utf-8")
+        return 1
+    authkey = Path(spec["key_file"]).read_bytes()
+    socket_path.unlink(missing_ok=True)
+    listener = Listener(str(socket_path), family="AF_UNIX", authkey=authkey)
+    core = EngineCore(engine, listener, spec.get("watch_pid"),
+                      float(spec.get("idle_timeout", 10.0)))
+    logger.info("engine core pid %d serving on %s", os.getpid(), socket_path)
+    try:
+        return core.serve()
+    finally:
+        listener.close()
+        socket_path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m tritonforge.engine.core SPEC.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s tritonforge-core[%(process)d] %(message)s")
+    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    return run(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
