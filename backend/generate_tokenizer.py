@@ -8,8 +8,10 @@ max_model_len, `sampling_parameters` (or the request's own parameters) validated
 engine's SamplingParams, and the stream / exclude_input_in_output conflict.
 
 Outputs to the engine step: `input_ids` INT64 [n], `prompt` BYTES [1] (the text the
-non-streaming response repeats) and `sampling_parameters` BYTES [1] (the validated JSON
-object, whatever form the client sent it in).
+non-streaming response repeats), `sampling_parameters` BYTES [1] (the validated JSON
+object, whatever form the client sent it in) and `keepalive` BOOL [1], always true: it tells
+the engine step that the request runs inside the ensemble, whose responses step needs a
+response now and then to see a client's cancellation (generate_responses.py).
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ class TritonPythonModel:
             pb_utils.Tensor("input_ids", np.asarray(ids, dtype=np.int64)),
             text_tensor("prompt", [prompt]),
             text_tensor("sampling_parameters", [json.dumps(params)]),
+            pb_utils.Tensor("keepalive", np.array([True])),
         ])
 
     def _render_chat(self, raw: str) -> str:

@@ -61,6 +61,7 @@ logger = logging.getLogger("tritonforge.engine.core")
 
 MAX_CONSECUTIVE_FAILURES = 3
 _GONE = "gone"  # a reader's own command: its front end's connection closed
+_IDLE = Stats(0, 0, 0.0, 0)
 
 
 @dataclass(eq=False)
@@ -70,6 +71,7 @@ class _Peer:
     name: str = "?"
     requests: set[str] = field(default_factory=set)
     alive: bool = True
+    sent_stats: Stats | None = None  # the last counters this front end was sent
 
 
 class EngineCore:
@@ -90,7 +92,6 @@ class EngineCore:
             queue.SimpleQueue())
         self._ids = itertools.count()
         self._last_attached = time.monotonic()
-        self._last_stats: Stats | None = None
 
     # ---- threads ----------------------------------------------------------------------
     def _accept(self) -> None:
@@ -148,7 +149,7 @@ class EngineCore:
             for peer, message in commands:
                 self._handle(peer, message)
             if not self.engine.has_unfinished_requests():
-                self._broadcast_stats()
+                self._send_stats({})
                 continue
             try:
                 outputs = self.engine.step()
@@ -226,7 +227,6 @@ class EngineCore:
             peer.conn.close()
 
     def _hand_out(self, outputs: list[RequestOutput]) -> None:
-        stats = self._stats()
         by_peer: dict[int, tuple[_Peer, list[StepOutput]]] = {}
         for output in outputs:
             peer = self._owner.get(output.request_id)
@@ -245,17 +245,20 @@ class EngineCore:
                               c.cumulative_logprob or 0.0, c.finish_reason, c.stop_reason,
                               output.num_cached_tokens)
             by_peer.setdefault(peer.peer_id, (peer, []))[1].append(step)
-        for peer, steps in by_peer.values():
-            self._outbox.put((peer, (STEP, steps, stats)))
-        self._last_stats = stats
+        self._send_stats(by_peer)
 
-    def _broadcast_stats(self) -> None:
-        stats = self._stats()
-        if stats == self._last_stats:
-            return
-        self._last_stats = stats
+    def _send_stats(self, steps: dict[int, tuple[_Peer, list[StepOutput]]]) -> None:
+        """Each front end's STEP message (with its counters), and STATS to those whose
+        counters changed without a step output."""
+        stats = self._peer_stats()
+        for peer_id, (peer, outputs) in steps.items():
+            peer.sent_stats = stats.get(peer_id, _IDLE)
+            self._outbox.put((peer, (STEP, outputs, peer.sent_stats)))
         for peer in self._peers.values():
-            self._outbox.put((peer, (STATS, stats)))
+            mine = stats.get(peer.peer_id, _IDLE)  # (a peer that has not said HELLO)
+            if peer.peer_id not in steps and mine != peer.sent_stats:
+                peer.sent_stats = mine
+                self._outbox.put((peer, (STATS, mine)))
 
     def _fail_all(self, message: str) -> None:
         for request_id, peer in list(self._owner.items()):
@@ -264,9 +267,31 @@ class EngineCore:
             self._outbox.put((peer, (FAILED, request_id, "engine", message)))
         self._owner.clear()
 
-    def _stats(self) -> Stats:
+    def _peer_stats(self) -> dict[int, Stats]:
+        """Each front end's share of the core's counters, so that the front ends' gauges
+        add up to the core's (dashboards sum over model instances): its running and
+        waiting requests, the KV usage split by the blocks its requests hold, and the
+        preemptions (a core-wide counter) on the oldest front end alone."""
         s = self.engine.stats()
-        return Stats(s.num_running, s.num_waiting, s.kv_cache_usage, s.num_preemptions)
+        scheduler = self.engine.scheduler
+        counts: dict[int, list[int]] = {}  # peer id -> [running, waiting, blocks]
+        for index, seqs in ((0, scheduler.running), (1, scheduler.waiting)):
+            for seq in seqs:
+                peer = self._owner.get(seq.request_id)
+                if peer is not None:
+                    row = counts.setdefault(peer.peer_id, [0, 0, 0])
+                    row[index] += 1
+                    row[2] += len(seq.block_table)
+        total_blocks = sum(row[2] for row in counts.values())
+        oldest = min(self._peers, default=None)
+        out = {}
+        for peer_id in self._peers:
+            running, waiting, blocks = counts.get(peer_id, (0, 0, 0))
+            usage = s.kv_cache_usage * blocks / total_blocks if total_blocks else 0.0
+            out[peer_id] = Stats(running, waiting, usage,
+                                 s.num_preemptions if peer_id == oldest else 0,
+                                 s.kv_cache_usage)
+        return out
 
 
 def _alive(pid: int) -> bool:

@@ -189,12 +189,9 @@ class EngineCoreClient:
     def abort(self, request_id: str) -> None:
         self._send((ABORT, self._prefix + str(request_id)))
 
-    def abort_wire_id(self, wire_id: str) -> None:
-        """Aborts a request of any front end of this core, by its id on the wire."""
-        self._send((ABORT, wire_id))
-
-    def wire_id(self, request_id: str) -> str:
-        return self._prefix + str(request_id)
+    def request_ref(self, request_id: str) -> str:
+        """A handle another process can abort this request with (CoreAborter)."""
+        return f"{self.paths.runtime_dir / self.paths.key}|{self._prefix}{request_id}"
 
     @property
     def healthy(self) -> bool:
@@ -205,6 +202,11 @@ class EngineCoreClient:
         return EngineStats(num_running=s.num_running, num_waiting=s.num_waiting,
                            kv_cache_usage=s.kv_cache_usage, num_preemptions=s.num_preemptions,
                            prefix_cache_queries=0, prefix_cache_hits=0)
+
+    @property
+    def core_kv_cache_usage(self) -> float:
+        """The whole core's KV usage (all front ends), as of the last message."""
+        return self._stats.core_kv_cache_usage
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Detaches (the core aborts this front end's requests; it exits once no front end
@@ -288,6 +290,49 @@ class EngineCoreClient:
             entries, self._requests = list(self._requests.values()), {}
         for _, callback in entries:
             _call(callback, None, error)
+
+
+class CoreAborter:
+    """Aborts requests by their `request_ref`, from a process that is not a front end (the
+    generate ensemble's responses step, which sees a client's cancellation). Its
+    connections send no HELLO, so they never count as attached front ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conns: dict[str, Connection] = {}
+
+    def abort(self, request_ref: str) -> bool:
+        """False when the ref is malformed or its core is gone (nothing left to abort)."""
+        base, sep, wire_id = request_ref.rpartition("|")
+        if not sep or not base or not wire_id:
+            return False
+        with self._lock:
+            for _ in range(2):  # a cached connection may be to a core that was replaced
+                conn = self._conns.get(base) or self._open(base)
+                if conn is None:
+                    return False
+                try:
+                    conn.send((ABORT, wire_id))
+                    return True
+                except (OSError, ValueError):
+                    self._conns.pop(base, None)
+            return False
+
+    def _open(self, base: str) -> Connection | None:
+        try:
+            key = Path(base + ".key").read_bytes()
+            conn = Client(base + ".sock", family="AF_UNIX", authkey=key)
+        except (OSError, EOFError):
+            return None
+        self._conns[base] = conn
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._conns.values():
+                with contextlib.suppress(OSError):
+                    conn.close()
+            self._conns.clear()
 
 
 def _call(callback: OutputCallback, output: RequestOutput | None,

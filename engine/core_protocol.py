@@ -49,10 +49,14 @@ class StepOutput(NamedTuple):
 
 
 class Stats(NamedTuple):
+    """One front end's share of the core's counters (they add up over front ends), and the
+    core's own KV usage."""
+
     num_running: int
     num_waiting: int
     kv_cache_usage: float
     num_preemptions: int
+    core_kv_cache_usage: float = 0.0
 
 
 @dataclass(frozen=True)

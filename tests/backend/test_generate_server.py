@@ -47,7 +47,8 @@ def context(model_path: str, **engine: Any) -> dict[str, Any]:
         "enable_prefix_caching": True,
     }
     return {"settings": {
-        "task": "generate", "source": model_path, "instance_count": 1,
+        # Two engine front ends: both attach to the one engine core of the device.
+        "task": "generate", "source": model_path, "instance_count": 2,
         # The same tests run on the H100: there the engine step takes the GPU path.
         "instance_kind": "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU",
         "tokenizer_instance_count": 2, "engine": settings | engine,
@@ -122,15 +123,18 @@ def http_generate(url: str, model: str, body: dict, stream: bool) -> list[dict]:
 
 
 def scrape(url: str, model: str) -> dict[str, float]:
-    """vllm:* samples of `model` on /metrics, keyed by name (buckets left out)."""
+    """vllm:* samples of `model` on /metrics, keyed by name (buckets left out), summed over
+    its model instances (each engine front end reports its own share)."""
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
-    labels = f'model="{model}",version="1"'
-    found = {}
+    found: dict[str, float] = {}
     for line in text.splitlines():
         match = re.match(r"^(vllm:[^{ ]+)\{([^}]*)\} (\S+)$", line)
-        if match and labels in match[2] and not match[1].endswith("_bucket"):
-            found[match[1]] = float(match[3])
+        if not match or match[1].endswith("_bucket"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match[2]))
+        if labels.get("model") == model and labels.get("version") == "1":
+            found[match[1]] = found.get(match[1], 0.0) + float(match[3])
     return found
 
 
@@ -148,10 +152,13 @@ def test_grpc_stream_deltas_concatenate_to_the_engine_greedy_text(triton_server,
     refs = reference(llm, PROMPTS, **GREEDY)
     for prompt, ref in zip(PROMPTS, refs):
         results = grpc_stream(triton_server.grpc_url, model,
-                              inputs(prompt, stream=True, params=GREEDY))
-        # One response per engine step, every one a data response; FINAL on the last.
+                              inputs(prompt, stream=True, params=GREEDY,
+                                     return_num_output_tokens=True))
+        # Every response a data response, FINAL on the last; a response holds one step's
+        # tokens, or several when they piled up while its previous send was in flight.
         assert [is_final(r) for r in results] == [False] * (len(results) - 1) + [True]
-        assert len(results) == GREEDY["max_tokens"]
+        counts = [int(r.as_numpy("num_output_tokens")[0]) for r in results]
+        assert sum(counts) == GREEDY["max_tokens"] and all(n >= 1 for n in counts)
         assert "".join(texts(results)) == ref.outputs[0].text
 
 
@@ -161,8 +168,9 @@ def test_http_generate_stream_deltas_concatenate_to_the_engine_greedy_text(
     for prompt, ref in zip(PROMPTS, refs):
         events = http_generate(triton_server.http_url, model, {
             "text_input": prompt, "stream": True, "sampling_parameters": json.dumps(GREEDY),
+            "return_num_output_tokens": True,
         }, stream=True)
-        assert len(events) == GREEDY["max_tokens"]
+        assert sum(e["num_output_tokens"] for e in events) == GREEDY["max_tokens"]
         assert "".join(e["text_output"] for e in events) == ref.outputs[0].text
 
 
@@ -196,6 +204,53 @@ def test_32_concurrent_streams_all_finish_with_their_own_text(triton_server, mod
     for result, ref in zip(results, refs):
         assert is_final(result[-1])
         assert "".join(texts(result)) == ref.outputs[0].text
+
+
+def test_2000_seeded_streams_through_triton_equal_the_offline_engine(triton_server, model,
+                                                                    llm):
+    """Nothing lost or mixed up between the core, two front ends, the responses step and
+    many concurrent streams: 2,000 seeded sampled requests, streamed from 8 clients at once,
+    each equal to the same request on the offline LLM, token for token."""
+    words = ["sea", "boat", "fox", "village", "story", "song", "token", "cache"]
+    prompts = [f"Request {i}: the {words[i % 8]} and the {words[(i * 3) % 8]}"
+               for i in range(2000)]
+
+    def params(i: int) -> dict[str, Any]:
+        return {"temperature": 0.9, "top_p": 0.95, "seed": i, "max_tokens": 4 + i % 5,
+                "ignore_eos": True}
+
+    expected = llm.generate(prompts, [SamplingParams(**params(i)) for i in range(2000)])
+    got: dict[int, str] = {}
+
+    def client_loop(worker: int) -> None:
+        responses: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+        client.start_stream(callback=lambda result, error: responses.put(error or result))
+        try:
+            for i in range(worker, 2000, 8):
+                client.async_stream_infer(model, inputs(prompts[i], stream=True,
+                                                        params=params(i)),
+                                          request_id=str(i), enable_empty_final_response=True)
+                parts = []
+                while True:
+                    item = responses.get(timeout=120)
+                    assert not isinstance(item, Exception), item
+                    assert item.get_response().id == str(i)
+                    text = item.as_numpy("text_output")
+                    if text is not None:
+                        parts.append(text.reshape(-1)[0].decode())
+                    if is_final(item):
+                        break
+                got[i] = "".join(parts)
+        finally:
+            client.stop_stream()
+            client.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(client_loop, w) for w in range(8)]:
+            future.result()
+    mismatched = [i for i in range(2000) if got.get(i) != expected[i].outputs[0].text]
+    assert not mismatched, f"{len(mismatched)} differ, first {mismatched[:5]}"
 
 
 def test_sampling_parameters_as_vllm_backend_clients_send_them(triton_server, model, llm):
@@ -481,26 +536,69 @@ def test_the_engine_step_refuses_ids_it_cannot_run(triton_server, model, llm, ti
     assert "".join(texts(results)) == reference(llm, [PROMPTS[0]], **GREEDY)[0].outputs[0].text
 
 
-def test_streams_cancelled_through_the_ensemble_end_and_free_the_kv_cache(
+def test_cancelling_20_of_40_streams_through_the_ensemble_frees_the_kv_cache(
         triton_server, model, llm):
-    """Triton 2.51's ensemble scheduler hands a client's cancellation to a step only when
-    it schedules that step (core PR #263), so a stream cancelled while the engine step runs
-    it is not seen there: it runs to max_tokens. What must hold anyway: the other requests
-    are unharmed, the cancelled ones end, every KV block comes back, the model stays ready."""
+    """Through the public NAME: Triton tells a client's cancellation only to the step it
+    schedules next, so the responses step sees it on the next response (or keepalive) and
+    aborts the request in the engine core. Half the long requests stream, half do not."""
     short_prompts = [f"Short request {i} about the sea" for i in range(20)]
     refs = reference(llm, short_prompts, **GREEDY)
-    bounded = LONG | {"max_tokens": 60}
+    before = scrape(triton_server.metrics_url, model)
     results = cancel_20_long_streams_beside_20_short(
         triton_server, model,
-        lambda i, stream: inputs(f"Long request {i}", stream=stream, params=bounded),
+        lambda i, stream: inputs(f"Long request {i}", stream=stream, params=LONG),
         short_prompts)
     for result, ref in zip(results, refs):
         assert "".join(texts(result)) == ref.outputs[0].text
-    assert wait_for(lambda: kv_idle(triton_server, model), timeout=120), \
-        "KV cache still in use after every stream ended"
+    after = wait_for(lambda: kv_idle(triton_server, model), timeout=30)
+    assert after, "KV cache still in use after every stream was cancelled"
+    generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+    # Had the 20 long requests run on, they would have made 20 * 450 tokens.
+    assert generated < 20 * LONG["max_tokens"] / 4
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     assert client.is_model_ready(model) and client.is_model_ready(f"{model}_engine")
     client.close()
+
+
+def _running(triton_server, model: str) -> float:
+    return scrape(triton_server.metrics_url, model)["vllm:num_requests_running"]
+
+
+def test_a_stream_cancelled_through_the_ensemble_stops_within_half_a_second(
+        triton_server, model):
+    assert wait_for(lambda: _running(triton_server, model) == 0, timeout=30)
+    got: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    client.start_stream(callback=lambda result, error: got.put(error or result))
+    client.async_stream_infer(model, inputs("Cancel me soon", stream=True, params=LONG))
+    assert not isinstance(got.get(timeout=60), Exception)  # it is generating
+    assert wait_for(lambda: _running(triton_server, model) == 1, timeout=10)
+    cancelled = time.monotonic()
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    # The gauge refreshes every 0.25 s: allow that on top of the 0.5 s.
+    assert wait_for(lambda: _running(triton_server, model) == 0, timeout=10, interval=0.02)
+    assert time.monotonic() - cancelled < 0.75
+
+
+def test_an_http_client_that_disconnects_from_generate_stream_frees_its_blocks(
+        triton_server, model):
+    import http.client
+
+    assert wait_for(lambda: kv_idle(triton_server, model), timeout=30)
+    host, port = triton_server.http_url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"text_input": "Disconnect from me", "stream": True,
+                       "sampling_parameters": json.dumps(LONG)})
+    conn.request("POST", f"/v2/models/{model}/generate_stream", body=body,
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # generation is under way
+    conn.sock.close()  # the client goes away mid-stream
+    conn.close()
+    assert wait_for(lambda: kv_idle(triton_server, model), timeout=10), \
+        "a disconnected generate_stream client's request kept its KV blocks"
 
 
 # ---- real weights -------------------------------------------------------------------------
@@ -564,43 +662,55 @@ def test_model_unloads_and_reloads_cleanly(triton_server, model):
 
 
 
-# ---- the engine dies: the model reports not ready -----------------------------------------
-FAULTY_SHIM = '''
-from tritonforge.backend.generate import TritonPythonModel as Engine
+# ---- the engine core dies: the model reports not ready ------------------------------------
+def core_processes(model_path: str, max_num_seqs: int) -> list[int]:
+    """Pids of the engine cores serving `model_path` with `max_num_seqs` (read from the spec
+    file each core is started with)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"tritonforge.engine.core" not in argv:
+            continue
+        spec = json.loads(Path(argv[argv.index(b"tritonforge.engine.core") + 1].decode())
+                          .read_text())
+        config = spec["config"]
+        if config["model"] == model_path and config["max_num_seqs"] == max_num_seqs:
+            found.append(int(proc.name))
+    return found
 
 
-class TritonPythonModel(Engine):
-    """The real engine step with a fault injected at the model's forward: every step fails."""
+def test_a_killed_engine_core_fails_its_requests_and_makes_the_model_not_ready(
+        triton_server, tiny_path):
+    import os
+    import signal
 
-    def initialize(self, args):
-        super().initialize(args)
-
-        def fault(module, inputs):
-            raise RuntimeError("injected fault in the model's forward")
-
-        self.engine.engine.model.register_forward_pre_hook(fault)
-'''
-
-
-def test_a_dead_engine_makes_the_model_not_ready_instead_of_hanging(triton_server, tiny_path):
-    name = "faulty_generate"
-    render_model("generate", triton_server.model_repository, name, context(tiny_path),
-                 force=True)
-    (triton_server.model_repository / f"{name}_engine" / "1" / "model.py").write_text(
-        FAULTY_SHIM)
+    name = "doomed_generate"
+    render_model("generate", triton_server.model_repository, name,
+                 context(tiny_path, max_num_seqs=7), force=True)
     triton_server.load_model(name)
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     try:
         assert client.is_model_ready(name)
-        # Every step fails; after AsyncEngine.MAX_CONSECUTIVE_FAILURES the engine is dead.
-        for _ in range(3):
-            with pytest.raises(InferenceServerException, match="injected fault"):
-                grpc_stream(triton_server.grpc_url, name,
-                            inputs(PROMPTS[0], stream=True, params=GREEDY), timeout=60)
-        assert wait_for(lambda: not client.is_model_ready(name), timeout=60), \
-            "the model still reports ready with a dead engine"
+        (core,) = core_processes(tiny_path, 7)
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(grpc_stream, triton_server.grpc_url, name,
+                                   inputs(f"in flight {i}", stream=True, params=LONG),
+                                   timeout=60) for i in range(4)]
+            assert wait_for(lambda: _running(triton_server, name) == 4, timeout=30)
+            os.kill(core, signal.SIGKILL)
+            killed = time.monotonic()
+            for future in futures:
+                with pytest.raises(InferenceServerException, match="engine core"):
+                    future.result()
+        assert wait_for(lambda: not client.is_model_ready(name), timeout=5, interval=0.05), \
+            "the model still reports ready with its engine core dead"
+        assert time.monotonic() - killed < 5
         assert not client.is_model_ready(f"{name}_engine")
-        # A request now fails at once (the model is gone), it does not hang.
         started = time.monotonic()
         with pytest.raises(InferenceServerException):
             grpc_stream(triton_server.grpc_url, name, inputs(PROMPTS[0], params=GREEDY),
@@ -609,3 +719,14 @@ def test_a_dead_engine_makes_the_model_not_ready_instead_of_hanging(triton_serve
     finally:
         client.close()
         triton_server.unload_model(name)
+
+
+def test_unloading_leaves_no_engine_core_behind(triton_server, tiny_path):
+    name = "transient_generate"
+    render_model("generate", triton_server.model_repository, name,
+                 context(tiny_path, max_num_seqs=5), force=True)
+    triton_server.load_model(name)
+    assert len(core_processes(tiny_path, 5)) == 1
+    triton_server.unload_model(name)
+    assert wait_for(lambda: not core_processes(tiny_path, 5), timeout=30), \
+        "an engine core outlived its model"

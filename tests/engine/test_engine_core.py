@@ -16,7 +16,8 @@ import time
 import pytest
 from tritonforge.engine import EngineConfig, LLMEngine, SamplingParams
 from tritonforge.engine.async_engine import EngineDeadError
-from tritonforge.engine.core_client import EngineCoreClient
+from tritonforge.engine.core import EngineCore
+from tritonforge.engine.core_client import CorePaths, EngineCoreClient, core_key
 
 
 class Collector:
@@ -149,19 +150,18 @@ def test_front_ends_share_one_core_and_a_leaving_front_end_frees_its_blocks(clie
     client.add_request("mine", ids, SamplingParams(temperature=0.0, max_tokens=8,
                                                    ignore_eos=True), callback=mine)
     deadline = time.monotonic() + 30
-    while client.stats().num_running < 3 and time.monotonic() < deadline:
+    while other.stats().num_running < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     other.shutdown()  # detaches with three requests in flight
     for c in left:
         assert c.done.wait(10) and isinstance(c.error, EngineDeadError)
     assert mine.wait().error is None and len(mine.outputs[-1].outputs[0].token_ids) == 8
-    deadline = time.monotonic() + 5
-    while client.stats().kv_cache_usage > 0 and time.monotonic() < deadline:
-        probe = Collector()
-        client.add_request(f"probe{time.monotonic()}", ids, SamplingParams(max_tokens=1),
-                           callback=probe)
-        probe.wait()
-    assert client.stats().kv_cache_usage == 0
+    # A step of this front end's reports the whole core's usage: the leaver's blocks are free.
+    probe = Collector()
+    client.add_request("probe", ids, SamplingParams(max_tokens=2, ignore_eos=True),
+                       callback=probe)
+    probe.wait()
+    assert client.core_kv_cache_usage == 0
 
 
 def test_a_bad_request_fails_alone(client):
@@ -228,3 +228,43 @@ def test_no_core_outlives_its_owner_or_its_last_front_end(config, tmp_path):
     client.shutdown()
     assert _wait_gone(core_pid, 10), "the core outlived its last front end"
     assert not (tmp_path / "rt2" / f"{client.paths.key}.sock").exists()
+
+
+def test_a_core_whose_steps_keep_failing_fails_its_requests_then_declares_itself_dead(
+        config, tmp_path):
+    """The core's own loop (run in this process, over its real socket) with a model whose
+    forward raises: each failing step fails its requests alone; after three in a row the
+    core tells its front ends it is dead and exits its loop."""
+    from multiprocessing.connection import Listener
+
+    engine = LLMEngine(config.for_runner("generate"))
+
+    def fault(module, inputs):
+        raise RuntimeError("injected fault in the model's forward")
+
+    engine.model.register_forward_pre_hook(fault)
+    paths = CorePaths(tmp_path / "rt", core_key(config.resolved(), os.getpid()))
+    paths.runtime_dir.mkdir()
+    paths.path("key").write_bytes(b"k" * 32)
+    listener = Listener(str(paths.path("sock")), family="AF_UNIX", authkey=b"k" * 32)
+    core = EngineCore(engine, listener, watch_pid=None, idle_timeout=60)
+    result: list[int] = []
+    loop = threading.Thread(target=lambda: result.append(core.serve()), daemon=True)
+    loop.start()
+    client = EngineCoreClient(config, runtime_dir=paths.runtime_dir, owner_pid=os.getpid())
+    ids = client.tokenizer("fails")["input_ids"]
+    for i in range(3):
+        c = Collector()
+        client.add_request(str(i), ids, SamplingParams(max_tokens=4), callback=c)
+        assert "injected fault" in str(c.wait().error)
+    loop.join(10)
+    assert result == [1], "the core did not give up after three failed steps"
+    deadline = time.monotonic() + 5
+    while client.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not client.healthy
+    late = Collector()
+    client.add_request("late", ids, SamplingParams(max_tokens=2), callback=late)
+    assert isinstance(late.wait(1).error, EngineDeadError)
+    client.shutdown()
+    listener.close()
