@@ -22,6 +22,7 @@ from typing import Any
 
 from tritonforge.backend.triton_io import model_parameters, resolve_model_path
 from tritonforge.engine import EngineConfig
+from tritonforge.models.loader import resolve_max_model_len
 from tritonforge.models.weight_utils import load_config
 
 # EngineConfig fields a settings file may set; the device comes from the Triton instance.
@@ -81,13 +82,10 @@ def load_settings(args: dict[str, Any]) -> EngineSettings:
 
 
 def model_max_len(config: EngineConfig) -> int:
-    """max_model_len as LLMEngine resolves it: the request, capped by the model's positions.
-    (For a pooling model it is an upper bound: its runner may also cap by ST's
-    max_seq_length.) Reads config.json only, so a tokenizer step loads no weights."""
-    requested = config.max_model_len
+    """max_model_len of a generate model, by the engine's own resolver (models.loader), from
+    config.json only, so a tokenizer step loads no weights and agrees with the engine."""
     hf_config = load_config(config.model, trust_remote_code=config.trust_remote_code)
-    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-    return min(requested or limit, limit) if limit > 0 else requested or 2048
+    return resolve_max_model_len(config.max_model_len, hf_config)
 
 
 def model_vocab_size(config: EngineConfig) -> int | None:

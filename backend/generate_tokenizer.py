@@ -34,6 +34,7 @@ from tritonforge.backend.triton_io import (
 )
 from tritonforge.engine import SamplingParams
 from tritonforge.engine.llm import render_chat
+from tritonforge.engine.request_checks import check_prompt
 from tritonforge.engine.tokenizer import load_tokenizer
 
 RETURN_OUTPUTS = ("finish_reason", "cumulative_logprob", "logprobs", "num_input_tokens",
@@ -66,22 +67,15 @@ def sampling_data(request: Any) -> dict[str, Any]:
 
 def check_prompt_ids(ids: list[int], field: str, params: dict[str, Any],
                      max_model_len: int, vocab_size: int | None = None) -> None:
-    if not ids:
-        raise RequestError(f"input '{field}' tokenizes to no tokens")
-    # A tokenizer larger than the model (a mismatched pair) gives ids past its embedding;
-    # the engine step would refuse them naming input_ids, which this client never sent.
-    if vocab_size is not None and max(ids) >= vocab_size:
-        raise RequestError(
-            f"input '{field}' tokenizes to id {max(ids)}, outside the model's vocabulary "
-            f"[0, {vocab_size}): the tokenizer does not match the model")
-    if len(ids) >= max_model_len:
-        raise RequestError(
-            f"input '{field}' is too long: the prompt has {len(ids)} tokens and "
-            f"max_model_len is {max_model_len}, so it must have fewer tokens")
+    """The engine's one prompt check (engine/request_checks.py), as a RequestError naming
+    the input: `field` is "text_input", "messages" (tokenized text) or "input_ids"."""
+    tokenized = field != "input_ids"
     try:
-        SamplingParams.from_dict(params).max_tokens_for(len(ids), max_model_len)
+        check_prompt(ids, SamplingParams.from_dict(params), max_model_len, vocab_size,
+                     field=f"input '{field}'" if tokenized else field, tokenized=tokenized,
+                     params_field="sampling_parameters")
     except ValueError as err:
-        raise RequestError(f"sampling_parameters: {err}") from None
+        raise RequestError(str(err)) from None
 
 
 class TritonPythonModel:

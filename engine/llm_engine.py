@@ -24,13 +24,14 @@ from tritonforge.engine.config import EngineConfig
 from tritonforge.engine.detokenizer import IncrementalDetokenizer
 from tritonforge.engine.model_runner import ModelRunner
 from tritonforge.engine.outputs import CompletionOutput, RequestOutput, Snapshot
+from tritonforge.engine.request_checks import check_prompt
 from tritonforge.engine.sampler import Sampler, SamplingMetadata, request_generator
 from tritonforge.engine.sampling_metadata import UniformSamplingMetadata, plain_temperature
 from tritonforge.engine.sampling_params import SamplingParams
 from tritonforge.engine.scheduler import Scheduler
 from tritonforge.engine.sequence import Sequence
 from tritonforge.engine.tokenizer import eos_token_ids, load_tokenizer
-from tritonforge.models.loader import resolve_device, resolve_dtype
+from tritonforge.models.loader import resolve_device, resolve_dtype, resolve_max_model_len
 from tritonforge.models.weight_utils import load_config, load_model
 
 
@@ -83,20 +84,15 @@ class LLMEngine:
             torch.cuda.set_device(self.device)
         hf_config = load_config(config.model, trust_remote_code=config.trust_remote_code)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
-        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(config.max_model_len or limit, limit)
-        if config.max_model_len and config.max_model_len > limit:
-            raise ValueError(
-                f"max_model_len={config.max_model_len} exceeds the model's "
-                f"max_position_embeddings={limit}"
-            )
+        self.max_model_len = resolve_max_model_len(config.max_model_len, hf_config)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model,
                                         trust_remote_code=config.trust_remote_code)
         self.model, self.hf_config = load_model(
             config.model, self.dtype, self.device, model_impl=config.model_impl,
             trust_remote_code=config.trust_remote_code,
         )
-        self.vocab_size = int(self.hf_config.vocab_size)
+        # The text config: a vision-language config nests the language model's fields.
+        self.vocab_size = int(self.hf_config.get_text_config().vocab_size)
         self.runner = ModelRunner(config, self.model, self.hf_config, self.device, self.dtype,
                                   self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
@@ -142,27 +138,11 @@ class LLMEngine:
             text, token_ids = prompt, self.tokenize(prompt)
         else:
             text, token_ids = None, [int(t) for t in prompt]
-        # An id past the model's embedding would raise IndexError inside step() and fail
-        # every request in flight; refuse this one request instead. Text reaches here when
-        # the tokenizer is larger than the model's vocabulary (a mismatched pair).
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad and text is not None:
-            raise ValueError(
-                f"prompt tokenizes to ids outside the model's vocabulary [0, "
-                f"{self.vocab_size}) (got {bad[:5]}): the tokenizer does not match the model"
-            )
-        if bad:
-            raise ValueError(
-                f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}"
-            )
-        if not token_ids:
-            raise ValueError("prompt is empty: it tokenizes to no tokens")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(token_ids)} tokens; max_model_len={self.max_model_len} leaves "
-                "no room to generate"
-            )
-        max_tokens = params.max_tokens_for(len(token_ids), self.max_model_len)
+        # The one door (engine/request_checks.py): an id past the model's embedding would
+        # raise IndexError inside step() and fail every request in flight, so it is refused
+        # here, as are empty and too-long prompts.
+        max_tokens = check_prompt(token_ids, params, self.max_model_len, self.vocab_size,
+                                  tokenized=text is not None)
         if max_tokens != params.max_tokens:
             params = _with_max_tokens(params, max_tokens)
         seq = Sequence(request_id, token_ids, params,

@@ -99,20 +99,47 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+# Position tables that start after the padding id (HF's create_position_ids_from_input_ids):
+# max_position_embeddings 514 with pad_token_id 1 holds 512 tokens (models/roberta.py).
+_PADDED_POSITION_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert"})
+# A decoder whose config names no position limit (rare): the length assumed unless given.
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+def position_limit(config: Any) -> int | None:
+    """The most tokens the model's position table holds, from the TEXT config (a
+    vision-language config nests it), less the padding offset of RoBERTa-style tables;
+    None when the config names no limit."""
+    text = config.get_text_config()
+    max_positions = getattr(text, "max_position_embeddings", None)
+    if not isinstance(max_positions, int) or isinstance(max_positions, bool) or \
+            max_positions <= 0:  # XLNet stores -1
+        return None
+    if getattr(text, "model_type", None) in _PADDED_POSITION_MODEL_TYPES:
+        pad = getattr(text, "pad_token_id", None)
+        max_positions -= (pad if isinstance(pad, int) and pad >= 0 else 1) + 1
+    return max_positions
+
+
 def resolve_max_model_len(
-    requested: int | None, config: Any, tokenizer: Any, pooling_config: PoolingConfig
+    requested: int | None, config: Any, tokenizer: Any = None,
+    pooling_config: PoolingConfig | None = None,
 ) -> int:
-    """The user's max_model_len, else min(ST max_seq_length or tokenizer limit, positions)."""
-    max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if not isinstance(max_positions, int) or max_positions <= 0:  # XLNet stores -1
-        max_positions = None
+    """THE max_model_len resolver (the engines, the Triton steps and the generator's checks
+    use this one): the user's value, checked against the position table; else, for a
+    pooling model, min(ST max_seq_length or the tokenizer's limit, positions); for a
+    decoder (no pooling_config), the positions, or DEFAULT_MAX_MODEL_LEN when none is named.
+    ValueError naming max_model_len and the allowed range."""
+    max_positions = position_limit(config)
     if requested is not None:
         if max_positions is not None and requested > max_positions:
             raise ValueError(
-                f"max_model_len must be between 1 and the model's max_position_embeddings "
-                f"{max_positions}, got {requested}"
+                f"max_model_len must be between 1 and {max_positions} (the model's position "
+                f"table), got {requested}"
             )
         return requested
+    if pooling_config is None:
+        return max_positions or DEFAULT_MAX_MODEL_LEN
     # sentence-transformers' max_seq_length overrides the tokenizer's limit, as in ST.
     model_limit = pooling_config.max_seq_length
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
