@@ -7,3 +7,8 @@ and `classifier_config` read how a checkpoint pools token states and what its cl
 logits mean; `transformers_encoder` / `transformers_classifier` run any other HF checkpoint
 as a pooling model. Models import tritonforge.kernels, never the engine.
 """
+
+if __name__ != "tritonforge.models":  # a bare `models`: tritonforge/shadowing.py
+    from tritonforge.shadowing import defer_to_installed
+
+    defer_to_installed(__name__, __file__)

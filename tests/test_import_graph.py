@@ -103,4 +103,5 @@ def test_folders_install_as_tritonforge_subpackages(tmp_path: Path) -> None:
     for package in PACKAGES:
         assert Path(sub[package]).resolve() == (ROOT / package / "__init__.py").resolve()
         # Never as top-level modules: those names belong to other PyPI packages.
-        assert top[package] is None or not Path(top[package]).resolve().is_relative_to(ROOT)
+        assert top[package] is None or not Path(top[package]).resolve().is_relative_to(
+            ROOT / package)
