@@ -11,15 +11,32 @@ error); it builds the response and sends it from there: streaming sends one resp
 step (`text_output` is that step's text delta) with the FINAL flag on the last data
 response; non-streaming sends exactly one response holding the whole text.
 
-Cancellation: before sending, the callback asks the sender whether the client cancelled;
-a poller thread asks too, every POLL_INTERVAL, for every request the callback has not
-checked that recently (requests still queued, non-streaming ones). A cancelled request is
-aborted in the engine (its KV blocks are free before the next step) and its stream ends
-with a CANCELLED error. Each _Stream's lock makes "send, then maybe final" atomic against
-the poller, so a stream gets exactly one FINAL and nothing after it. Triton's ensemble
-scheduler (core <= 2.51 at least) passes a client's cancellation to a step only when it
-schedules that step, so a stream cancelled after it reached this step is seen here only
-where Triton propagates it (calls to NAME_engine directly always are).
+Cancellation: a poller thread asks each pending request's sender whether the client
+cancelled, every POLL_INTERVAL (the callback does not: that would be a round trip per
+token). A cancelled request is aborted in the engine (its KV blocks are free before the
+next step) and its stream ends with a CANCELLED error.
+
+One owner per sender: every call into a stream's response sender (send, is_cancelled),
+from whichever thread (engine, writers, poller, finalize), holds that _Stream's lock and
+first checks `done`. So a stream gets exactly one FINAL and no call after it. This is what
+keeps tritonserver alive: the Python backend frees a request's response factory once its
+FINAL response is sent, and an is_cancelled() racing that send made the server read freed
+memory in TRITONBACKEND_ResponseFactoryIsCancelled and die with SIGSEGV (issue 26;
+tests/reliability/test_server_stress.py fails within a few hundred requests without the
+lock). Senders of requests that never became a _Stream (refused in execute()) are used
+by execute() alone.
+
+Cancellation inside the ensemble: there the sender's flag never turns, because Triton's
+ensemble scheduler tells a client's cancellation only to the step it schedules next. So the
+ensemble's responses step (generate_responses.py) sees it on this request's next response
+and aborts the request through the core, with the `request_ref` every response carries;
+a request that sent nothing for KEEPALIVE_INTERVAL (queued, non-streaming) sends a
+keepalive response (only `request_ref`) instead of being polled.
+
+The engine: this model instance is one front end of the engine core process of its GPU
+(engine/core.py); the first instance to load starts the core, the others attach, and each
+owns its requests' detokenization, stop strings and responses (engine/core_client.py). The
+core dying fails every request here at once and makes the model unload itself (below).
 
 vllm_backend behaviour kept (src/model.py, src/utils/request.py):
 - `exclude_input_in_output` defaults to false: a non-streaming response is prompt + text.
@@ -40,17 +57,20 @@ import gc
 import itertools
 import json
 import math
+import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from tritonforge.backend.engine_settings import load_settings
 from tritonforge.backend.generate_tokenizer import RETURN_OUTPUTS, check_prompt_ids, sampling_data
-from tritonforge.backend.metrics import GaugeValues, GenerateMetrics
+from tritonforge.backend.metrics import GaugeValues, GenerateMetrics, metric_labels
 from tritonforge.backend.response_writer import ResponseWriter
 from tritonforge.backend.triton_io import (
     RequestError,
@@ -63,11 +83,20 @@ from tritonforge.backend.triton_io import (
     optional_text,
     text_tensor,
 )
-from tritonforge.engine import AsyncEngine, RequestOutput, SamplingParams
+from tritonforge.engine import RequestOutput, SamplingParams
 from tritonforge.engine.async_engine import EngineDeadError
+from tritonforge.engine.core_client import EngineCoreClient
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 POLL_INTERVAL = 0.1  # seconds between cancellation checks of a request
+# Inside the ensemble: the longest a request goes without a response, so the responses step
+# sees a cancellation within about this long.
+KEEPALIVE_INTERVAL = 0.2
+# The stream interval grows by a token per this many streams in flight on this front end:
+# 1 token per response up to 31 streams, 4 at 128 (vLLM's --stream-interval, adaptive).
+STREAMS_PER_INTERVAL_TOKEN = 32
+# Where engine cores keep their sockets (an edge, so it may read the environment).
+RUNTIME_DIR_ENV = "TRITONFORGE_RUNTIME_DIR"
 # Parallel sends: each waits on a round trip to Triton with the GIL released, so a few
 # threads keep up with hundreds of streams (ordering holds per stream; see ResponseWriter).
 SENDER_THREADS = 4
@@ -75,7 +104,8 @@ SENDER_THREADS = 4
 
 @dataclass(eq=False)
 class _Stream:
-    """One request's state between execute() and its FINAL response."""
+    """One request's state between execute() and its FINAL response. `sender` is only
+    touched with `lock` held (see the module docstring: one owner per sender)."""
 
     request_id: str
     request: Any  # kept alive until the FINAL response, with its sender; None after
@@ -86,9 +116,16 @@ class _Stream:
     returns: frozenset[str]
     num_logprobs: int  # sampling_parameters.logprobs (0 when not asked)
     arrival: float
+    ref: str  # request_ref: the core and the request, for the responses step's abort
+    keepalive: bool  # inside the ensemble: send keepalives, never poll is_cancelled()
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: bool = False  # FINAL sent (or the sender failed): nothing more goes out
     checked_at: float = 0.0  # last is_cancelled() check
+    sent_at: float = 0.0  # last response sent (keepalives included)
+    # The reader thread's alone (no lock): streamed outputs held back by the stream interval.
+    held: list[Any] = field(default_factory=list)
+    held_tokens: int = 0
+    handed_over: bool = False  # the first output went to the writer
     last_token_at: float | None = None
 
 
@@ -101,15 +138,21 @@ class TritonPythonModel:
         settings = load_settings(args)
         self.model_name = args["model_name"]
         self.public_name = settings.name
-        self.engine = AsyncEngine(settings.engine_config(instance_device(args)))
-        self.max_model_len = self.engine.engine.max_model_len
-        self.vocab_size = self.engine.engine.vocab_size
+        runtime_dir = Path(os.environ.get(RUNTIME_DIR_ENV) or
+                           Path(tempfile.gettempdir()) / f"tritonforge-{os.getuid()}")
+        # The stub's parent is the tritonserver: the core lives as long as it does (or
+        # until its last front end leaves), whichever instance happened to start it.
+        self.engine = EngineCoreClient(
+            settings.engine_config(instance_device(args)), runtime_dir=runtime_dir,
+            owner_pid=os.getppid(), name=str(args.get("model_instance_name", self.model_name)))
+        self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.vocab_size
         self._ids = itertools.count()
         self._pending: dict[str, _Stream] = {}
-        # Labelled with the public name: dashboards and vllm_backend users query NAME.
-        self.metrics = GenerateMetrics(
-            {"model": self.public_name, "version": str(args.get("model_version", ""))},
-            self._gauge_values)
+        # Labelled with the public name (dashboards and vllm_backend users query NAME) and
+        # an instance label of its own: see metric_labels (a reload crashed without it).
+        self.metrics = GenerateMetrics(metric_labels(self.public_name, args),
+                                       self._gauge_values)
         self._stop = threading.Event()
         self._unloading = False
         # Sends happen on these threads, never on the engine's (see response_writer.py).
@@ -156,10 +199,14 @@ class TritonPythonModel:
         returns = frozenset(name for name in RETURN_OUTPUTS
                             if input_bool(request, f"return_{name}", default=False))
         prompt = optional_text(request, "prompt") or ""
+        request_id = str(next(self._ids))
+        now = time.monotonic()
         state = _Stream(
-            request_id=str(next(self._ids)), request=request, sender=sender, stream=stream,
+            request_id=request_id, request=request, sender=sender, stream=stream,
             prompt=prompt, prepend=not stream and not exclude, returns=returns,
-            num_logprobs=params.logprobs or 0, arrival=time.monotonic(),
+            num_logprobs=params.logprobs or 0, arrival=now,
+            ref=self.engine.request_ref(request_id),
+            keepalive=input_bool(request, "keepalive", default=False), sent_at=now,
         )
         return state, ids, params
 
@@ -179,8 +226,7 @@ class TritonPythonModel:
     # ---- the engine thread: outputs -> responses ----------------------------------------
     def _on_output(self, s: _Stream, output: RequestOutput | None,
                    error: BaseException | None) -> None:
-        sender = s.sender
-        if s.done or sender is None:
+        if s.done:  # a hint only (no lock): _send checks again under the lock
             return
         try:
             if error is not None:
@@ -198,11 +244,27 @@ class TritonPythonModel:
                 return
             # No is_cancelled() here: it is a round trip to Triton per token; the poller
             # checks every POLL_INTERVAL instead.
-            self._writer.submit(s.request_id, (s, output), shard=int(s.request_id))
+            # The stream interval: under load a stream's tokens go out a few at a time (the
+            # first at once, the last with the FINAL flag), so responses per second stay
+            # within what Triton's hops (ensemble, responses step) carry.
+            num_new = len(completion.token_ids_delta)
+            if (s.stream and not output.finished and s.handed_over
+                    and s.held_tokens + num_new < self._stream_interval()):
+                s.held.append(output)
+                s.held_tokens += num_new
+                return
+            items, s.held, s.held_tokens = s.held + [output], [], 0
+            s.handed_over = True
+            for item in items:  # the writer joins them into one response
+                self._writer.submit(s.request_id, (s, item), shard=int(s.request_id))
         except Exception as err:  # noqa: BLE001 - the stream must still end
             log_exception("could not hand over a generate response")
             self.engine.abort(s.request_id)
             self._send(s, error_response(f"could not build the response: {err}"), final=True)
+
+    def _stream_interval(self) -> int:
+        """Tokens a streamed response carries at least (the first and last excepted)."""
+        return 1 + len(self._pending) // STREAMS_PER_INTERVAL_TOKEN
 
     def _deliver(self, request_id: Any, items: list[tuple[_Stream, RequestOutput]]) -> None:
         """A writer thread: one response for all of a stream's outputs that piled up while its
@@ -228,7 +290,7 @@ class TritonPythonModel:
             num_new = sum(len(o.outputs[0].token_ids_delta) for o in outputs)
         else:
             text, num_new = (s.prompt if s.prepend else "") + c.text, len(c.token_ids)
-        tensors = [text_tensor("text_output", [text])]
+        tensors = [text_tensor("text_output", [text]), text_tensor("request_ref", [s.ref])]
         if "finish_reason" in s.returns:
             tensors.append(text_tensor("finish_reason", [str(c.finish_reason)]))
         if "cumulative_logprob" in s.returns:
@@ -251,8 +313,8 @@ class TritonPythonModel:
         not among the top k it is the (k+1)-th entry, and its rank (> k) is unknown: null."""
         if per_token is None:
             return "null"
-        # A writer thread: decode() only reads the tokenizer, as the engine thread does.
-        tokenizer = self.engine.engine.tokenizer
+        # A writer thread: decode() only reads the tokenizer, as the reader thread does.
+        tokenizer = self.engine.tokenizer
         out = []
         for alternatives in per_token:
             ranked = sorted(alternatives.items(), key=lambda kv: -kv[1])
@@ -287,6 +349,7 @@ class TritonPythonModel:
                 s.sender = s.request = None
             try:
                 sender.send(response, flags=FINAL if final else 0)
+                s.sent_at = time.monotonic()
             except Exception:  # noqa: BLE001 - the client is gone: stop generating for it
                 log_exception(f"could not send a response; aborting request {s.request_id}")
                 s.done = True
@@ -308,17 +371,31 @@ class TritonPythonModel:
             now = time.monotonic()
             # list() of a dict view is one C call under the GIL: a consistent snapshot.
             for s in list(self._pending.values()):
-                sender = s.sender
-                if s.done or sender is None or now - s.checked_at < POLL_INTERVAL:
+                if s.keepalive:
+                    if not s.done and now - s.sent_at >= KEEPALIVE_INTERVAL:
+                        self._send(s, self._keepalive_response(s), final=False)
+                    continue
+                if s.done or now - s.checked_at < POLL_INTERVAL:
                     continue
                 s.checked_at = now
-                try:
-                    cancelled = sender.is_cancelled()
-                except Exception:  # noqa: BLE001
-                    log_exception(f"is_cancelled() failed for request {s.request_id}")
-                    continue
-                if cancelled:
-                    self._cancel(s)
+                if self._client_cancelled(s):
+                    self._cancel(s)  # outside the lock: _send takes it
+
+    def _keepalive_response(self, s: _Stream) -> Any:
+        return pb_utils.InferenceResponse(output_tensors=[text_tensor("request_ref", [s.ref])])
+
+    def _client_cancelled(self, s: _Stream) -> bool:
+        """Whether the client cancelled `s`, asked under the stream's lock: with it held and
+        `done` false, no FINAL has been sent and none can start, so the sender's response
+        factory is alive for the whole is_cancelled() round trip."""
+        with s.lock:
+            if s.done or s.sender is None:
+                return False
+            try:
+                return s.sender.is_cancelled()
+            except Exception:  # noqa: BLE001
+                log_exception(f"is_cancelled() failed for request {s.request_id}")
+                return False
 
     def _on_engine_dead(self) -> None:
         """The engine gave up after repeated failed steps: make Triton report the model not
@@ -358,9 +435,8 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self._stop.set()
         self._poller.join(timeout=5)
-        device = self.engine.engine.device
-        # In-flight streams end with an error from the engine; requests it had not admitted
-        # yet end here.
+        # Detaching ends this front end's requests in the core (the other front ends' go
+        # on); their streams end with an error, as do those not yet sent to the core.
         self.engine.shutdown()
         self._writer.close()
         for s in list(self._pending.values()):
@@ -369,10 +445,6 @@ class TritonPythonModel:
         self.metrics.close()
         self.engine = None
         gc.collect()
-        if device.type == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
 
 
 def _finite(logprob: float) -> float:

@@ -1,6 +1,7 @@
 """The generate model's Prometheus metrics, under vllm_backend's names, on Triton's /metrics.
 
-Families (labels `model` and `version`, as vllm_backend sets them):
+Families (labels `model` and `version`, as vllm_backend sets them, and `model_instance`,
+see `metric_labels`):
   counters    vllm:prompt_tokens_total, vllm:generation_tokens_total,
               vllm:num_preemptions_total
   histograms  vllm:time_to_first_token_seconds (one observation per request),
@@ -19,6 +20,7 @@ server runs with metrics off, every call is a no-op.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -35,6 +37,24 @@ TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
 E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+
+
+def metric_labels(public_name: str, args: dict[str, Any]) -> dict[str, str]:
+    """The labels of one model instance's metrics: vllm_backend's `model` (the public name)
+    and `version`, plus `model_instance`, unique to this stub process.
+
+    Why the third label: Triton's core (2.51) hands every Metric created with the same
+    family name and labels the same Prometheus object, and frees it when the first of them
+    is deleted. A reload loads the new instance before it unloads the old one, so with
+    labels {model, version} alone the new instance kept reporting into an object the old
+    one's finalize() freed, and tritonserver died in prometheus::Histogram::Observe within
+    seconds of a reload under traffic (issue 26). Two instances of one model (instance
+    count > 1) collided the same way and overwrote each other's gauges. Queries that sum
+    by model (`sum by (model) (...)`) see one series per instance; the pid in the value
+    differs between an instance and the one that replaces it."""
+    instance = f"{args.get('model_instance_name', 'instance')}@{os.getpid()}"
+    return {"model": public_name, "version": str(args.get("model_version", "")),
+            "model_instance": instance}
 
 
 @dataclass
@@ -182,6 +202,11 @@ class GenerateMetrics:
         if self._thread is not None:
             self._events.put(None)
             self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                # Deleting metrics the thread may still be calling into would break the
+                # backend's rule (no metric call after its delete); the process ends soon.
+                log_exception("the metrics thread did not stop; its metrics are left as they are")
+                return
             self._thread = None
         self._metrics.clear()
         self._families.clear()

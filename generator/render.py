@@ -9,6 +9,16 @@ empty string); every value that reaches config.pbtxt passes through `pbtxt_strin
 model config cannot inject text-format syntax; a model folder is rendered into a temp
 folder beside its target and moved into place only when complete, so a failure leaves
 nothing half-written; nothing is written outside the repository folder.
+
+Nothing written at serving time either: beside every rendered model.py lies a regular file
+named `__pycache__` (PYCACHE_BLOCKER). Triton's Python backend imports model.py from its
+version folder, and its stub's embedded Python ignores PYTHONDONTWRITEBYTECODE (Triton
+2.51's stub runs with sys.flags.dont_write_bytecode == 0 whatever the environment says), so
+the first load wrote `1/__pycache__/model.cpython-3XX.pyc` into the repository: a write
+into what is often a read-only volume, and a change that made Triton reload the step on
+the next load request. With a file in its place importlib cannot create the folder and
+skips bytecode caching silently (SourceFileLoader.set_data gives up on the OSError), in
+every Python version; the import itself is unaffected.
 """
 
 from __future__ import annotations
@@ -33,9 +43,18 @@ if TYPE_CHECKING:
 # Triton names a model by its folder; we keep to a portable subset of that.
 # Matched with fullmatch: `$` would also accept a name ending in a newline.
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-# An ensemble template's parts: subfolder -> suffix of its model name (NAME + suffix).
-ENSEMBLE_PARTS = {"ensemble": "", "tokenizer": "_tokenizer", "engine": "_engine"}
+# An ensemble template's parts: subfolder -> suffix of its model name (NAME + suffix). A
+# template has the parts it has folders for (only generate has `responses`).
+ENSEMBLE_PARTS = {"ensemble": "", "tokenizer": "_tokenizer", "engine": "_engine",
+                  "responses": "_responses"}
 _LONGEST_SUFFIX = max(len(s) for s in ENSEMBLE_PARTS.values())
+# Content of the `__pycache__` file rendered beside each model.py (see the module docstring).
+PYCACHE_BLOCKER = (
+    "A file, not a folder, on purpose (written by tritonforge's generator): Triton's Python\n"
+    "backend imports model.py from this folder and would write its bytecode into a\n"
+    "__pycache__ folder here, a write into the model repository that makes Triton see the\n"
+    "model as modified. With this file in the way Python skips bytecode caching. Keep it.\n"
+)
 
 
 def validate_model_name(name: str, max_length: int = 128) -> str:
@@ -120,7 +139,9 @@ def is_ensemble(template: str) -> bool:
 def model_folders(template: str, name: str) -> dict[str, str]:
     """Template subfolder ("" for a one-model template) -> the model name it renders."""
     if is_ensemble(template):
-        return {f"{part}/": model for part, model in step_names(name).items()}
+        root = _templates_root() / template
+        return {f"{part}/": model for part, model in step_names(name).items()
+                if (root / part).is_dir()}
     return {"": name}
 
 
@@ -190,6 +211,8 @@ def render_model(
                 out = out_dir / rel[: -len(".j2")]
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(_utf8(text, f"{model}/{rel[: -len('.j2')]}"))
+                if out.name == "model.py":
+                    (out.parent / "__pycache__").write_text(PYCACHE_BLOCKER)
         move_models(staging, repository, list(folders.values()))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -214,6 +237,8 @@ def move_models(staging: Path, repository: Path, names: list[str]) -> None:
     A symlink (or file) in a model's place is removed itself, never followed: replacing a
     model must not touch anything outside the repository."""
     for model in names:
+        if not (staging / model).exists():  # a part this template does not have
+            continue
         target = repository / model
         if target.is_symlink() or (target.exists() and not target.is_dir()):
             target.unlink()

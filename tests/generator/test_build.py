@@ -65,10 +65,12 @@ def snapshot(folder: Path) -> list[str]:
 def test_build_detects_the_task_and_renders_an_ensemble_triton_parses(tmp_path, tiny, task):
     repo = tmp_path / "repo"
     assert generator("build", tiny[task], "-o", repo, "--name", "m", "--kind", "cpu") == 0
-    assert sorted(p.name for p in repo.iterdir()) == ["m", "m_engine", "m_tokenizer"]
+    # generate ends in a responses step (it turns a client's cancellation into an abort).
+    steps = ["m_tokenizer", "m_engine"] + (["m_responses"] if task == "generate" else [])
+    assert sorted(p.name for p in repo.iterdir()) == sorted(["m", *steps])
     config = parse_config(repo / "m")
     assert config.name == "m" and config.platform == "ensemble"
-    assert [s.model_name for s in config.ensemble_scheduling.step] == ["m_tokenizer", "m_engine"]
+    assert [s.model_name for s in config.ensemble_scheduling.step] == steps
     assert PUBLIC_OUTPUTS[task] in [o.name for o in config.output]
     assert "text_input" in [i.name for i in config.input]
     engine_step = parse_config(repo / "m_engine")
@@ -93,7 +95,8 @@ def test_build_writes_the_engine_settings_into_engine_json(tmp_path, tiny):
     assert generator("build", tiny["generate"], "-o", repo, "--task", "generate",
                      "--name", "llama", "--dtype", "float32", "--max-model-len", 256,
                      "--gpu-memory-utilization", 0.5, "--max-num-seqs", 8,
-                     "--instance-count", 2, "--tokenizer-instances", 3, "--kind", "gpu") == 0
+                     "--instance-count", 2, "--tokenizer-instances", 3, "--kind", "gpu",
+                     "--no-device-check") == 0
     engine = engine_settings(repo, "llama")["engine"]
     assert engine == {"model": str(tiny["generate"].resolve()), "dtype": "float32",
                       "max_model_len": 256, "model_impl": "auto", "max_num_seqs": 8,
@@ -129,7 +132,7 @@ def test_two_builds_add_models_and_force_replaces_one(tmp_path, tiny, capsys):
     repo = tmp_path / "repo"
     assert generator("build", tiny["embed"], "-o", repo, "--name", "a", "--kind", "cpu") == 0
     assert generator("build", tiny["generate"], "-o", repo, "--name", "b", "--kind", "cpu") == 0
-    models = ["a", "a_engine", "a_tokenizer", "b", "b_engine", "b_tokenizer"]
+    models = ["a", "a_engine", "a_tokenizer", "b", "b_engine", "b_responses", "b_tokenizer"]
     assert sorted(p.name for p in repo.iterdir()) == models
     before = {m: (repo / m / "config.pbtxt").read_text() for m in models}
     assert generator("build", tiny["classify"], "-o", repo, "--name", "a", "--kind", "cpu") == 1
@@ -174,11 +177,12 @@ def test_rendered_files_match_the_golden_files(tmp_path, tiny, task):
     repo = tmp_path / "repo"
     assert generator("build", tiny[task], "-o", repo, "--name", f"golden_{task}",
                      "--kind", "cpu", "--max-model-len", 128) == 0
-    # The whole repository: the ensemble and both step folders.
+    # The whole repository: the ensemble and its step folders (generate has a responses step).
     files = normalized_files(repo, tiny[task])
-    assert sorted({rel.split("/")[0] for rel in files}) == [
-        f"golden_{task}", f"golden_{task}_engine", f"golden_{task}_tokenizer"]
-    for model in (f"golden_{task}", f"golden_{task}_engine", f"golden_{task}_tokenizer"):
+    models = [f"golden_{task}", f"golden_{task}_engine", f"golden_{task}_tokenizer"]
+    models += [f"golden_{task}_responses"] if task == "generate" else []
+    assert sorted({rel.split("/")[0] for rel in files}) == sorted(models)
+    for model in models:
         parse_config(repo / model)  # every rendered config.pbtxt is a ModelConfig
     golden = GOLDEN / task
     if UPDATE_GOLDEN:
@@ -559,7 +563,8 @@ def test_one_repository_with_all_three_tasks_serves_as_tritonserver_starts_it(tm
         try:
             index = {m.name: m.state for m in client.get_model_repository_index().models}
             assert index == {f"{task}{step}": "READY" for task in TINY
-                             for step in ("", "_tokenizer", "_engine")}
+                             for step in ("", "_tokenizer", "_engine")
+                             + (("_responses",) if task == "generate" else ())}
         finally:
             client.close()
         assert "".join(stream_deltas(server, "generate", b"Hello there", 4))

@@ -50,7 +50,10 @@ def test_every_template_renders_configs_triton_parses(tmp_path, template):
     if template == "echo":
         assert models == ["m_echo"]
     else:
-        assert models == [f"m_{template}", f"m_{template}_engine", f"m_{template}_tokenizer"]
+        # generate ends in a responses step (it turns a client's cancellation into an abort)
+        responses = [f"m_{template}_responses"] if template == "generate" else []
+        assert models == sorted([f"m_{template}", f"m_{template}_engine",
+                                 f"m_{template}_tokenizer", *responses])
         assert _parse(folder / "config.pbtxt").platform == "ensemble"
 
 
@@ -60,7 +63,8 @@ def test_the_ensemble_keeps_the_public_interface_and_wires_every_step_input(tmp_
     render.render_model(template, tmp_path, "m", CONTEXTS[template])
     ensemble = _parse(tmp_path / "m" / "config.pbtxt")
     steps = {s.model_name: s for s in ensemble.ensemble_scheduling.step}
-    assert list(steps) == ["m_tokenizer", "m_engine"]
+    responses = ["m_responses"] if template == "generate" else []
+    assert list(steps) == ["m_tokenizer", "m_engine", *responses]
     public_in = {i.name for i in ensemble.input}
     public_out = {o.name for o in ensemble.output}
     produced = set(public_in)
@@ -74,7 +78,8 @@ def test_the_ensemble_keeps_the_public_interface_and_wires_every_step_input(tmp_
         assert set(step.output_map) <= {o.name for o in config.output}
         produced |= set(step.output_map.values())
         assert config.max_batch_size >= ensemble.max_batch_size
-        assert config.parameters["engine_settings"].string_value == "../m/engine.json"
+        if model != "m_responses":  # a pass-through: it reads no engine settings
+            assert config.parameters["engine_settings"].string_value == "../m/engine.json"
     assert public_out <= produced
     engine = _parse(tmp_path / "m_engine" / "config.pbtxt")
     assert {o.name: o.data_type for o in engine.output if o.name in public_out} == {
