@@ -8,9 +8,16 @@ Python backend needs the stub compiled for the running Python copied next to it,
 wheel's private libraries on LD_LIBRARY_PATH, and VIRTUAL_ENV pointing at our environment:
 the stub takes its packages from VIRTUAL_ENV and ignores PYTHONPATH.
 
-Invariants: a started server is always stopped (context manager, atexit, and the whole
-process group is killed so Python-backend stubs never outlive it); every failure is one
-line that quotes Triton's own reason where it gave one.
+Invariants: a started server is always stopped, however its owner ends: stop() (context
+manager, atexit) ends the whole process group, so Python-backend stubs never outlive it, and
+a watchdog process ends it when the owner dies without stopping it (SIGKILL, a crash). Every
+failure is one line that quotes Triton's own reason where it gave one.
+
+Why a watchdog and not a parent-death signal: PR_SET_PDEATHSIG fires when the *thread* that
+started the child ends, so a server started from a worker thread would die with that
+thread; and it cannot remove a temporary repository. The watchdog holds the read end of a
+pipe whose only write end is the owner's: the kernel closes it however the owner ends, and
+at that end-of-file the watchdog stops the servers and removes the paths still registered.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import atexit
 import contextlib
 import errno
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -28,9 +36,11 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,17 +146,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _check_port_free(port: int, role: str) -> None:
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on `port` on any address (binding 0.0.0.0 also fails when
+    something holds it on 127.0.0.1 only)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind(("0.0.0.0", port))
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise TritonServerError(
-                    f"port {port} ({role}) is busy; pick another with --{role}-port "
-                    "or leave it out to use a free one"
-                ) from None
+                return False
             raise
+    return True
+
+
+def _check_port_free(port: int, role: str) -> None:
+    if not port_is_free(port):
+        raise TritonServerError(
+            f"port {port} ({role}) is busy; pick another with --{role}-port "
+            "or leave it out to use a free one"
+        )
 
 
 def server_environment(install: ServerInstall, stub_env: Path | None = None) -> dict[str, str]:
@@ -199,6 +217,7 @@ class TritonServer:
     extra_args: tuple[str, ...] = ()
     install: ServerInstall | None = None
     stub_env: Path | None = None  # see server_environment
+    exit_code: int | None = field(default=None, init=False)  # once the server has exited
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _log_handle: object = field(default=None, init=False, repr=False)
 
@@ -211,16 +230,29 @@ class TritonServer:
         self.stop()
 
     @property
+    def _client_host(self) -> str:
+        """Where a client on this machine reaches the server: the address it listens on,
+        or loopback when it listens on all of them."""
+        if self.host in ("0.0.0.0", "::", ""):
+            return "127.0.0.1"
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self._client_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self._client_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        """The tritonserver process (also its process group: the stubs are in it)."""
+        return self._proc.pid if self._proc is not None else None
 
     def start(self) -> None:
         repo = Path(self.model_repository)
@@ -247,6 +279,10 @@ class TritonServer:
                     raise TritonServerError(
                         f"tritonserver could not bind its ports; see {self.log_file}"
                     ) from None
+            except BaseException:
+                # Ctrl-C or a signal while waiting: `with` never got the server, stop it here.
+                self.stop()
+                raise
 
     def _launch(self, repo: Path) -> None:
         assert self.install is not None
@@ -287,6 +323,7 @@ class TritonServer:
             start_new_session=True,
         )
         _LIVE_SERVERS.add(self)
+        _WATCHDOG.watch(server=self._proc.pid)
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
@@ -329,31 +366,39 @@ class TritonServer:
         """Stops the server and every process it started; safe to call twice."""
         proc, self._proc = self._proc, None
         _LIVE_SERVERS.discard(self)
-        if proc is not None and proc.poll() is None:
-            # The server alone first: it unloads its models and ends its stubs in order.
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=grace)
         if proc is not None:
-            # Stubs of a server that exited may still be alive in the group.
-            _signal_group(proc, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+            self.exit_code = proc.poll()
+
+            def leader_exited(timeout: float) -> bool:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=timeout)
+                return proc.poll() is not None
+
+            end_server_group(proc.pid, grace, leader_exited)
+            # Released only once the group is gone: if this stop is cut short (a second
+            # Ctrl-C), the watchdog still ends the server when this process exits.
+            _WATCHDOG.release(server=proc.pid)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
 
-    def serve_until_interrupted(self, poll: float = 0.5) -> None:
-        """Blocks while the server runs; Ctrl-C returns (the caller's `with` stops it)."""
+    def serve_until_interrupted(self, poll: float = 0.5) -> bool:
+        """Blocks while the server runs. Ctrl-C (KeyboardInterrupt, or a subclass a signal
+        handler raises) returns True; the server ending on its own returns False. The
+        caller's `with` stops the server."""
         try:
             while self.running:
                 time.sleep(poll)
         except KeyboardInterrupt:
-            pass
+            return True
+        return False
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        if self._proc is None:
+            return False
+        self.exit_code = self._proc.poll()
+        return self.exit_code is None
 
     # -- log and model state ----------------------------------------------------------------
     def log_text(self) -> str:
@@ -370,6 +415,14 @@ class TritonServer:
                 if match and (model is None or match["model"] == model):
                     found = f"'{match['model']}': {match['reason'].strip()}"
         return found
+
+    def repository_index(self, timeout: float = 5.0) -> list[dict]:
+        """Triton's repository index: every model with, once asked to load, its `state`
+        (LOADING, READY, UNAVAILABLE, ...) and `reason`."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index",
+                                         data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json.load(resp)
 
     def load_model(self, name: str, timeout: float = 300.0) -> None:
         """Loads (or reloads) a model in explicit mode; a failure quotes Triton's reason."""
@@ -401,9 +454,190 @@ class _PortRace(Exception):
     """The server lost a free port to someone else between our check and its bind."""
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+# -- ending a server's process group ---------------------------------------------------------
+_SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+def group_members(pgid: int) -> dict[int, list[str]]:
+    """The live (not zombie) processes of process group `pgid`, with their argv."""
+    members = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            # The fields after the command name, which may itself hold spaces and ")".
+            state, _ppid, group = stat[stat.rindex(")") + 2:].split()[:3]
+            if int(group) != pgid or state == "Z":
+                continue
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        members[int(entry.name)] = [os.fsdecode(a) for a in argv if a]
+    return members
+
+
+def _wait_until(done: Callable[[], bool], timeout: float, poll: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
+
+
+def end_server_group(pid: int, grace: float, leader_exited: Callable[[float], bool]) -> None:
+    """Ends tritonserver `pid` and its process group (it leads one: start_new_session).
+
+    SIGTERM to the server alone first: it unloads its models and ends its stubs in order.
+    Whatever of the group is left after `grace` is SIGKILLed; the shared-memory regions of
+    stubs killed that way are unlinked, since no one else would (they hold memory in
+    /dev/shm until reboot). `leader_exited(timeout)` waits for the server and says whether
+    it has exited (the owner waits on its child; the watchdog, not its parent, polls).
+    """
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
+        if not leader_exited(0):
+            os.kill(pid, signal.SIGTERM)
+            leader_exited(grace)
+    survivors = group_members(pid)
+    if survivors:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        _wait_until(lambda: not group_members(pid), 5.0)
+        for argv in survivors.values():
+            region = argv[2] if len(argv) > 2 else ""
+            if region.startswith(_SHM_PREFIX) and "/" not in region:
+                with contextlib.suppress(OSError):
+                    os.unlink(f"/dev/shm/{region}")
+    leader_exited(1.0)
+
+
+def _pid_exited(pid: int) -> Callable[[float], bool]:
+    """`leader_exited` for a process that is not our child (the watchdog's view)."""
+    def exited(timeout: float) -> bool:
+        return _wait_until(lambda: pid not in group_members(pid), timeout, poll=0.1)
+    return exited
+
+
+# -- the watchdog: ends servers and removes paths when their owner dies -------------------------
+class _Watchdog:
+    """This process's watchdog (started on first use, one per process).
+
+    The owner keeps the state (servers to end, paths to remove) and sends all of it, one
+    JSON line, on every change; the watchdog acts on the last line it read once its stdin
+    reaches end-of-file. With nothing left to guard the pipe is closed and the watchdog
+    exits; the next registration starts a new one. A fork that never execs inherits the
+    write end too, so the watchdog then waits for both processes to end.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._owner = 0  # the pid that started _proc (a forked child starts its own)
+        self._servers: set[int] = set()
+        self._paths: set[str] = set()
+
+    def watch(self, server: int | None = None, path: Path | None = None) -> None:
+        with self._lock:
+            if server is not None:
+                self._servers.add(server)
+            if path is not None:
+                self._paths.add(str(Path(path).absolute()))
+            self._publish()
+
+    def release(self, server: int | None = None, path: Path | None = None) -> None:
+        with self._lock:
+            self._servers.discard(server)  # type: ignore[arg-type]
+            if path is not None:
+                self._paths.discard(str(Path(path).absolute()))
+            self._publish()
+
+    def _publish(self) -> None:
+        empty = not self._servers and not self._paths
+        if empty and (self._proc is None or self._owner != os.getpid()):
+            return
+        line = json.dumps({"servers": sorted(self._servers), "paths": sorted(self._paths)})
+        self._send(line)
+        if empty:  # the watchdog has read "nothing to guard" before its end-of-file
+            self._close()
+
+    def _send(self, line: str) -> None:
+        for attempt in range(2):
+            if self._proc is None or self._owner != os.getpid() or self._proc.poll() is not None:
+                self._start()
+            assert self._proc is not None and self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(line + "\n")
+                self._proc.stdin.flush()
+                return
+            except OSError:  # it died (someone killed it): a new one gets the whole state
+                if attempt:
+                    raise
+                self._proc = None
+
+    def _start(self) -> None:
+        # Its own session: Ctrl-C or a hangup of the owner's terminal must not end it
+        # before it has cleaned up. cwd "/": no folder of the caller shadows a package.
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c",
+             "from tritonforge.generator.tritonserver import watchdog_main; watchdog_main()"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd="/",
+            start_new_session=True,
+        )
+        self._owner = os.getpid()
+
+    def _close(self) -> None:
+        if self._proc is not None and self._owner == os.getpid():
+            assert self._proc.stdin is not None
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=5)
+        self._proc = None
+
+
+def watchdog_main(grace: float = 10.0) -> None:
+    """The watchdog process: read the owner's state until end-of-file, then act on it."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    state: dict = {"servers": [], "paths": []}
+    for line in sys.stdin:
+        state = json.loads(line)
+    for pid in state["servers"]:
+        end_server_group(pid, grace, _pid_exited(pid))
+    for name in state["paths"]:
+        path = Path(name)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+_WATCHDOG = _Watchdog()
+
+
+def remove_if_owner_dies(path: Path) -> None:
+    """Has the watchdog remove `path` (a file or folder) if this process ends before it
+    calls keep_if_owner_dies(path): for temporary files a SIGKILL would leave behind."""
+    _WATCHDOG.watch(path=path)
+
+
+def keep_if_owner_dies(path: Path) -> None:
+    _WATCHDOG.release(path=path)
+
+
+@contextlib.contextmanager
+def temporary_directory(prefix: str) -> Iterator[Path]:
+    """A temporary folder removed when the block ends, or by the watchdog if this process
+    dies first (SIGKILL included)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    remove_if_owner_dies(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        keep_if_owner_dies(path)
 
 
 # Servers still running at interpreter exit (an uncaught exception, sys.exit in a test run)

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from tritonforge.generator.commands import _serving
 from tritonforge.generator.demo import DEMO_TEXTS, build_demo_repository, query_embeddings
-from tritonforge.generator.tritonserver import TritonServer, locate_tritonserver
+from tritonforge.generator.tritonserver import locate_tritonserver, temporary_directory
 
 EPILOG = """examples:
   generator demo                          serve all-MiniLM-L6-v2, embed three sentences, stop
-  generator demo --keep-running           ... and keep serving until Ctrl-C
+  generator demo --keep-running           ... and keep serving until Ctrl-C (or SIGTERM)
   generator demo --text "a" --text "b"    embed your own sentences
   generator demo -o ./model_repository    keep the rendered repository
 """
@@ -37,33 +36,27 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("--kind", choices=["auto", "cpu", "gpu"], default="auto",
                         help="where the model instance runs (default: auto)")
     parser.add_argument("--keep-running", action="store_true",
-                        help="keep serving after the answer until Ctrl-C")
-    parser.add_argument("--http-port", type=int)
-    parser.add_argument("--grpc-port", type=int)
-    parser.add_argument("--metrics-port", type=int)
+                        help="keep serving after the answer until Ctrl-C, SIGTERM or SIGHUP")
+    _serving.add_server_arguments(parser, host=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    out = _serving.console()
     texts = args.text or list(DEMO_TEXTS)
+    _serving.check_startup_timeout(args.startup_timeout)
     install = locate_tritonserver()  # fail fast, before fetching anything
-    with tempfile.TemporaryDirectory(prefix="tritonforge-demo-") as tmp:
-        repo = args.output or Path(tmp) / "model_repository"
+    with _serving.stopping_on_signals(), temporary_directory("tritonforge-demo-") as tmp:
+        repo = (args.output or tmp / "model_repository").resolve()
         model = build_demo_repository(repo, kind=args.kind)
-        server = TritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port,
-                              metrics_port=args.metrics_port, log_file=Path(tmp) / "server.log",
-                              install=install)
-        console.print(f"starting tritonserver on {repo} ...")
-        started = time.monotonic()
-        with server:
-            console.print(f"ready in {time.monotonic() - started:.1f}s: "
-                          f"HTTP {server.http_url}, gRPC {server.grpc_url}")
+        with _serving.running_server(out, repo, [model], args, install=install,
+                                     log_prefix="tritonforge-demo-") as server:
+            out.print(f"HTTP {server.http_url}, gRPC {server.grpc_url}", highlight=False)
             embeddings = query_embeddings(server.grpc_url, model, texts)
-            _render(console, model, texts, embeddings)
+            _render(out, model, texts, embeddings)
             if args.keep_running:
-                console.print("serving; press Ctrl-C to stop")
-                server.serve_until_interrupted()
-        console.print("tritonserver stopped")
+                out.print("serving; press Ctrl-C to stop")
+                _serving.serve_until_stopped(out, server)
+        _serving.print_stopped(out)
     return 0
 
 

@@ -1,66 +1,155 @@
-"""`generator serve`: build a model, start the local tritonserver on it, print how to call it."""
+"""`generator serve`: serve a built model repository as it is, or build a model into one
+(a temporary folder unless -o) and serve that; print the endpoints and how to call them."""
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
+import json
+import os
+import re
 from pathlib import Path
 
-from rich.console import Console
 from tritonforge.generator.build import build_model
+from tritonforge.generator.commands import _serving
 from tritonforge.generator.commands.build import add_build_arguments, options, print_result
 from tritonforge.generator.commands.inspect import add_model_arguments
-from tritonforge.generator.tritonserver import TritonServer, locate_tritonserver
+from tritonforge.generator.errors import UserError
+from tritonforge.generator.tritonserver import (
+    TritonServer,
+    locate_tritonserver,
+    temporary_directory,
+)
 
 EPILOG = """examples:
+  generator serve ./model_repository                    serve a built repository as it is
   generator serve Qwen/Qwen3-0.6B                       build in a temp dir and serve
   generator serve ./all-MiniLM-L6-v2 --task embed -o ./model_repository
   generator serve ./my-model --host 0.0.0.0 --http-port 8000 --grpc-port 8001
+  generator serve ./model_repository --json             one JSON line with the URLs, for scripts
+  generator serve ./big-model --startup-timeout 1800    allow 30 minutes for loading
 
-Stops cleanly on Ctrl-C (the server and its Python-backend stubs).
+Ports: tritonserver's 8000 (HTTP), 8001 (gRPC), 8002 (metrics) when free, else free ones
+(said in the output). Ctrl-C, SIGTERM or SIGHUP stops the server and its Python-backend
+stubs and removes the temporary folder; if serve itself is killed, a watchdog does it.
 """
+# serve's flags that only mean something when it builds (a repository is served as is).
+_MODEL_FLAGS = ("revision", "hub")
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     parser = sub.add_parser(
-        name, help="build a model and serve it on the local tritonserver",
-        description="Build MODEL into a model repository (a temp dir unless -o), start "
-        "tritonserver on it, and print the endpoints and a ready-to-paste client example.",
+        name, help="serve a model repository, or a model, on the local tritonserver",
+        description="Serve MODEL on a local tritonserver: a model repository made by "
+        "`generator build` is served as it is; any other MODEL is built first into a model "
+        "repository (a temp dir unless -o). Prints each model's loading state, then the "
+        "endpoints and a ready-to-paste client example.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     add_build_arguments(parser, output_default=None)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (0.0.0.0 serves other machines)")
-    parser.add_argument("--http-port", type=int)
-    parser.add_argument("--grpc-port", type=int)
-    parser.add_argument("--metrics-port", type=int)
+    _serving.add_server_arguments(parser)
+    parser.add_argument("--json", action="store_true",
+                        help="once ready, print one JSON object (URLs, ports, pids) on stdout; "
+                        "everything else goes to stderr")
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    out = _serving.console(stderr=args.json)
+    _serving.check_startup_timeout(args.startup_timeout)
     install = locate_tritonserver()  # fail fast, before building anything
-    with tempfile.TemporaryDirectory(prefix="tritonforge-serve-") as tmp:
-        repo = args.output or Path(tmp) / "model_repository"
-        result = build_model(options(args, repo))
-        print_result(console, result)
-        server = TritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port,
-                              metrics_port=args.metrics_port, host=args.host,
-                              model_control_mode="explicit", load_models=(result.name,),
-                              log_file=Path(tmp) / "tritonserver.log", install=install)
-        console.print(f"starting tritonserver on {repo} ...")
-        started = time.monotonic()
-        with server:
-            console.print(f"ready in {time.monotonic() - started:.1f}s\n"
-                          f"  HTTP     http://{server.http_url}\n"
-                          f"  gRPC     {server.grpc_url}\n"
-                          f"  metrics  {server.metrics_url}", highlight=False)
-            console.print(client_example(result.task, result.name, server.http_url,
-                                         server.grpc_url), highlight=False, markup=False)
-            console.print("serving; press Ctrl-C to stop")
-            server.serve_until_interrupted()
-        console.print("tritonserver stopped")
+    with _serving.stopping_on_signals():
+        repo = Path(args.model).expanduser()
+        models = repository_models(repo)
+        if models is not None:
+            _refuse_build_flags(args, repo)
+            out.print(f"serving the model repository {repo} as it is", highlight=False)
+            return _serve(out, args, install, repo.resolve(), root_models(repo, models))
+        with temporary_directory("tritonforge-serve-") as tmp:
+            repo = args.output or tmp / "model_repository"
+            result = build_model(options(args, repo))
+            print_result(out, result)
+            return _serve(out, args, install, Path(repo).resolve(), [result.name])
+
+
+def _serve(out, args: argparse.Namespace, install, repo: Path,  # noqa: ANN001
+           models: list[str]) -> int:
+    with _serving.running_server(out, repo, models, args, install=install,
+                                 log_prefix="tritonforge-serve-") as server:
+        out.print(f"  HTTP     http://{server.http_url}\n"
+                  f"  gRPC     {server.grpc_url}\n"
+                  f"  metrics  {server.metrics_url}", highlight=False)
+        out.print(repository_example(repo, models, server), highlight=False, markup=False)
+        if args.json:
+            print(json.dumps(endpoints(server, repo, models)), flush=True)
+        out.print("serving; press Ctrl-C to stop")
+        _serving.serve_until_stopped(out, server)
+    _serving.print_stopped(out)
     return 0
+
+
+def endpoints(server: TritonServer, repo: Path, models: list[str]) -> dict:
+    """--json: what a script needs to call the server, and to stop it (SIGTERM to `pid`)."""
+    return {"http": f"http://{server.http_url}", "grpc": server.grpc_url,
+            "metrics": server.metrics_url,
+            "ports": {"http": server.http_port, "grpc": server.grpc_port,
+                      "metrics": server.metrics_port},
+            "models": models, "repository": str(repo), "pid": os.getpid(),
+            "server_pid": server.pid, "log": str(server.log_file)}
+
+
+# -- a built repository ----------------------------------------------------------------------
+def repository_models(path: Path) -> list[str] | None:
+    """The models of the model repository at `path` (its folders holding a config.pbtxt),
+    or None when `path` is not one: a model to build, whose errors the build gives."""
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    if (path / "config.pbtxt").is_file():
+        raise UserError(f"{str(path)!r} is one model's folder; serve the repository that "
+                        f"holds it: generator serve {str(path.resolve().parent)!r}")
+    models = sorted(p.name for p in path.iterdir() if not p.name.startswith(".")
+                    and p.is_dir() and (p / "config.pbtxt").is_file())
+    return models or None
+
+
+_STEP_RE = re.compile(r'\bmodel_name\s*:\s*"([^"]+)"')
+_ENSEMBLE_RE = re.compile(r'\bplatform\s*:\s*"ensemble"')
+
+
+def root_models(repo: Path, models: list[str]) -> list[str]:
+    """The models to ask Triton to load: all but the steps of ensembles (loading an
+    ensemble loads its steps)."""
+    steps: set[str] = set()
+    for name in models:
+        config = (repo / name / "config.pbtxt").read_text(errors="replace")
+        if _ENSEMBLE_RE.search(config):
+            steps.update(_STEP_RE.findall(config))
+    return [m for m in models if m not in steps] or models
+
+
+def _refuse_build_flags(args: argparse.Namespace, repo: Path) -> None:
+    defaults = argparse.ArgumentParser()
+    add_build_arguments(defaults, output_default=None)
+    given = [dest for dest, value in vars(defaults.parse_args([])).items()
+             if getattr(args, dest) != value]
+    given += [dest for dest in _MODEL_FLAGS if getattr(args, dest) is not None]
+    if given:
+        flag = "-o/--output" if given[0] == "output" else "--" + given[0].replace("_", "-")
+        raise UserError(f"{flag} applies when serve builds a model, but {str(repo)!r} is a "
+                        "built model repository, served as it is; leave the flag out, or "
+                        "rebuild it with `generator build ... --force`")
+
+
+def repository_example(repo: Path, models: list[str], server: TritonServer) -> str:
+    """The client example of the first model built by tritonforge (engine.json names its
+    task); for other models, how to ask Triton what they take."""
+    for name in models:
+        try:
+            task = json.loads((repo / name / "engine.json").read_text())["task"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if task in ("generate", "embed", "classify"):
+            return client_example(task, name, server.http_url, server.grpc_url)
+    return "try it:\n" + "\n".join(
+        f"  curl -s http://{server.http_url}/v2/models/{name}/config" for name in models)
 
 
 def client_example(task: str, name: str, http_url: str, grpc_url: str) -> str:
