@@ -10,7 +10,10 @@ folders in a model folder); engine paths are relative to the engine.json folder.
 
 Invariants: the models appear in the repository complete or not at all (everything is
 staged in a hidden folder inside the repository and renamed into place last); an existing
-model is replaced only with `force`; all checks that need no download run before any.
+model is replaced only with `force`; all checks that need no download run before any,
+including those the engine would otherwise make only at load: --max-model-len within the
+model's position table, and --kind gpu only where there is an NVIDIA GPU (unless
+`device_check` is off: a build on a laptop for a GPU cluster).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 from tritonforge.generator import model_source
 from tritonforge.generator.architectures import TASKS, unsupported_reason
 from tritonforge.generator.errors import UserError
-from tritonforge.generator.model_info import DTYPES, ModelInfo, describe
+from tritonforge.generator.model_info import DTYPES, PADDED_POSITION_TYPES, ModelInfo, describe
 from tritonforge.generator.render import (
     existing_models,
     move_models,
@@ -64,6 +67,7 @@ class BuildOptions:
     download: bool = False
     trust_remote_code: bool = False
     force: bool = False
+    device_check: bool = True  # --kind gpu needs a GPU here; off: the build is for elsewhere
 
     def __post_init__(self) -> None:
         choices = {"task": (self.task, (None, *TASKS)), "dtype": (self.dtype, DTYPES),
@@ -118,15 +122,19 @@ def build_model(opts: BuildOptions) -> BuildResult:
         info = describe(folder, opts.model, ref.hub, opts.dtype)
     task = opts.task or info.default_task
     if task is None:
-        raise UserError(f"cannot tell a task for architecture {info.architecture!r}: it is not "
-                        "supported (see `generator list`)")
+        raise UserError(info.task_note or f"cannot tell a task for {info.architecture!r}")
     try:
         check_task_flags(opts, task)
     except ValueError as err:
         raise UserError(str(err)) from None
     if task not in info.tasks:
-        raise UserError(unsupported_reason(info.architecture, task))
+        raise UserError(unsupported_reason(info.architecture, task, info.model_kind))
     _check_model_impl(opts.model_impl, info, task)
+    _check_max_model_len(opts.max_model_len, info)
+    if opts.kind == "gpu" and opts.device_check and not gpu_present():
+        raise UserError("--kind gpu: this machine has no NVIDIA GPU (no nvidia-smi, no "
+                        "/dev/nvidia*), so the engine step would fail to load here; building "
+                        "for another machine? pass --no-device-check")
     if info.auto_map and not opts.trust_remote_code:
         raise UserError(f"{opts.model!r} asks for remote code (auto_map in config.json); "
                         "review it and pass --trust-remote-code")
@@ -159,11 +167,17 @@ def build_model(opts: BuildOptions) -> BuildResult:
     return BuildResult(name, task, target, info, settings)
 
 
+def gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU the driver exposes: nvidia-smi on PATH or a
+    /dev/nvidia0.. device node (containers get the nodes from the NVIDIA runtime, not always
+    nvidia-smi). The generator never imports torch to find out."""
+    return bool(shutil.which("nvidia-smi") or any(Path("/dev").glob("nvidia[0-9]*")))
+
+
 def instance_kind(kind: str) -> str:
-    """'KIND_GPU' / 'KIND_CPU' for --kind gpu|cpu|auto (auto: a GPU when nvidia-smi exists;
-    the generator never imports torch to find out)."""
+    """'KIND_GPU' / 'KIND_CPU' for --kind gpu|cpu|auto (auto: a GPU when gpu_present())."""
     if kind == "auto":
-        kind = "gpu" if shutil.which("nvidia-smi") else "cpu"
+        kind = "gpu" if gpu_present() else "cpu"
     return {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}[kind]
 
 
@@ -173,10 +187,25 @@ def _default_name(model: str) -> str:
 
 
 def _check_model_impl(model_impl: str, info: ModelInfo, task: str) -> None:
-    if model_impl == "native" and info.implementation != "native":
-        raise UserError(f"--model-impl native: {info.architecture!r} has no native "
-                        f"implementation (it runs through {info.implementation}); use "
+    implementation = info.implementations.get(task)
+    if model_impl == "native" and implementation != "native":
+        raise UserError(f"--model-impl native: {info.architecture!r} has no native {task} "
+                        f"implementation (it runs through {implementation}); use "
                         "--model-impl auto")
+
+
+def _check_max_model_len(requested: int | None, info: ModelInfo) -> None:
+    """The engine refuses a max_model_len past the position table only at load; say it now."""
+    limit = info.max_model_len
+    if requested is None or limit is None or requested <= limit:
+        return
+    why = ""
+    if info.model_type in PADDED_POSITION_TYPES:
+        why = (f" (a {info.model_type} position table: max_position_embeddings less the "
+               "padding offset, pad_token_id + 1)")
+    raise UserError(f"--max-model-len {requested} exceeds {info.architecture}'s limit of "
+                    f"{limit} tokens{why}; pass at most {limit}, or leave it out for the "
+                    "model's default")
 
 
 def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo,
@@ -199,7 +228,7 @@ def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo,
         "hub": ref.hub,
         "revision": opts.revision,
         "architecture": info.architecture,
-        "implementation": info.implementation,
+        "implementation": info.implementations[task],
         "model": model_path,
         "downloaded": opts.download,
         "dtype": opts.dtype,

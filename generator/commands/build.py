@@ -22,6 +22,7 @@ EPILOG = """examples:
   generator build Qwen/Qwen3-0.6B --download             weights inside the repository
   generator build qwen/Qwen3-0.6B --hub modelscope --max-model-len 4096
   generator build Qwen/Qwen3-0.6B --force                replace the existing model
+  generator build Qwen/Qwen3-0.6B --kind gpu --no-device-check   on a laptop, for a GPU node
 
 Each build adds an ensemble NAME (what clients call) and its steps NAME_tokenizer (CPU)
 and NAME_engine; an existing one needs --force. The engine settings are in NAME/engine.json.
@@ -60,7 +61,12 @@ def add_build_arguments(parser: argparse.ArgumentParser, output_default: Path | 
     parser.add_argument("--tokenizer-instances", type=int, default=1,
                         help="CPU tokenizer step instances (default: 1)")
     parser.add_argument("--kind", choices=KINDS, default="auto",
-                        help="instance kind (default: gpu when nvidia-smi exists, else cpu)")
+                        help="instance kind (default: gpu when this machine has an NVIDIA GPU, "
+                             "else cpu); gpu on a machine without one is an error unless "
+                             "--no-device-check")
+    parser.add_argument("--no-device-check", action="store_true",
+                        help="allow --kind gpu on a machine without a GPU: the repository is "
+                             "for another machine (a GPU node, a cluster)")
     parser.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto")
     parser.add_argument("--download", action="store_true",
                         help="copy the weights into <output>/<name>/weights (air-gapped use)")
@@ -78,7 +84,8 @@ def options(args: argparse.Namespace, output: Path) -> BuildOptions:
             tokenizer_instances=args.tokenizer_instances, kind=args.kind,
             model_impl=args.model_impl, revision=args.revision,
             hub=args.hub or model_source.default_hub(),
-            download=args.download, trust_remote_code=args.trust_remote_code, force=args.force)
+            download=args.download, trust_remote_code=args.trust_remote_code, force=args.force,
+            device_check=not args.no_device_check)
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -95,5 +102,5 @@ def run(args: argparse.Namespace) -> int:
 
 def print_result(console: Console, result: BuildResult) -> None:
     console.print(f"built [bold]{result.name}[/bold] ({result.task}, {result.info.architecture}, "
-                  f"{result.info.implementation}) in {result.folder}", highlight=False,
-                  soft_wrap=True)
+                  f"{result.info.implementations[result.task]}) in {result.folder}",
+                  highlight=False, soft_wrap=True)

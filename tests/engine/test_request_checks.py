@@ -15,7 +15,8 @@ from tritonforge.models.loader import DEFAULT_MAX_MODEL_LEN, position_limit, res
     ([], "text_input tokenizes to no tokens"),
     ([3, 99], "text_input tokenizes to id 99, outside the model's vocabulary [0, 50)"),
     ([3, -1], "id -1, outside"),
-    (list(range(1, 17)), "text_input is too long: the prompt has 16 tokens and max_model_len is 16"),
+    (list(range(1, 17)),
+     "text_input is too long: the prompt has 16 tokens and max_model_len is 16"),
 ])
 def test_a_bad_prompt_is_refused_naming_its_field(ids, fragment):
     with pytest.raises(ValueError) as info:

@@ -22,7 +22,9 @@ from tritonforge.generator.model_info import estimate_params
 
 JSON_FIELDS = {
     "model": str, "source": str, "format": str, "architecture": str, "model_type": str,
-    "implementation": str, "tasks": list, "default_task": (str, type(None)),
+    "implementation": str, "implementations": dict, "tasks": list,
+    "default_task": (str, type(None)), "model_kind": (str, type(None)),
+    "task_note": (str, type(None)),
     "pooling": (str, type(None)), "normalize": (bool, type(None)), "labels": list,
     "num_layers": int, "hidden_size": int, "num_attention_heads": int, "num_kv_heads": int,
     "head_dim": int, "vocab_size": int, "max_model_len": int, "has_chat_template": bool,
@@ -56,28 +58,80 @@ def test_native_generate_list_is_the_engine_registry():
         assert support(architecture).implementation == NATIVE
 
 
-def test_every_tiny_fixture_architecture_has_the_support_the_engine_gives_it():
+def engine_tasks(architecture: str) -> dict[str, str]:
+    """task -> implementation the engine resolves for `architecture` (its own functions)."""
     from tritonforge.models.pooling_config import is_encoder_architecture
+    from tritonforge.models.pooling_registry import pooling_task, resolve_pooling_model_class
+    from tritonforge.models.registry import MODEL_REGISTRY, _is_causal_lm
+
+    found = {}
+    task = pooling_task(architecture)
+    if task == "classify":
+        native = resolve_pooling_model_class(architecture, "auto") is not None
+        return {"classify": NATIVE if native else TRANSFORMERS}
+    # Generation: the engine's registry, else its Transformers-backend rule; images/audio
+    # models that rule admits (Gemma3ForConditionalGeneration) fail at load, which the
+    # generator refuses up front instead (test_refusals_say_what_the_model_is).
+    multimodal = "ConditionalGeneration" in architecture or "Transcribe" in architecture
+    if architecture in MODEL_REGISTRY:
+        found["generate"] = NATIVE
+    elif _is_causal_lm(architecture) and not multimodal:
+        found["generate"] = TRANSFORMERS
+    # Embedding: the native class, else AutoModel (models/transformers_encoder.py) over an
+    # encoder family or a causal LM's base model.
+    if resolve_pooling_model_class(architecture, "auto") is not None:
+        found["embed"] = NATIVE
+    elif is_encoder_architecture(architecture) or "generate" in found:
+        found["embed"] = TRANSFORMERS
+    return found
+
+
+def probe_architectures() -> set[str]:
+    """Every registry name, tiny fixture, and transformers' causal-LM, classifier and base
+    classes: the names the generator's mirror must agree with the engine on."""
+    from transformers.models.auto import modeling_auto as auto
+    from tritonforge.models.pooling_config import ENCODER_FAMILIES
     from tritonforge.models.pooling_registry import CLASSIFIER_REGISTRY, EMBEDDING_REGISTRY
-    from tritonforge.models.registry import MODEL_REGISTRY, resolve_model_class
+    from tritonforge.models.registry import MODEL_REGISTRY
 
     from tests.fixtures.tiny_models import TINY_ARCHITECTURES
 
-    for architecture in TINY_ARCHITECTURES:
-        found = support(architecture)
-        if architecture.endswith("ForSequenceClassification"):
-            native = architecture in CLASSIFIER_REGISTRY
-            assert found.tasks == ("classify",)
-            assert found.implementation == (NATIVE if native else TRANSFORMERS), architecture
-        elif architecture.endswith("ForCausalLM"):
-            engine_class = resolve_model_class(architecture, "auto")
-            native = engine_class is MODEL_REGISTRY.get(architecture)
-            assert found.tasks == ("generate",)
-            assert found.implementation == (NATIVE if native else TRANSFORMERS), architecture
-        else:
-            assert found.tasks == ("embed",) and is_encoder_architecture(architecture)
-            native = architecture in EMBEDDING_REGISTRY
-            assert found.implementation == (NATIVE if native else TRANSFORMERS), architecture
+    names = set(MODEL_REGISTRY) | set(EMBEDDING_REGISTRY) | set(CLASSIFIER_REGISTRY)
+    names |= set(TINY_ARCHITECTURES)
+    for mapping in (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                    auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                    auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES, auto.MODEL_MAPPING_NAMES):
+        for value in mapping.values():
+            names.update([value] if isinstance(value, str) else value)
+    names |= {f"{family}{head}" for family in ENCODER_FAMILIES
+              for head in ("Model", "ForMaskedLM", "ForTokenClassification")}
+    return names
+
+
+def test_every_architecture_gets_exactly_the_tasks_the_engine_resolves():
+    # One truth: the engine's registries and resolution rules. Over ~1000 names the
+    # generator's torch-free mirror must give the same tasks and implementations.
+    wrong = {}
+    for architecture in sorted(probe_architectures()):
+        expected = engine_tasks(architecture)
+        got = support(architecture).implementations
+        if got != expected:
+            wrong[architecture] = (got, expected)
+    assert not wrong, wrong
+
+
+def test_the_encoder_families_are_the_engines():
+    from tritonforge.generator.architectures import ENCODER_FAMILIES
+    from tritonforge.models.pooling_config import ENCODER_FAMILIES as ENGINE_FAMILIES
+
+    assert ENCODER_FAMILIES == ENGINE_FAMILIES
+
+
+def test_configs_without_architectures_resolve_as_the_engine_does():
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    from tritonforge.generator.model_info import _MODEL_TYPE_ARCH
+
+    assert all(MODEL_MAPPING_NAMES[t] == a for t, a in _MODEL_TYPE_ARCH.items())
 
 
 def test_list_json_rows_cover_every_task(capsys):
@@ -89,7 +143,7 @@ def test_list_json_rows_cover_every_task(capsys):
     native = {(r["task"], r["architecture"]) for r in rows if r["implementation"] == NATIVE}
     assert {a for t, a in native if t == "generate"} == set(NATIVE_GENERATE)
     assert {a for t, a in native if t == "classify"} == set(CLASSIFIER_REGISTRY)
-    assert {a for t, a in native if t == "embed"} <= set(EMBEDDING_REGISTRY)
+    assert {a for t, a in native if t == "embed"} == set(EMBEDDING_REGISTRY)
     assert rows == supported_table()
     assert cli.main(["list"]) == 0
     assert "Qwen3ForCausalLM" in capsys.readouterr().out
@@ -108,7 +162,7 @@ def test_inspect_a_native_decoder(tiny_model, capsys):
     config = json.loads((folder / "config.json").read_text())
     info = inspect_json(capsys, folder, "--dtype", "bfloat16")
     assert info["architecture"] == "LlamaForCausalLM" and info["implementation"] == "native"
-    assert info["tasks"] == ["generate"] and info["default_task"] == "generate"
+    assert info["tasks"] == ["generate", "embed"] and info["default_task"] == "generate"
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     kv = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2
     assert info["kv_cache_bytes_per_token"] == kv
@@ -149,7 +203,7 @@ def test_inspect_a_classifier_lists_its_labels(tiny_model, capsys):
 def test_inspect_a_decoder_without_native_code_names_the_transformers_backend(tiny_model,
                                                                               capsys):
     info = inspect_json(capsys, tiny_model("GPTNeoXForCausalLM"))
-    assert info["tasks"] == ["generate"] and info["implementation"] == TRANSFORMERS
+    assert info["tasks"] == ["generate", "embed"] and info["implementation"] == TRANSFORMERS
     assert info["kv_cache_bytes_per_token"] > 0
 
 
@@ -186,7 +240,9 @@ def test_inspect_an_hf_id_reads_config_files_only(tiny_model, capsys, monkeypatc
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     info = inspect_json(capsys, "org/tiny-llama")
     assert info["source"] == "hf" and info["format"] == "config only"
-    assert info["params_source"] == "estimate from config" and info["num_params"] > 0
+    # No weights here: the count is the meta-device build of the same module.
+    assert info["params_source"] == "meta-device build (LlamaForCausalLM)"
+    assert info["num_params"] == safetensors_count(folder)
     weights = [a for a in asked if re.search(r"\.(bin|safetensors|gguf)$", a)]
     assert "config.json" in asked and not weights
 
@@ -206,7 +262,145 @@ def test_inspect_the_gguf_chat_example(capsys):
     for target in (folder, folder / EXAMPLES["chat"].gguf_file):
         info = inspect_json(capsys, target)
         assert info["format"] == "gguf" and info["architecture"] == "LlamaForCausalLM"
-        assert info["tasks"] == ["generate"] and info["has_chat_template"]
+        assert info["tasks"] == ["generate", "embed"] and info["has_chat_template"]
         assert info["num_layers"] == 30 and info["num_kv_heads"] == 3 and info["head_dim"] == 64
         assert 130e6 < info["num_params"] < 140e6  # SmolLM2-135M
         assert info["kv_cache_bytes_per_token"] == 2 * 30 * 3 * 64 * 2  # bfloat16
+
+
+# ---- published models: counts and shapes from the real modules (meta device) -------------------
+# config.json as published on the Hugging Face Hub (the keys that shape the model), and the
+# parameter counts their model cards / safetensors metadata report.
+PUBLISHED = {
+    "microsoft/phi-2": ({
+        "architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_act": "gelu_new",
+        "hidden_size": 2560, "intermediate_size": 10240, "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 2048, "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 32, "partial_rotary_factor": 0.4, "qk_layernorm": False,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float16",
+        "vocab_size": 51200}, 2_779_683_840),
+    "bigcode/starcoder2-3b": ({
+        "architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2",
+        "hidden_act": "gelu_pytorch_tanh", "hidden_size": 3072, "intermediate_size": 12288,
+        "max_position_embeddings": 16384, "mlp_type": "default", "norm_type": "layer_norm",
+        "num_attention_heads": 24, "num_hidden_layers": 30, "num_key_value_heads": 2,
+        "rope_theta": 999999.4420358813, "sliding_window": 4096, "torch_dtype": "bfloat16",
+        "use_bias": True, "vocab_size": 49152}, 3_030_371_328),
+    "openai-community/gpt2": ({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "activation_function": "gelu_new", "n_ctx": 1024, "n_embd": 768, "n_head": 12,
+        "n_layer": 12, "n_positions": 1024, "vocab_size": 50257}, 124_439_808),
+    "distilbert/distilbert-base-uncased": ({
+        "architectures": ["DistilBertForMaskedLM"], "model_type": "distilbert",
+        "activation": "gelu", "dim": 768, "hidden_dim": 3072, "max_position_embeddings": 512,
+        "n_heads": 12, "n_layers": 6, "pad_token_id": 0, "sinusoidal_pos_embds": False,
+        "tie_weights_": True, "vocab_size": 30522}, 66_985_530),
+    "google/gemma-3-4b-it": ({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144,
+        "mm_tokens_per_image": 256, "torch_dtype": "bfloat16",
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                        "model_type": "gemma3_text", "num_hidden_layers": 34,
+                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                          "model_type": "siglip_vision_model", "num_attention_heads": 16,
+                          "num_hidden_layers": 27, "patch_size": 14,
+                          "vision_use_head": False}}, 4_300_079_472),
+    "meta-llama/Llama-3.1-8B": ({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 131072,
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_scaling": {
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "vocab_size": 128256}, 8_030_261_248),
+    # The model card: 0.6B in all, 0.44B without the (tied) embedding of 151936 x 1024.
+    "Qwen/Qwen3-0.6B": ({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 1024, "intermediate_size": 3072,
+        "max_position_embeddings": 40960, "num_attention_heads": 16, "num_hidden_layers": 28,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_theta": 1000000,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 151936},
+        440_000_000 + 151936 * 1024),
+}
+# (layers, hidden, heads, kv heads, head_dim) as the model cards / configs with defaults say.
+PUBLISHED_SHAPES = {
+    "microsoft/phi-2": (32, 2560, 32, 32, 80), "bigcode/starcoder2-3b": (30, 3072, 24, 2, 128),
+    "openai-community/gpt2": (12, 768, 12, 12, 64),
+    "distilbert/distilbert-base-uncased": (6, 768, 12, 12, 64),
+    "google/gemma-3-4b-it": (34, 2560, 8, 4, 256),
+    "meta-llama/Llama-3.1-8B": (32, 4096, 32, 8, 128), "Qwen/Qwen3-0.6B": (28, 1024, 16, 8, 128),
+}
+
+
+def write_config(folder, config: dict):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("model", list(PUBLISHED))
+def test_inspect_counts_published_models_from_their_real_modules(tmp_path, capsys, model):
+    config, published = PUBLISHED[model]
+    info = inspect_json(capsys, write_config(tmp_path / "m", config))
+    assert info["params_source"].startswith("meta-device build"), info["params_source"]
+    assert abs(info["num_params"] - published) / published < 0.015, info["num_params"]
+    layers, hidden, heads, kv_heads, head_dim = PUBLISHED_SHAPES[model]
+    assert (info["num_layers"], info["hidden_size"], info["num_attention_heads"],
+            info["num_kv_heads"], info["head_dim"]) == PUBLISHED_SHAPES[model]
+    width = {"float16": 2, "bfloat16": 2, "float32": 4}[info["dtype"]]
+    if "generate" in info["tasks"]:  # what the engine allocates per token: K and V, each layer
+        assert info["kv_cache_bytes_per_token"] == 2 * layers * kv_heads * head_dim * width
+    else:
+        assert info["kv_cache_bytes_per_token"] == 0
+
+
+@pytest.mark.parametrize("model", ["openai-community/gpt2", "google/gemma-3-4b-it"])
+def test_the_inspect_table_shows_every_shape_and_the_kv_cache_of_decoders(tmp_path, capsys,
+                                                                          monkeypatch, model):
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+    folder = write_config(tmp_path / "m", PUBLISHED[model][0])
+    capsys.readouterr()
+    assert cli.main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out and "meta-device build" in out
+    assert " / ".join(map(str, PUBLISHED_SHAPES[model])) in out
+    if model == "openai-community/gpt2":
+        assert "36.00 KiB / token (bfloat16) when generating" in out  # 2 x 12 x 768 x 2 B
+        assert "pooling models allocate no KV cache" not in out
+    else:
+        assert "vision-language" in out and "none (no task here)" in out
+
+
+def test_inspect_says_when_the_formula_stands_in_for_the_meta_build(tmp_path, capsys):
+    # Remote code is never run by inspect: the count is the formula's, and the output says so.
+    config = {**PUBLISHED["Qwen/Qwen3-0.6B"][0],
+              "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    info = inspect_json(capsys, write_config(tmp_path / "m", config))
+    assert info["params_source"].startswith("estimate from config (")
+    assert "remote code" in info["params_source"]
+    assert info["num_layers"] == 28 and info["num_params"] > 0
+
+
+def test_a_sentence_transformers_decoder_is_detected_as_embed(tmp_path, capsys):
+    # Qwen3-Embedding-0.6B: a Qwen3ForCausalLM checkpoint with LAST pooling + Normalize.
+    folder = write_config(tmp_path / "qe", PUBLISHED["Qwen/Qwen3-0.6B"][0])
+    write_sentence_transformers(folder, "pooling_mode_lasttoken")
+    info = inspect_json(capsys, folder)
+    assert info["default_task"] == "embed" and info["implementation"] == "native"
+    assert info["implementations"] == {"generate": "native", "embed": "native"}
+    assert info["pooling"] == "LAST" and info["normalize"] is True
+
+
+def write_sentence_transformers(folder, mode: str) -> None:
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize"}]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({mode: True}))
