@@ -9,6 +9,13 @@ its special tokens pool). The tokenizing is the engine's own (engine/pooling_inp
 load_pooling_inputs: sentence-transformers' do_lower_case, special tokens, the limit and its
 error text), built from the model folder alone.
 
+Truncation: a request may send the optional INT32 input `truncate_prompt_tokens` (-1: to
+max_model_len; k >= 1: keep k tokens, special tokens at both ends kept, as
+sentence-transformers truncates), which PoolingParams carries offline: one value per row
+of `text_input`, or one for all of them. A truncated text is
+first cut to the byte bound (on a character boundary; that many bytes hold far more than
+max_model_len tokens), so a long document costs no more tokenizer time than the bound.
+
 Output to the engine step: `input_ids` INT64 [b, n], one row per text of the request, the
 shorter rows padded at the end with PAD_ID (-1, never a token id); a request of one text
 (the usual case) has no padding. Requests of different n batch together in the engine step
@@ -33,10 +40,13 @@ from tritonforge.backend.triton_io import (
     input_texts,
     log_exception,
     max_input_bytes,
+    optional_ints,
 )
 from tritonforge.engine.pooling_inputs import load_pooling_inputs
+from tritonforge.engine.pooling_params import PoolingParams
 
 PAD_ID = -1  # pads the shorter rows of a request's `input_ids`
+TRUNCATE = "truncate_prompt_tokens"  # the optional input, named as PoolingParams' field
 
 
 def answer_batched(
@@ -94,12 +104,35 @@ class TritonPythonModel:
         self.max_bytes = max_input_bytes(self.max_model_len)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return answer_batched(requests, self._texts, self.inputs.encode, self._response,
+        return answer_batched(requests, self._texts, self._encode, self._response,
                               "text_input")
 
-    def _texts(self, request: Any) -> list[str]:
-        check_text_size(request, "text_input", self.max_bytes, self.max_model_len)
-        return input_texts(request, "text_input")  # [b] str; raises on bad UTF-8
+    def _texts(self, request: Any) -> list[tuple[str, PoolingParams]]:
+        """The request's texts ([b] str), each with its PoolingParams (truncation)."""
+        truncates = optional_ints(request, TRUNCATE)
+        if truncates is None:
+            check_text_size(request, "text_input", self.max_bytes, self.max_model_len)
+            texts = input_texts(request, "text_input")  # raises on bad UTF-8
+            return [(text, PoolingParams()) for text in texts]
+        texts = input_texts(request, "text_input", cut_at=self.max_bytes)
+        if len(truncates) == 1:
+            truncates = truncates * len(texts)
+        if len(truncates) != len(texts):
+            raise RequestError(f"input '{TRUNCATE}' has {len(truncates)} values for "
+                               f"{len(texts)} texts; send one per text or one for all")
+        return [(text, self._params(value)) for text, value in zip(texts, truncates)]
+
+    def _params(self, truncate: int) -> PoolingParams:
+        try:
+            params = PoolingParams(truncate_prompt_tokens=truncate)
+            params.verify(self.inputs.hidden_size, self.max_model_len)
+        except ValueError as err:
+            raise RequestError(f"input '{TRUNCATE}': {err}") from None
+        return params
+
+    def _encode(self, items: list[tuple[str, PoolingParams]]) -> list[list[int]]:
+        return self.inputs.encode([text for text, _ in items],
+                                  [params for _, params in items])
 
     @staticmethod
     def _response(token_ids: Sequence[list[int]]) -> Any:

@@ -81,10 +81,14 @@ def check_text_size(request: Any, name: str, max_bytes: int, max_model_len: int)
             f"max_model_len={max_model_len} tokens")
 
 
-def input_texts(request: Any, name: str) -> list[str]:
-    """All strings of a BYTES input, flattened in order (a batched [b, 1] input gives b)."""
+def input_texts(request: Any, name: str, cut_at: int | None = None) -> list[str]:
+    """All strings of a BYTES input, flattened in order (a batched [b, 1] input gives b);
+    with `cut_at`, each first cut to that many bytes on a character boundary."""
     array = _tensor(request, name, required=True)
-    return [decode_text(v, name) for v in array.reshape(-1)]
+    values = array.reshape(-1)
+    if cut_at is not None:
+        values = [cut_utf8(v, cut_at) if isinstance(v, (bytes, str)) else v for v in values]
+    return [decode_text(v, name) for v in values]
 
 
 def input_text(request: Any, name: str) -> str:
@@ -115,6 +119,30 @@ def optional_bool(request: Any, name: str) -> bool | None:
     if array.size != 1:
         raise RequestError(f"input '{name}' must hold one BOOL, got {array.size} values")
     return bool(array.reshape(-1)[0])
+
+
+def optional_ints(request: Any, name: str) -> list[int] | None:
+    """The values of an optional integer input (INT32 or INT64; a batched [b, 1] input gives
+    b), flattened in order, or None when it was not sent."""
+    array = _tensor(request, name, required=False)
+    if array is None:
+        return None
+    if array.dtype.kind not in "iu":
+        raise RequestError(f"input '{name}' must be INT32 or INT64, got {array.dtype}")
+    return [int(v) for v in array.reshape(-1)]
+
+
+def cut_utf8(value: bytes | str, max_bytes: int) -> bytes | str:
+    """`value` cut to at most `max_bytes` bytes, on a character boundary (BYTES from a
+    client are usually bytes; a str is cut by its UTF-8 encoding)."""
+    raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+    if len(raw) <= max_bytes:
+        return value
+    end = max_bytes
+    while end > 0 and (raw[end] & 0xC0) == 0x80:  # a continuation byte: back to a start
+        end -= 1
+    cut = raw[:end]
+    return cut.decode("utf-8", "surrogatepass") if isinstance(value, str) else cut
 
 
 def request_parameters(request: Any) -> dict[str, Any]:

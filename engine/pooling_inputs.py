@@ -107,6 +107,13 @@ def encode_batch_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [enc.ids for enc in backend.encode_batch(texts, add_special_tokens=True)]
 
 
+# How a caller asks for truncation: PoolingParams offline, an input of the same name over
+# Triton (the embed / classify ensembles); the error of an over-long text says both.
+TRUNCATE_HINT = ("set truncate_prompt_tokens=-1 to truncate to the model limit, or "
+                 "truncate_prompt_tokens=k to keep k tokens (PoolingParams offline; over "
+                 "Triton the optional INT32 input 'truncate_prompt_tokens')")
+
+
 @dataclass
 class PoolingInputs:
     tokenizer: Any
@@ -185,9 +192,7 @@ class PoolingInputs:
             i = over[0]
             raise ValueError(
                 f"score: pair {i} (text_2[{i}] with its text_1) has {len(token_ids[i])} "
-                f"tokens, more than max_model_len={self.max_model_len}; set "
-                "truncate_prompt_tokens=-1 to truncate to the model limit, or "
-                "truncate_prompt_tokens=k to keep k tokens"
+                f"tokens, more than max_model_len={self.max_model_len}; {TRUNCATE_HINT}"
             )
         if over:
             # Longest-first truncation of the pair, as sentence-transformers' CrossEncoder.
@@ -261,8 +266,7 @@ class PoolingInputs:
             if tpt is None:
                 raise ValueError(
                     f"texts[{i}] has {len(ids)} tokens, more than max_model_len="
-                    f"{self.max_model_len}; set PoolingParams(truncate_prompt_tokens=-1) to "
-                    "truncate to the model limit, or truncate_prompt_tokens=k to keep k tokens"
+                    f"{self.max_model_len}; {TRUNCATE_HINT}"
                 )
             to_cut.setdefault(limit, []).append(i)
         # Re-tokenizing with truncation (rather than slicing ids) keeps the special tokens

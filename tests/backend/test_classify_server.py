@@ -359,3 +359,26 @@ def test_requests_of_different_lengths_are_batched_and_answered_each(triton_serv
     assert executions < inferences, "no two requests of different lengths shared a batch"
     for row, want in zip(served, expected):
         np.testing.assert_allclose(row[0], want, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_truncation_input_classifies_as_the_engine_truncates(triton_server, classify_model, llm,
+                                                            module):
+    from tritonforge.engine import PoolingParams
+
+    long_text = " ".join(["many words"] * MAX_MODEL_LEN)
+    url = triton_server.grpc_url if module is grpcclient else triton_server.http_url
+    client = module.InferenceServerClient(url)
+    try:
+        with pytest.raises(InferenceServerException, match="truncate_prompt_tokens"):
+            client.infer(classify_model, [_texts_input(module, [long_text])])
+        for truncate in (-1, 7):
+            value = module.InferInput("truncate_prompt_tokens", [1, 1], "INT32")
+            value.set_data_from_numpy(np.array([[truncate]], np.int32))
+            served = client.infer(classify_model, [_texts_input(module, [long_text]), value])
+            expected = llm.classify_tensors(
+                [long_text], PoolingParams(truncate_prompt_tokens=truncate)).numpy()
+            np.testing.assert_allclose(served.as_numpy("probabilities"), expected, atol=1e-5)
+    finally:
+        client.close()

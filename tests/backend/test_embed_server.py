@@ -197,3 +197,68 @@ def test_requests_of_different_lengths_share_engine_batches(triton_server, patie
     assert executions < inferences, "no two requests of different lengths shared a batch"
     for row, want in zip(served, expected):
         assert _cosine(row[0], want) >= 0.9999
+
+
+# ---- truncation over Triton: the optional INT32 input `truncate_prompt_tokens` ---------------
+LONG = " ".join(["a long document about serving models on many GPUs"] * 120)  # ~1,100 tokens
+
+
+def _embed(url: str, model: str, texts: list[bytes], truncate: int | None) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        inputs = [_tensor("text_input", np.array([[t] for t in texts], dtype=np.object_),
+                          "BYTES")]
+        if truncate is not None:
+            inputs.append(_tensor("truncate_prompt_tokens",
+                                  np.full((len(texts), 1), truncate, np.int32), "INT32"))
+        return client.infer(model, inputs).as_numpy("embedding")
+    finally:
+        client.close()
+
+
+def _st_reference(minilm_dir: Path, texts: list[str], max_seq_length: int | None) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm_dir), device="cpu")
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    return model.encode(texts)
+
+
+def test_an_over_long_text_names_the_truncation_input_a_triton_client_can_send(
+        triton_server, embed_model):
+    with pytest.raises(InferenceServerException) as err:
+        _embed(triton_server.grpc_url, embed_model, [LONG.encode()], None)
+    message = str(err.value)
+    assert "max_model_len" in message and "INT32 input 'truncate_prompt_tokens'" in message
+
+
+@pytest.mark.parametrize("truncate", [-1, 16])
+def test_truncation_over_triton_equals_sentence_transformers(
+        triton_server, embed_model, minilm_dir, truncate):
+    # sentence-transformers truncates at max_seq_length (256 for this model) keeping the
+    # special tokens at both ends; -1 means the model's limit, k keeps k tokens.
+    reference = _st_reference(minilm_dir, [LONG, TEXTS[0]], None if truncate == -1 else truncate)
+    served = _embed(triton_server.grpc_url, embed_model, [LONG.encode(), TEXTS[0].encode()],
+                    truncate)
+    assert _cosine(served, reference).min() >= 0.9999
+
+
+def test_a_text_past_the_byte_bound_is_cut_when_truncation_is_asked(
+        triton_server, embed_model, minilm_dir):
+    # 10 MB is refused without truncation (MALFORMED above); with it, the text is cut to the
+    # byte bound before tokenizing and embeds as its first 256 tokens.
+    served = _embed(triton_server.grpc_url, embed_model, [TEN_MB], -1)
+    reference = _st_reference(minilm_dir, [(b"word " * 2000).decode()], None)
+    assert _cosine(served, reference).min() >= 0.9999
+
+
+@pytest.mark.parametrize("value", [0, -2, 100_000])
+def test_a_bad_truncation_value_fails_alone_naming_the_input(triton_server, embed_model,
+                                                             reference, value):
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(_embed, triton_server.grpc_url, embed_model, [b"x"], value)
+        good = pool.submit(_embed, triton_server.grpc_url, embed_model, [b"x"], None)
+        with pytest.raises(InferenceServerException, match="truncate_prompt_tokens"):
+            bad.result()
+        assert _cosine(good.result()[0], reference[3]) >= 0.9999
