@@ -114,6 +114,11 @@ class TritonPythonModel:
             field, prompt = "text_input", text
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         check_prompt_ids(ids, field, params, self.max_model_len, self.vocab_size)
+        # `prompt` is what a non-streaming answer echoes unless exclude_input_in_output.
+        # vllm_backend echoes the text prompt by default; a rendered chat template is not
+        # the user's input, so `messages` echo nothing unless the client asks (false).
+        if messages is not None and optional_bool(request, "exclude_input_in_output") is not False:
+            prompt = ""
         return pb_utils.InferenceResponse([
             pb_utils.Tensor("input_ids", np.asarray(ids, dtype=np.int64)),
             text_tensor("prompt", [prompt]),

@@ -350,11 +350,20 @@ def test_messages_are_rendered_with_the_chat_template(triton_server, model, llm)
     results = grpc_stream(triton_server.grpc_url, model,
                           inputs(messages=CHAT, stream=True, params=GREEDY))
     assert "".join(texts(results)) == ref.outputs[0].text
-    # text_input may be sent empty beside messages; the prompt prepended is the rendered chat.
+    # Not streaming, text_input may be sent empty beside messages. The answer is the reply
+    # alone: the rendered chat template is not the user's input, so vllm_backend's echo of a
+    # text prompt does not apply to it by default.
     (result,) = grpc_stream(triton_server.grpc_url, model, inputs(
         "", messages=CHAT, params=GREEDY, return_num_input_tokens=True))
-    assert texts([result]) == [ref.prompt + ref.outputs[0].text]
+    assert texts([result]) == [ref.outputs[0].text]
     assert result.as_numpy("num_input_tokens").tolist() == [len(ref.prompt_token_ids)]
+    # Asked for explicitly, the rendered prompt comes first.
+    (result,) = grpc_stream(triton_server.grpc_url, model, inputs(
+        messages=CHAT, params=GREEDY, exclude_input_in_output=False))
+    assert texts([result]) == [ref.prompt + ref.outputs[0].text]
+    # A text prompt keeps vllm_backend's default echo.
+    (result,) = grpc_stream(triton_server.grpc_url, model, inputs(PROMPTS[0], params=GREEDY))
+    assert texts([result])[0].startswith(PROMPTS[0])
 
 
 # ---- bad requests -------------------------------------------------------------------------
