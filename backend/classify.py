@@ -1,7 +1,10 @@
 """The classify ensemble's engine step: batched `input_ids` (INT64 [b, n], from the CPU
 tokenizer step) in, FP32 `probabilities` [b, num_labels] out.
 
-Batching and per-request errors as in pooling_model.py. The output's `label_filename`
+Text pairs (a reranker's query and document): the CPU step tokenizes them as one input and
+sends their `token_type_ids` beside the ids; rows without a pair get all-0 type ids, so
+pairs and single texts share batches. Batching and per-request errors as in
+pooling_model.py. The output's `label_filename`
 (labels.txt, the model's id2label in id order) lets Triton's classification extension
 answer `class_count` requests with "score:index:label" strings; a client that asks for no
 class_count gets the raw probabilities.
@@ -37,6 +40,9 @@ class TritonPythonModel(PoolingTritonModel):
                 f"{num_labels} labels; re-render the model folder"
             )
 
-    def run(self, token_ids: list[list[int]]) -> np.ndarray:
-        # [N, num_labels] float32
-        return self.llm.pooler.classify_token_ids(token_ids).numpy()
+    def run(self, token_ids: list[list[int]],
+            token_type_ids: list[list[int]] | None) -> np.ndarray:
+        # [N, num_labels] float32; type ids mark the two texts of a pair (a reranker's
+        # query and document)
+        return self.llm.pooler.classify_token_ids(token_ids,
+                                                  token_type_ids=token_type_ids).numpy()

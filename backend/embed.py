@@ -11,6 +11,7 @@ from tritonforge.backend.pooling_model import PoolingTritonModel
 class TritonPythonModel(PoolingTritonModel):
     OUTPUT = "embedding"
 
-    def run(self, token_ids: list[list[int]]) -> np.ndarray:
-        # [N, D] float32
+    def run(self, token_ids: list[list[int]],
+            token_type_ids: list[list[int]] | None) -> np.ndarray:
+        # [N, D] float32; the embed ensemble sends no type ids (its config has no such input)
         return self.llm.pooler.embed_token_ids(token_ids).numpy()

@@ -24,6 +24,7 @@ from tritonforge.backend.triton_io import RequestError, instance_device
 from tritonforge.engine import LLM
 
 INPUT = "input_ids"  # the CPU step's output; clients send `text_input` to the ensemble
+TYPES = "token_type_ids"  # classify only: segment ids of text pairs, beside input_ids
 
 
 def read_token_ids(request: Any) -> list[list[int]]:
@@ -47,6 +48,22 @@ def read_token_ids(request: Any) -> list[list[int]]:
     return [row[:n].tolist() for row, n in zip(array, lengths)]
 
 
+def read_rows(request: Any) -> list[tuple[list[int], list[int] | None]]:
+    """Each row's token ids with its token type ids (None when the request has none): the
+    type ids come padded as input_ids are, and are cut to each row's length."""
+    rows = read_token_ids(request)
+    tensor = pb_utils.get_input_tensor_by_name(request, TYPES)
+    if tensor is None:
+        return [(ids, None) for ids in rows]
+    array = tensor.as_numpy()
+    if array.dtype not in (np.int64, np.int32) or array.ndim != 2 or array.shape[0] != len(rows):
+        raise RequestError(f"input '{TYPES}' must be INT64 [batch, tokens] like '{INPUT}', got "
+                           f"{array.dtype} {list(array.shape)}")
+    if array.shape[1] < max(map(len, rows), default=0):
+        raise RequestError(f"input '{TYPES}' rows are shorter than the '{INPUT}' rows")
+    return [(ids, array[i, :len(ids)].tolist()) for i, ids in enumerate(rows)]
+
+
 class PoolingTritonModel(ABC):
     OUTPUT: str = ""
 
@@ -55,8 +72,17 @@ class PoolingTritonModel(ABC):
         self.llm = LLM(runner="pooling", device=instance_device(args), **settings.engine)
 
     @abstractmethod
-    def run(self, token_ids: list[list[int]]) -> np.ndarray:
-        """[N, ...] float32 for N prompts' ids; ValueError for ids the engine refuses."""
+    def run(self, token_ids: list[list[int]],
+            token_type_ids: list[list[int]] | None) -> np.ndarray:
+        """[N, ...] float32 for N prompts' ids (and type ids, for text pairs); ValueError
+        for ids the engine refuses."""
+
+    def _run_rows(self, rows: list[tuple[list[int], list[int] | None]]) -> np.ndarray:
+        token_ids = [ids for ids, _ in rows]
+        if all(types is None for _, types in rows):
+            return self.run(token_ids, None)
+        return self.run(token_ids, [types if types is not None else [0] * len(ids)
+                                    for ids, types in rows])
 
     def _response(self, array: np.ndarray) -> Any:
         return pb_utils.InferenceResponse(
@@ -64,7 +90,7 @@ class PoolingTritonModel(ABC):
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return answer_batched(requests, read_token_ids, self.run, self._response, INPUT)
+        return answer_batched(requests, read_rows, self._run_rows, self._response, INPUT)
 
     def finalize(self) -> None:
         self.llm = None

@@ -27,6 +27,7 @@ call, and only on a refused item, request by request, so a bad request fails alo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,10 @@ from tritonforge.engine.pooling_params import PoolingParams
 
 PAD_ID = -1  # pads the shorter rows of a request's `input_ids`
 TRUNCATE = "truncate_prompt_tokens"  # the optional input, named as PoolingParams' field
+PAIR = "text_pair"  # classify only: each row's second text (a reranker's document)
+TYPES = "token_type_ids"  # classify only: the pairs' segment ids, for the engine step
+# One text of the request: (text, its pair's second text or None, its truncation).
+Item = tuple[str, "str | None", PoolingParams]
 
 
 def answer_batched(
@@ -102,25 +107,42 @@ class TritonPythonModel:
         self.inputs = load_pooling_inputs(load_settings(args).engine_config("cpu"))
         self.max_model_len = self.inputs.max_model_len
         self.max_bytes = max_input_bytes(self.max_model_len)
+        # The classify template declares the pair input and the type-id output; embed not.
+        outputs = {o["name"] for o in json.loads(args["model_config"])["output"]}
+        self.emits_types = TYPES in outputs
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return answer_batched(requests, self._texts, self._encode, self._response,
                               "text_input")
 
-    def _texts(self, request: Any) -> list[tuple[str, PoolingParams]]:
-        """The request's texts ([b] str), each with its PoolingParams (truncation)."""
+    def _texts(self, request: Any) -> list[Item]:
+        """The request's texts ([b] str), each with its pair's second text (None when the
+        request sends no `text_pair`) and its PoolingParams (truncation)."""
         truncates = optional_ints(request, TRUNCATE)
+        cut_at = None if truncates is None else self.max_bytes
+        texts = self._read(request, "text_input", cut_at)
+        pairs: list[str | None] = [None] * len(texts)
+        if self.emits_types and pb_utils.get_input_tensor_by_name(request, PAIR) is not None:
+            pairs = self._read(request, PAIR, cut_at)
+            if len(pairs) != len(texts):
+                raise RequestError(f"input '{PAIR}' has {len(pairs)} texts for {len(texts)} "
+                                   "in 'text_input'; send one per row")
         if truncates is None:
-            check_text_size(request, "text_input", self.max_bytes, self.max_model_len)
-            texts = input_texts(request, "text_input")  # raises on bad UTF-8
-            return [(text, PoolingParams()) for text in texts]
-        texts = input_texts(request, "text_input", cut_at=self.max_bytes)
-        if len(truncates) == 1:
-            truncates = truncates * len(texts)
-        if len(truncates) != len(texts):
-            raise RequestError(f"input '{TRUNCATE}' has {len(truncates)} values for "
-                               f"{len(texts)} texts; send one per text or one for all")
-        return [(text, self._params(value)) for text, value in zip(texts, truncates)]
+            params = [PoolingParams()] * len(texts)
+        else:
+            if len(truncates) == 1:
+                truncates = truncates * len(texts)
+            if len(truncates) != len(texts):
+                raise RequestError(f"input '{TRUNCATE}' has {len(truncates)} values for "
+                                   f"{len(texts)} texts; send one per text or one for all")
+            params = [self._params(value) for value in truncates]
+        return list(zip(texts, pairs, params))
+
+    def _read(self, request: Any, name: str, cut_at: int | None) -> list[str]:
+        """A BYTES input's texts; over the byte bound refused, or cut to it (truncation)."""
+        if cut_at is None:
+            check_text_size(request, name, self.max_bytes, self.max_model_len)
+        return input_texts(request, name, cut_at=cut_at)  # raises on bad UTF-8
 
     def _params(self, truncate: int) -> PoolingParams:
         try:
@@ -130,13 +152,32 @@ class TritonPythonModel:
             raise RequestError(f"input '{TRUNCATE}': {err}") from None
         return params
 
-    def _encode(self, items: list[tuple[str, PoolingParams]]) -> list[list[int]]:
-        return self.inputs.encode([text for text, _ in items],
-                                  [params for _, params in items])
+    def _encode(self, items: list[Item]) -> list[tuple[list[int], list[int]]]:
+        """Each item's token ids and token type ids (all 0 for a single text)."""
+        out: list[Any] = [None] * len(items)
+        singles = [i for i, (_, pair, _) in enumerate(items) if pair is None]
+        for i, ids in zip(singles, self.inputs.encode([items[i][0] for i in singles],
+                                                      [items[i][2] for i in singles])):
+            out[i] = (ids, [0] * len(ids))
+        # Pairs by truncation value: the pair tokenizer takes one limit per call.
+        groups: dict[int | None, list[int]] = {}
+        for i, (_, pair, params) in enumerate(items):
+            if pair is not None:
+                groups.setdefault(params.truncate_prompt_tokens, []).append(i)
+        for truncate, indices in groups.items():
+            ids, types = self.inputs.tokenize_pairs([items[i][0] for i in indices],
+                                                    [items[i][1] for i in indices], truncate)
+            for j, i in enumerate(indices):
+                out[i] = (ids[j], types[j] if types is not None else [0] * len(ids[j]))
+        return out
 
-    @staticmethod
-    def _response(token_ids: Sequence[list[int]]) -> Any:
-        return pb_utils.InferenceResponse([pb_utils.Tensor("input_ids", pad_rows(token_ids))])
+    def _response(self, rows: Sequence[tuple[list[int], list[int]]]) -> Any:
+        tensors = [pb_utils.Tensor("input_ids", pad_rows([ids for ids, _ in rows]))]
+        if self.emits_types:
+            # Padded like input_ids; the engine step cuts each row to its ids' length.
+            types = pad_rows([t for _, t in rows])
+            tensors.append(pb_utils.Tensor(TYPES, np.maximum(types, 0)))
+        return pb_utils.InferenceResponse(tensors)
 
     def finalize(self) -> None:
         self.inputs = None

@@ -121,12 +121,16 @@ class PoolingInputs:
     pooling_config: PoolingConfig
     hidden_size: int
     vocab_size: int | None = None  # bounds token ids given directly; None: not checked
+    type_vocab_size: int = 0  # BERT's segment-id table; 0: the model takes none
 
     @classmethod
     def of(cls, files: PoolingModelFiles, hidden_size: int) -> PoolingInputs:
-        vocab_size = getattr(files.config.get_text_config(), "vocab_size", None)
+        text_config = files.config.get_text_config()
+        vocab_size = getattr(text_config, "vocab_size", None)
+        type_vocab_size = getattr(text_config, "type_vocab_size", 0)
         return cls(files.tokenizer, files.max_model_len, files.pooling_config, hidden_size,
-                   vocab_size if isinstance(vocab_size, int) and vocab_size > 0 else None)
+                   vocab_size if isinstance(vocab_size, int) and vocab_size > 0 else None,
+                   type_vocab_size if isinstance(type_vocab_size, int) else 0)
 
     def encode(
         self, texts: Any, pooling_params: Any = None, method: str = "embed"
@@ -175,6 +179,28 @@ class PoolingInputs:
                 )
             prompts[i] = list(ids)
         return prompts, params
+
+    def check_token_type_ids(
+        self, token_ids: list[list[int]], token_type_ids: Any
+    ) -> list[list[int]] | None:
+        """Token type ids (BERT's segment ids: 0 for the first text of a pair, 1 for the
+        second) for checked `token_ids`, one list of the same length per prompt; None when
+        not given or all 0 (the model's default, so the same result with less work)."""
+        if token_type_ids is None:
+            return None
+        types = [list(row) for row in token_type_ids]
+        if len(types) != len(token_ids):
+            raise ValueError(f"token_type_ids has {len(types)} rows for {len(token_ids)} "
+                             "prompts; give one per prompt")
+        for i, (row, ids) in enumerate(zip(types, token_ids)):
+            if len(row) != len(ids):
+                raise ValueError(f"token_type_ids[{i}] has {len(row)} entries for "
+                                 f"{len(ids)} token ids; give one per token")
+            if row and not (set(map(type, row)) <= {int} and min(row) >= 0
+                            and max(row) < max(self.type_vocab_size, 1)):
+                raise ValueError(f"token_type_ids[{i}] must hold ints in [0, "
+                                 f"{max(self.type_vocab_size, 1)})")
+        return types if any(any(row) for row in types) else None
 
     def tokenize_pairs(
         self, firsts: list[str], seconds: list[str], truncate_prompt_tokens: int | None

@@ -262,14 +262,18 @@ class PoolingRunner:
         token_ids: Sequence[Sequence[int]],
         pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
         use_tqdm: bool = False,
+        token_type_ids: Sequence[Sequence[int]] | None = None,
     ) -> torch.Tensor:
         """classify_tensors for prompts already tokenized (see embed_token_ids): float32
-        CPU [N, num_labels], equal to classify_tensors of the texts the ids came from."""
+        CPU [N, num_labels], equal to classify_tensors of the texts the ids came from.
+        token_type_ids: per prompt, as the tokenizer gives them for a text pair (a
+        cross-encoder's query and document), so a pair classifies as score() reads it."""
         self._require("classify_token_ids")
         token_ids, _ = self._inputs.check_token_ids(token_ids, pooling_params,
                                                     "classify_token_ids")
+        types = self._inputs.check_token_type_ids(token_ids, token_type_ids)
         logits = self._run_batches(token_ids, self._classifier.num_labels, self._classify_batch,
-                                   "Classifying", use_tqdm)
+                                   "Classifying", use_tqdm, types)
         return apply_activation(logits, self._classifier.activation)
 
     def reward(

@@ -57,21 +57,26 @@ def test_config_has_batched_text_in_and_labelled_probabilities_out(tmp_path):
     config = _parse(folder)
     assert config.platform == "ensemble" and config.max_batch_size == 16
     assert [s.model_name for s in config.ensemble_scheduling.step] == ["c_tokenizer", "c_engine"]
-    [text_in] = config.input
+    text_in, pair_in, truncate_in = config.input
     assert (text_in.name, text_in.data_type, list(text_in.dims)) == (
         "text_input", model_config_pb2.TYPE_STRING, [1])
+    assert (pair_in.name, pair_in.optional, truncate_in.name, truncate_in.optional) == (
+        "text_pair", True, "truncate_prompt_tokens", True)
     [probs] = config.output
     assert (probs.name, probs.data_type, list(probs.dims), probs.label_filename) == (
         "probabilities", model_config_pb2.TYPE_FP32, [3], "labels.txt")
     engine = _parse(tmp_path / "c_engine")
     assert engine.backend == "python" and engine.HasField("dynamic_batching")
     # The CPU step tokenizes; the engine step batches ids of any length (ragged).
-    [ids_in] = engine.input
+    ids_in, types_in = engine.input
     assert (ids_in.name, ids_in.data_type, list(ids_in.dims), ids_in.allow_ragged_batch) == (
         "input_ids", model_config_pb2.TYPE_INT64, [-1], True)
-    [ids_out] = _parse(tmp_path / "c_tokenizer").output
+    assert (types_in.name, types_in.allow_ragged_batch, types_in.optional) == (
+        "token_type_ids", True, True)
+    ids_out, types_out = _parse(tmp_path / "c_tokenizer").output
     assert (ids_out.name, ids_out.data_type, list(ids_out.dims)) == (
         "input_ids", model_config_pb2.TYPE_INT64, [-1])
+    assert (types_out.name, types_out.data_type) == ("token_type_ids", model_config_pb2.TYPE_INT64)
     assert list(engine.output[0].dims) == [3] and engine.max_batch_size == 16
     assert engine.instance_group[0].count == 2
     assert engine.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
@@ -382,3 +387,107 @@ def test_truncation_input_classifies_as_the_engine_truncates(triton_server, clas
             np.testing.assert_allclose(served.as_numpy("probabilities"), expected, atol=1e-5)
     finally:
         client.close()
+
+
+# ---- pairs over Triton: rerankers / cross-encoders -----------------------------------------
+QUERY = "how do I serve a model on many GPUs"
+DOCS = ["Tensor parallelism splits each layer across GPUs.", "Bananas are yellow.",
+        "Triton Inference Server batches requests.", "x"]
+
+
+@pytest.fixture(scope="module")
+def reranker(triton_server, tiny_model) -> tuple[str, Path]:
+    """A one-label BertForSequenceClassification (a cross-encoder, as bge-reranker and
+    ms-marco-MiniLM are), built by `generator build` as users build it."""
+    from tritonforge.generator.cli import main as generator_main
+
+    folder = tiny_model("BertForSequenceClassification",
+                        config_overrides={"num_labels": 1}, seed=3)
+    assert generator_main(["build", str(folder), "--task", "classify", "-o",
+                           str(triton_server.model_repository), "--name", "tiny_reranker",
+                           "--kind", "cpu", "--dtype", "float32", "--force"]) == 0
+    triton_server.load_model("tiny_reranker")
+    return "tiny_reranker", folder
+
+
+def _pairs_input(module, name: str, texts: list[str]):
+    tensor = module.InferInput(name, [len(texts), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=np.object_))
+    return tensor
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_text_pairs_rerank_as_the_engine_and_transformers_score_them(triton_server, reranker,
+                                                                     module):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from tritonforge.engine import LLM
+
+    name, folder = reranker
+    url = triton_server.grpc_url if module is grpcclient else triton_server.http_url
+    client = module.InferenceServerClient(url)
+    try:
+        result = client.infer(name, [_pairs_input(module, "text_input", [QUERY] * len(DOCS)),
+                                     _pairs_input(module, "text_pair", DOCS)])
+    finally:
+        client.close()
+    served = result.as_numpy("probabilities")[:, 0]
+    llm = LLM(model=str(folder), runner="pooling", device="cpu", dtype="float32")
+    expected = [o.outputs.score for o in llm.score(QUERY, DOCS)]
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    # The reference: HF's model on the tokenizer's pair encoding (token type ids included).
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(**tokenizer([QUERY] * len(DOCS), DOCS, padding=True,
+                                   return_tensors="pt")).logits[:, 0]
+    np.testing.assert_allclose(served, torch.sigmoid(logits).numpy(), atol=1e-5)
+    assert len(set(np.round(served, 6))) == len(DOCS)  # the documents are told apart
+
+
+@pytest.mark.slow
+def test_pairs_and_single_texts_share_batches_and_bad_pairs_fail_alone(triton_server, reranker):
+    from tritonforge.engine import LLM
+
+    name, folder = reranker
+    llm = LLM(model=str(folder), runner="pooling", device="cpu", dtype="float32")
+    long_doc = " ".join(["a very long document"] * 200)
+
+    def send(case: str):
+        client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+        try:
+            inputs = [_pairs_input(grpcclient, "text_input", [QUERY])]
+            if case == "pair":
+                inputs.append(_pairs_input(grpcclient, "text_pair", [DOCS[0]]))
+            elif case == "mismatch":
+                inputs.append(_pairs_input(grpcclient, "text_pair", DOCS[:2]))
+            elif case in ("too long", "truncated"):
+                inputs.append(_pairs_input(grpcclient, "text_pair", [long_doc]))
+                if case == "truncated":
+                    value = grpcclient.InferInput("truncate_prompt_tokens", [1, 1], "INT32")
+                    value.set_data_from_numpy(np.array([[-1]], np.int32))
+                    inputs.append(value)
+            return client.infer(name, inputs).as_numpy("probabilities")[0, 0]
+        finally:
+            client.close()
+
+    cases = ["pair", "single", "mismatch", "too long", "truncated"] * 3
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        results = dict(zip(range(len(cases)),
+                           [f.exception() or f.result()
+                            for f in [pool.submit(send, c) for c in cases]]))
+    want = {"pair": llm.score(QUERY, DOCS[0])[0].outputs.score,
+            "single": float(llm.classify_tensors([QUERY]).numpy()[0, 0]),
+            "truncated": llm.score(QUERY, long_doc, truncate_prompt_tokens=-1)[0].outputs.score}
+    for i, case in enumerate(cases):
+        if case in want:
+            assert not isinstance(results[i], Exception), (case, results[i])
+            assert results[i] == pytest.approx(want[case], abs=1e-5), case
+        else:
+            assert isinstance(results[i], InferenceServerException), (case, results[i])
+            # Triton itself refuses rows that do not pair up; an over-long pair names the
+            # truncation a Triton client can ask for.
+            words = ["batch size"] if case == "mismatch" else ["truncate_prompt_tokens",
+                                                               "INT32 input"]
+            assert all(w in str(results[i]) for w in words), (case, str(results[i]))
