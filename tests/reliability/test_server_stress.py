@@ -243,10 +243,12 @@ def test_reloads_under_traffic_never_crash_the_server_or_write_the_repository(st
 
 
 @pytest.mark.long
+@pytest.mark.timeout(3600)  # minutes on 2 CPU cores
 def test_long_stress_5000_requests(stress_server):
     _stress(stress_server, LONG_REQUESTS)
 
 
 @pytest.mark.long
+@pytest.mark.timeout(3600)
 def test_long_reloads_20_under_traffic(stress_server):
     _reloads(stress_server, LONG_RELOADS)
