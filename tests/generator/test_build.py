@@ -464,7 +464,9 @@ def test_server_streams_from_a_built_generate_model(triton_server, tiny):
     name = build_into_server(triton_server, tiny["generate"], "built_generate", "generate")
     try:
         deltas = stream_deltas(triton_server, name, b"The quick brown fox", 5)
-        assert len(deltas) >= 2 and "".join(deltas)
+        # One response per token, or fewer: deltas that pile up while a send is in flight
+        # go out joined (backend/generate.py), as on a busy host.
+        assert 1 <= len(deltas) <= 5 and "".join(deltas)
     finally:
         triton_server.unload_model(name)
 
@@ -476,7 +478,7 @@ def test_server_streams_from_the_built_gguf_chat_example(triton_server):
                              "--max-model-len", 256)
     try:
         deltas = stream_deltas(triton_server, name, b"The capital of France is", 6)
-        assert len(deltas) >= 2 and "".join(deltas).strip()
+        assert 1 <= len(deltas) <= 6 and "".join(deltas).strip()
     finally:
         triton_server.unload_model(name)
 
