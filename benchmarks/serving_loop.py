@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,18 +47,21 @@ class Record:
 EventFn = Callable[[float, int, bool, "str | None"], None]
 
 
-class Client:
+class Client(ABC):
+    """One side of the comparison (Triton over a client library, or the engine alone)."""
+
     name = "client"
 
+    @abstractmethod
     def send(self, request_id: str, request: Request, temperature: float,
              on_event: EventFn) -> None:
-        raise NotImplementedError
+        """Sends one request; its responses come through on_event."""
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> None:  # noqa: B027 - optional: default does nothing
         """Stop generating for a request (its final event still comes)."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional: default does nothing
+        """Releases the client's connections."""
 
 
 @dataclass
