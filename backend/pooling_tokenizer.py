@@ -152,13 +152,13 @@ class TritonPythonModel:
             raise RequestError(f"input '{TRUNCATE}': {err}") from None
         return params
 
-    def _encode(self, items: list[Item]) -> list[tuple[list[int], list[int]]]:
-        """Each item's token ids and token type ids (all 0 for a single text)."""
+    def _encode(self, items: list[Item]) -> list[tuple[list[int], list[int] | None]]:
+        """Each item's token ids and token type ids (None for a single text: all 0)."""
         out: list[Any] = [None] * len(items)
         singles = [i for i, (_, pair, _) in enumerate(items) if pair is None]
         for i, ids in zip(singles, self.inputs.encode([items[i][0] for i in singles],
                                                       [items[i][2] for i in singles])):
-            out[i] = (ids, [0] * len(ids))
+            out[i] = (ids, None)
         # Pairs by truncation value: the pair tokenizer takes one limit per call.
         groups: dict[int | None, list[int]] = {}
         for i, (_, pair, params) in enumerate(items):
@@ -168,15 +168,20 @@ class TritonPythonModel:
             ids, types = self.inputs.tokenize_pairs([items[i][0] for i in indices],
                                                     [items[i][1] for i in indices], truncate)
             for j, i in enumerate(indices):
-                out[i] = (ids[j], types[j] if types is not None else [0] * len(ids[j]))
+                out[i] = (ids[j], types[j] if types is not None else None)
         return out
 
-    def _response(self, rows: Sequence[tuple[list[int], list[int]]]) -> Any:
-        tensors = [pb_utils.Tensor("input_ids", pad_rows([ids for ids, _ in rows]))]
+    def _response(self, rows: Sequence[tuple[list[int], list[int] | None]]) -> Any:
+        ids = pad_rows([ids for ids, _ in rows])  # [b, n]
+        tensors = [pb_utils.Tensor("input_ids", ids)]
         if self.emits_types:
-            # Padded like input_ids; the engine step cuts each row to its ids' length.
-            types = pad_rows([t for _, t in rows])
-            tensors.append(pb_utils.Tensor(TYPES, np.maximum(types, 0)))
+            # [b, n] like input_ids (0 where a row has no pair or is padding); the engine
+            # step cuts each row to its ids' length.
+            types = np.zeros_like(ids)
+            for row, (_, row_types) in zip(types, rows):
+                if row_types is not None:
+                    row[: len(row_types)] = row_types
+            tensors.append(pb_utils.Tensor(TYPES, types))
         return pb_utils.InferenceResponse(tensors)
 
     def finalize(self) -> None:
