@@ -168,6 +168,27 @@ class BlockManager:
             self.prefix_cache_hits += num_cached
         return num_cached
 
+    def share_prefix(self, seq: Sequence, leader: Sequence, num_blocks: int) -> int:
+        """Attach the first `num_blocks` (full, computed) blocks of `leader`'s table to `seq`,
+        which holds none and has the same tokens there (n > 1: completions of one prompt);
+        marks them computed and returns their length in tokens. Unlike match_prefix this
+        needs no prefix cache: the leader's blocks are shared whether registered or not."""
+        if seq.block_table or seq.num_computed_tokens:
+            raise RuntimeError(f"share_prefix on {seq.request_id}, which already holds blocks")
+        num_tokens = num_blocks * self.block_size
+        if (num_blocks > len(leader.block_table) or leader.num_computed_tokens < num_tokens
+                or seq.token_ids[:num_tokens] != leader.token_ids[:num_tokens]):
+            raise RuntimeError(f"{seq.request_id} cannot share {num_blocks} blocks of "
+                               f"{leader.request_id}")
+        seq.block_table = leader.block_table[:num_blocks]
+        for block_id in seq.block_table:
+            self.blocks[block_id].ref_count += 1  # in use by the leader: never in the queue
+        seq.block_hashes = leader.block_hashes[:num_blocks]
+        if self.enable_prefix_caching:
+            self.prefix_ids[seq.seq_id] = self.prefix_ids.get(leader.seq_id, [])[:num_blocks]
+        seq.num_cached_tokens = seq.num_computed_tokens = num_tokens
+        return num_tokens
+
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks that became full and computed since the last call.
 

@@ -24,6 +24,12 @@ from tritonforge.engine.config import EngineConfig
 from tritonforge.engine.detokenizer import IncrementalDetokenizer
 from tritonforge.engine.model_runner import ModelRunner
 from tritonforge.engine.outputs import CompletionOutput, RequestOutput, Snapshot
+from tritonforge.engine.parallel_sampling import (
+    CHILD_SEPARATOR,
+    ParallelRequest,
+    child_params,
+    child_request_id,
+)
 from tritonforge.engine.request_checks import check_prompt
 from tritonforge.engine.sampler import Sampler, SamplingMetadata, request_generator
 from tritonforge.engine.sampling_metadata import UniformSamplingMetadata, plain_temperature
@@ -60,6 +66,9 @@ class _Request:
     reported_text: int = 0  # characters already reported in text deltas
     reported_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # n > 1: the request this is child `index` of (engine/parallel_sampling.py)
+    parent: ParallelRequest | None = None
+    index: int = 0
 
 
 @dataclass
@@ -102,7 +111,8 @@ class LLMEngine:
         self.sampler = Sampler(seed=config.seed, device=self.device)
         self.uniform_metadata = UniformSamplingMetadata(self.device)
         self.eos_token_ids = eos_token_ids(config.model, self.tokenizer, self.hf_config)
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, _Request] = {}  # by sequence id (a child's for n > 1)
+        self._parents: dict[str, ParallelRequest] = {}  # requests with n > 1, by their id
         self._ids = itertools.count()
 
     # ---- requests -----------------------------------------------------------------------
@@ -132,8 +142,11 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self._requests:
+        if request_id in self._requests or request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already running")
+        if CHILD_SEPARATOR in request_id:
+            raise ValueError(f"request_id {request_id!r} holds {CHILD_SEPARATOR!r}, which "
+                             "names the completions of a request with n > 1")
         if isinstance(prompt, str):
             text, token_ids = prompt, self.tokenize(prompt)
         else:
@@ -145,10 +158,30 @@ class LLMEngine:
                                   tokenized=text is not None)
         if max_tokens != params.max_tokens:
             params = _with_max_tokens(params, max_tokens)
-        seq = Sequence(request_id, token_ids, params,
-                       arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        if params.n == 1:
+            self._add_sequence(request_id, text, token_ids, params, arrival, stream,
+                               detokenize, max_tokens)
+            return request_id
+        # n completions: n sequences, the first leading (the others share its prompt blocks).
+        parent = ParallelRequest(request_id, params.n, text, token_ids)
+        leader: Sequence | None = None
+        for index in range(params.n):
+            child = self._add_sequence(  # each sequence appends to a list of its own
+                child_request_id(request_id, index), text, list(token_ids),
+                child_params(params, index), arrival, stream, detokenize, max_tokens,
+                leader=leader, parent=parent, index=index)
+            leader = leader or child.seq
+        self._parents[request_id] = parent
+        return request_id
+
+    def _add_sequence(self, seq_id: str, text: str | None, token_ids: list[int],
+                      params: SamplingParams, arrival: float, stream: bool, detokenize: bool,
+                      max_tokens: int, leader: Sequence | None = None,
+                      parent: ParallelRequest | None = None, index: int = 0) -> _Request:
+        seq = Sequence(seq_id, token_ids, params, arrival_time=arrival, leader=leader)
         self.scheduler.add(seq)
-        self._requests[request_id] = _Request(
+        request = self._requests[seq_id] = _Request(
             seq=seq, prompt=text, params=params,
             detokenizer=IncrementalDetokenizer(
                 self.tokenizer, token_ids, params.skip_special_tokens,
@@ -164,16 +197,39 @@ class LLMEngine:
                 frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)),
             length_limit=min(self.max_model_len, len(token_ids) + max_tokens),
             prompt_token_ids=seq.prompt_token_ids,
+            parent=parent, index=index,
         )
-        return request_id
+        return request
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Aborts at any stage; its blocks are free when this returns."""
-        request = self._requests.pop(str(request_id), None)
+        """Aborts at any stage; its blocks are free when this returns. For n > 1 the
+        request's id aborts every completion still running, a child's id that one alone
+        (a front end whose stop string ended it); the output is the request's merged one."""
+        request_id = str(request_id)
+        parent = self._parents.get(request_id)
+        if parent is not None:
+            children = [self._requests.get(child_request_id(request_id, i))
+                        for i in range(parent.n)]
+            return self._merge(parent, {
+                child.index: self._abort(child) for child in children if child is not None})
+        request = self._requests.get(request_id)
         if request is None:
             return None
+        output = self._abort(request)
+        return output if request.parent is None else self._merge(request.parent,
+                                                                 {request.index: output})
+
+    def _abort(self, request: _Request) -> RequestOutput:
+        del self._requests[request.seq.request_id]
         self.scheduler.abort(request.seq.request_id)
         return self._output(request, finish_reason="abort")
+
+    def _merge(self, parent: ParallelRequest, updates: dict[int, RequestOutput]
+               ) -> RequestOutput:
+        output = parent.merge(updates)
+        if output.finished:
+            self._parents.pop(parent.request_id, None)
+        return output
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -206,6 +262,8 @@ class LLMEngine:
         requests = [self._requests[s.request_id] for s in seqs]
         sampled = self.sampler(logits, self._sampling_metadata(requests, logits))
         outputs = []
+        children: dict[ParallelRequest, dict[int, RequestOutput]] = {}
+        streamed: dict[ParallelRequest, bool] = {}
         for request, token, logprob, top in zip(requests, sampled.token_ids,
                                                 sampled.sampled_logprobs, sampled.logprobs):
             request.seq.append_token(token)
@@ -218,7 +276,17 @@ class LLMEngine:
                 output = self._process_token_lazily(request, token)
             else:
                 output = self._process_token(request)
-            if output is not None:
+            if output is None:
+                continue
+            if request.parent is None:
+                outputs.append(output)
+            else:  # n > 1: one output for the request, with all its children's news
+                children.setdefault(request.parent, {})[request.index] = output
+                streamed[request.parent] = request.stream
+        for parent, updates in children.items():
+            output = self._merge(parent, updates)
+            # Not streamed (stream=False): reported once, when every child is done.
+            if output.finished or streamed[parent]:
                 outputs.append(output)
         return outputs
 

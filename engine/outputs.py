@@ -105,6 +105,12 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def unchanged(self) -> CompletionOutput:
+        """This completion as it is, with nothing new: empty deltas (for a step in which
+        another completion of the same request moved; engine/parallel_sampling.py)."""
+        return CompletionOutput(self.index, self.text, self._token_ids, self.cumulative_logprob,
+                                self._logprobs, self.finish_reason, self.stop_reason)
+
 
 @dataclass
 class RequestOutput:

@@ -20,6 +20,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 MAX_LOGPROBS = 20
+# Completions per request: each is a sequence of its own (engine/parallel_sampling.py);
+# OpenAI's API allows up to 128.
+MAX_N = 128
 # Temperatures below this are greedy: dividing logits by ~0 overflows, and vLLM draws the
 # same line.
 SAMPLING_EPS = 1e-5
@@ -30,7 +33,8 @@ _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts up to 2**64 - 1
 class SamplingParams:
     """How to sample one request's completion and when to stop it.
 
-    n: completions per prompt; only 1 is supported.
+    n: completions per prompt, 1..MAX_N, sampled in parallel from one computation of the
+        prompt (engine/parallel_sampling.py); with a seed, completion i uses seed + i.
     temperature: >= 0; 0 (anything below 1e-5) is greedy (argmax).
     top_p: nucleus mass in (0, 1]; 1 keeps every token.
     top_k: 0 or -1 keep every token, k >= 1 keeps the k most likely (-1 is stored as 0).
@@ -71,7 +75,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        _check_int(self.n, "n", "1 (only one completion per request is supported)", lo=1, hi=1)
+        _check_int(self.n, "n", f"an int in [1, {MAX_N}]", lo=1, hi=MAX_N)
         self.temperature = _check_float(self.temperature, "temperature", ">= 0", lo=0.0)
         self.top_p = _check_float(self.top_p, "top_p", "in (0, 1]", lo=0.0, hi=1.0, lo_open=True)
         _check_int(self.top_k, "top_k", "0 or -1 (off) or an int >= 1", lo=-1)

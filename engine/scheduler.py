@@ -12,6 +12,10 @@ chunks, and at most max_num_seqs sequences run (hold blocks) at once:
    later short ones. No admission in a step that had to preempt: memory is tight, and
    re-admitting the victims at once would only thrash.
 
+The completions of a request with n > 1 are sequences of their own; each but the first
+(the leader) is admitted once the leader's prompt is computed, holding the leader's full
+prompt blocks (ref-counted), so the prompt is computed once (engine/parallel_sampling.py).
+
 When a running sequence cannot get blocks, the newest running sequence is preempted by
 recompute (its blocks freed, back to the waiting queue ahead of every later arrival) and the
 allocation retried; when the newest is the sequence itself, it preempts itself.
@@ -46,6 +50,9 @@ def needs_sampling(seq: Sequence, num_new_tokens: int) -> bool:
     """Whether computing `num_new_tokens` computes `seq`'s last token, so the step samples
     its next one. Valid between `schedule` and `on_step_done`."""
     return seq.num_computed_tokens + num_new_tokens == seq.num_tokens
+
+
+_WAIT = object()  # _leader_blocks: not yet
 
 
 @dataclass
@@ -189,19 +196,41 @@ class Scheduler:
             if seq.num_tokens > self.max_model_len:
                 raise RuntimeError(f"request {seq.request_id} outgrew max_model_len: the "
                                    "engine must finish it with 'length' at the limit")
-            hits = bm.cached_prefix_blocks(seq)
+            shared = self._leader_blocks(seq)
+            if shared == _WAIT:
+                break  # its leader is still computing the prompt it will share (FCFS)
+            hits = shared if shared is not None else bm.cached_prefix_blocks(seq)
             num_cached = len(hits) * bm.block_size
             num_new = min(seq.num_tokens - num_cached, step.budget)
             if not bm.can_allocate(num_cached + num_new, hits):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
-            bm.match_prefix(seq)
+            if shared is not None:
+                bm.share_prefix(seq, seq.leader, len(shared))  # type: ignore[arg-type]
+            else:
+                bm.match_prefix(seq)
             if not bm.allocate_slots(seq, num_new):
                 raise RuntimeError("can_allocate and allocate_slots disagree")
             seq.status = SequenceStatus.RUNNING
             self._insert_by_arrival(self.running, seq)
             step.prefills[seq] = num_new
             step.budget -= num_new
+
+    def _leader_blocks(self, seq: Sequence) -> list[int] | None | object:
+        """n > 1 (engine/parallel_sampling.py): the leader's full prompt blocks `seq` will
+        share; _WAIT while the leader runs but has not computed them yet (it is admitted
+        first, so this is a step or a few chunks); None to admit `seq` as any other (no
+        leader, a leader that finished or was preempted, or `seq` itself was preempted
+        after generating: the prefix cache serves those)."""
+        leader = seq.leader
+        if (leader is None or leader.status is not SequenceStatus.RUNNING
+                or seq.num_output_tokens):
+            return None
+        # At least one prompt token stays to compute: the step that samples needs logits.
+        num_shared = (seq.num_prompt_tokens - 1) // self.block_manager.block_size
+        if leader.num_computed_tokens < num_shared * self.block_manager.block_size:
+            return _WAIT
+        return leader.block_table[:num_shared]
 
     def _allocate_or_preempt(self, step: _Step, seq: Sequence, num_new_tokens: int) -> bool:
         """Get blocks for `seq`, preempting the newest running sequences as needed; False

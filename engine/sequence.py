@@ -67,6 +67,9 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # n > 1: the first completion of the same request, whose prompt blocks this one shares
+    # (engine/parallel_sampling.py); None for a leader and for requests with n == 1.
+    leader: Sequence | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:

@@ -27,7 +27,7 @@ def test_defaults_are_vllms():
 
 
 BAD_VALUES = [
-    ("n", 2), ("n", 0), ("n", True), ("n", 1.0),
+    ("n", 129), ("n", 0), ("n", True), ("n", 1.0),
     ("temperature", -0.1), ("temperature", "0.5"), ("temperature", True),
     ("temperature", math.nan), ("temperature", math.inf), ("temperature", None),
     ("temperature", 10**400),
@@ -58,9 +58,10 @@ def test_every_bad_value_or_type_names_its_field(field, value):
         SamplingParams(**{field: value})
 
 
-def test_n_error_says_only_one_is_supported():
-    with pytest.raises(ValueError, match="only one completion"):
-        SamplingParams(n=4)
+def test_n_error_names_the_allowed_range():
+    assert SamplingParams(n=128).n == 128
+    with pytest.raises(ValueError, match=r"n must be an int in \[1, 128\]"):
+        SamplingParams(n=129)
 
 
 def test_huge_bad_value_is_shown_short():
