@@ -56,6 +56,7 @@ from tritonforge.engine.core_protocol import (
 )
 from tritonforge.engine.llm_engine import LLMEngine
 from tritonforge.engine.outputs import RequestOutput
+from tritonforge.engine.parallel_sampling import parent_request_id
 
 logger = logging.getLogger("tritonforge.engine.core")
 
@@ -236,15 +237,18 @@ class EngineCore:
                     peer.requests.discard(output.request_id)
             if peer is None or not peer.alive:
                 continue
-            c = output.outputs[0]
-            delta = c.token_ids_delta
-            new_logprobs = None
-            if delta and c.logprobs is not None:
-                new_logprobs = c.logprobs[len(c.logprobs) - len(delta):]
-            step = StepOutput(output.request_id, delta, new_logprobs,
-                              c.cumulative_logprob or 0.0, c.finish_reason, c.stop_reason,
-                              output.num_cached_tokens)
-            by_peer.setdefault(peer.peer_id, (peer, []))[1].append(step)
+            steps = by_peer.setdefault(peer.peer_id, (peer, []))[1]
+            several = len(output.outputs) > 1  # n > 1: only completions with news
+            for c in output.outputs:
+                delta = c.token_ids_delta
+                if several and not delta and c.finish_reason is None:
+                    continue
+                new_logprobs = None
+                if delta and c.logprobs is not None:
+                    new_logprobs = c.logprobs[len(c.logprobs) - len(delta):]
+                steps.append(StepOutput(output.request_id, delta, new_logprobs,
+                                        c.cumulative_logprob or 0.0, c.finish_reason,
+                                        c.stop_reason, output.num_cached_tokens, c.index))
         self._send_stats(by_peer)
 
     def _send_stats(self, steps: dict[int, tuple[_Peer, list[StepOutput]]]) -> None:
@@ -276,8 +280,8 @@ class EngineCore:
         scheduler = self.engine.scheduler
         counts: dict[int, list[int]] = {}  # peer id -> [running, waiting, blocks]
         for index, seqs in ((0, scheduler.running), (1, scheduler.waiting)):
-            for seq in seqs:
-                peer = self._owner.get(seq.request_id)
+            for seq in seqs:  # (each completion of a request with n > 1 is a sequence)
+                peer = self._owner.get(parent_request_id(seq.request_id))
                 if peer is not None:
                     row = counts.setdefault(peer.peer_id, [0, 0, 0])
                     row[index] += 1

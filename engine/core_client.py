@@ -56,12 +56,23 @@ from tritonforge.engine.core_protocol import (
 from tritonforge.engine.llm_engine import EngineStats
 from tritonforge.engine.output_processor import OutputProcessor, RequestState
 from tritonforge.engine.outputs import RequestOutput
+from tritonforge.engine.parallel_sampling import ParallelRequest, child_request_id
 from tritonforge.engine.sampling_params import SamplingParams
 from tritonforge.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 _client_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    """One request in this front end: its text state (one per completion when n > 1, merged
+    by `parallel`) and its caller's callback."""
+
+    states: list[RequestState]
+    callback: OutputCallback
+    parallel: ParallelRequest | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +124,7 @@ class EngineCoreClient:
         self._processor = OutputProcessor(self.tokenizer, self.eos_token_ids,
                                           self.max_model_len)
         self._lock = threading.Lock()
-        self._requests: dict[str, tuple[RequestState, OutputCallback]] = {}
+        self._requests: dict[str, _Entry] = {}  # by wire id
         self._stats = Stats(0, 0, 0.0, 0)
         self._dead: BaseException | None = None
         self._closed = False
@@ -175,7 +186,14 @@ class EngineCoreClient:
             raise ValueError("callback is required: outputs arrive on the reader thread")
         params = params or SamplingParams()
         wire_id = self._prefix + str(request_id)
-        state = self._processor.new_request(str(request_id), list(prompt), params)
+        prompt = list(prompt)
+        # n > 1: the core runs the n completions; here each has its text state, merged into
+        # one output per step (engine/parallel_sampling.py).
+        states = [self._processor.new_request(
+            str(request_id) if params.n == 1 else child_request_id(str(request_id), i),
+            prompt, params) for i in range(params.n)]
+        entry = _Entry(states, callback, None if params.n == 1 else
+                       ParallelRequest(str(request_id), params.n, None, states[0].prompt_token_ids))
         with self._lock:
             if self._dead is not None or self._closed:
                 error = self._dead or EngineDeadError("the engine core client is shut down")
@@ -183,8 +201,8 @@ class EngineCoreClient:
                 return
             if wire_id in self._requests:
                 raise ValueError(f"request_id {request_id!r} is already running")
-            self._requests[wire_id] = (state, callback)
-        self._send((ADD, wire_id, state.prompt_token_ids, params))
+            self._requests[wire_id] = entry
+        self._send((ADD, wire_id, states[0].prompt_token_ids, params))
 
     def abort(self, request_id: str) -> None:
         self._send((ABORT, self._prefix + str(request_id)))
@@ -248,32 +266,43 @@ class EngineCoreClient:
                 entry = self._pop(wire_id)
                 if entry is not None:
                     error = ValueError(text) if why == "invalid" else RuntimeError(text)
-                    _call(entry[1], None, error)
+                    _call(entry.callback, None, error)
             elif kind == DEAD:
                 self._on_dead(EngineDeadError(message[1]))
                 return
 
     def _on_step(self, steps: list[Any]) -> None:
+        merging: dict[str, tuple[_Entry, dict[int, RequestOutput]]] = {}  # n > 1, this step
         for step in steps:
             with self._lock:
                 entry = self._requests.get(step.request_id)
             if entry is None:
                 continue
-            state, callback = entry
             output = self._processor.process(
-                state, step.new_token_ids, step.new_logprobs, step.cumulative_logprob,
-                step.finish_reason, step.stop_reason, step.num_cached_tokens)
+                entry.states[step.index], step.new_token_ids, step.new_logprobs,
+                step.cumulative_logprob, step.finish_reason, step.stop_reason,
+                step.num_cached_tokens)
             if output is None:
                 continue
-            if output.finished:
-                self._pop(step.request_id)
-                if step.finish_reason is None:  # a stop string: the core still runs it
-                    self._send((ABORT, step.request_id))
-            if not _call(callback, output, None) and not output.finished:
-                self._pop(step.request_id)
-                self._send((ABORT, step.request_id))
+            if output.finished and step.finish_reason is None:
+                # A stop string: the core still runs this completion.
+                self._send((ABORT, step.request_id if entry.parallel is None
+                            else child_request_id(step.request_id, step.index)))
+            if entry.parallel is None:
+                self._deliver(step.request_id, entry, output)
+            else:
+                merging.setdefault(step.request_id, (entry, {}))[1][step.index] = output
+        for wire_id, (entry, updates) in merging.items():
+            self._deliver(wire_id, entry, entry.parallel.merge(updates))  # type: ignore[union-attr]
 
-    def _pop(self, wire_id: str) -> tuple[RequestState, OutputCallback] | None:
+    def _deliver(self, wire_id: str, entry: _Entry, output: RequestOutput) -> None:
+        if output.finished:
+            self._pop(wire_id)
+        if not _call(entry.callback, output, None) and not output.finished:
+            self._pop(wire_id)
+            self._send((ABORT, wire_id))
+
+    def _pop(self, wire_id: str) -> _Entry | None:
         with self._lock:
             return self._requests.pop(wire_id, None)
 
@@ -288,8 +317,8 @@ class EngineCoreClient:
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             entries, self._requests = list(self._requests.values()), {}
-        for _, callback in entries:
-            _call(callback, None, error)
+        for entry in entries:
+            _call(entry.callback, None, error)
 
 
 class CoreAborter:

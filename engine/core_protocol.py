@@ -46,6 +46,9 @@ class StepOutput(NamedTuple):
     finish_reason: str | None  # "stop", "length", "abort"; None while running
     stop_reason: int | str | None
     num_cached_tokens: int
+    # n > 1: which completion (one StepOutput per completion that moved or has finished;
+    # a finished one may repeat until the whole request is done)
+    index: int = 0
 
 
 class Stats(NamedTuple):
