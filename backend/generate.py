@@ -235,9 +235,8 @@ class TritonPythonModel:
                 self._send(s, error_response(error, code), final=True)
                 return
             now = time.monotonic()
-            completion = output.outputs[0]
-            if output.finished and completion.finish_reason == "abort":
-                self._cancel(s)
+            if output.finished and any(c.finish_reason == "abort" for c in output.outputs):
+                self._cancel(s)  # the client cancelled (n > 1: the others may have ended)
                 return
             self._record(s, output, now)
             if not s.stream and not output.finished:
@@ -247,7 +246,7 @@ class TritonPythonModel:
             # The stream interval: under load a stream's tokens go out a few at a time (the
             # first at once, the last with the FINAL flag), so responses per second stay
             # within what Triton's hops (ensemble, responses step) carry.
-            num_new = len(completion.token_ids_delta)
+            num_new = sum(len(c.token_ids_delta) for c in output.outputs)
             if (s.stream and not output.finished and s.handed_over
                     and s.held_tokens + num_new < self._stream_interval()):
                 s.held.append(output)
@@ -283,28 +282,38 @@ class TritonPythonModel:
     def _response(self, s: _Stream, outputs: list[RequestOutput]) -> Any:
         # outputs: consecutive outputs of one stream, oldest first (one unless the writer
         # merged several); the response carries their joined deltas and the last one's state.
+        # Per-completion outputs have one entry per completion (n of them; vllm_backend's
+        # [n] tensors): text_output, finish_reason, cumulative_logprob, logprobs and
+        # num_output_tokens.
         output = outputs[-1]
-        c = output.outputs[0]
+        completions = output.outputs
         if s.stream:
-            text = "".join(o.outputs[0].text_delta for o in outputs)
-            num_new = sum(len(o.outputs[0].token_ids_delta) for o in outputs)
+            texts = ["".join(o.outputs[i].text_delta for o in outputs)
+                     for i in range(len(completions))]
+            num_new = [sum(len(o.outputs[i].token_ids_delta) for o in outputs)
+                       for i in range(len(completions))]
         else:
-            text, num_new = (s.prompt if s.prepend else "") + c.text, len(c.token_ids)
-        tensors = [text_tensor("text_output", [text]), text_tensor("request_ref", [s.ref])]
+            prefix = s.prompt if s.prepend else ""
+            texts = [prefix + c.text for c in completions]
+            num_new = [len(c.token_ids) for c in completions]
+        tensors = [text_tensor("text_output", texts), text_tensor("request_ref", [s.ref])]
         if "finish_reason" in s.returns:
-            tensors.append(text_tensor("finish_reason", [str(c.finish_reason)]))
+            tensors.append(text_tensor("finish_reason",
+                                       [str(c.finish_reason) for c in completions]))
         if "cumulative_logprob" in s.returns:
             tensors.append(pb_utils.Tensor("cumulative_logprob", np.array(
-                [c.cumulative_logprob or 0.0], dtype=np.float32)))
+                [c.cumulative_logprob or 0.0 for c in completions], dtype=np.float32)))
         if "logprobs" in s.returns:
-            new = c.logprobs[len(c.logprobs) - num_new:] if c.logprobs is not None else None
-            tensors.append(text_tensor("logprobs", [self._logprobs_json(new, s.num_logprobs)]))
+            tensors.append(text_tensor("logprobs", [
+                self._logprobs_json(c.logprobs[len(c.logprobs) - k:]
+                                    if c.logprobs is not None else None, s.num_logprobs)
+                for c, k in zip(completions, num_new)]))
         if "num_input_tokens" in s.returns:
             tensors.append(pb_utils.Tensor("num_input_tokens", np.array(
                 [len(output.prompt_token_ids)], dtype=np.uint32)))
         if "num_output_tokens" in s.returns:
             tensors.append(pb_utils.Tensor("num_output_tokens", np.array(
-                [num_new], dtype=np.uint32)))
+                num_new, dtype=np.uint32)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def _logprobs_json(self, per_token: list[dict[int, float]] | None, k: int) -> str:
@@ -324,7 +333,7 @@ class TritonPythonModel:
         return json.dumps(out)
 
     def _record(self, s: _Stream, output: RequestOutput, now: float) -> None:
-        num_new = len(output.outputs[0].token_ids_delta)
+        num_new = sum(len(c.token_ids_delta) for c in output.outputs)
         if num_new:
             if s.last_token_at is None:
                 self.metrics.observe_ttft(now - s.arrival)

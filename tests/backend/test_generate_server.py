@@ -335,6 +335,58 @@ def test_return_outputs_are_correct_streaming(triton_server, model, llm):
         ref.outputs[0].cumulative_logprob, rel=1e-4, abs=1e-4)
 
 
+N_PARAMS = {"n": 3, "temperature": 1.0, "seed": 5, "max_tokens": 10, "ignore_eos": True}
+
+
+def test_n_completions_come_as_n_entries_equal_to_the_offline_engine(triton_server, model, llm):
+    """vllm_backend's shapes for n > 1: text_output, finish_reason, cumulative_logprob and
+    num_output_tokens hold one entry per completion; streamed, entry i of the responses adds
+    up to completion i; completion i equals the offline engine's (seed + i)."""
+    ref = reference(llm, [PROMPTS[0]], **N_PARAMS)[0]
+    want = [c.text for c in ref.outputs]
+    assert len(want) == 3 and len(set(want)) > 1
+    results = grpc_stream(triton_server.grpc_url, model, inputs(
+        PROMPTS[0], stream=True, params=N_PARAMS, return_finish_reason=True,
+        return_num_output_tokens=True, return_cumulative_logprob=True))
+    for r in results:
+        for name in ("text_output", "finish_reason", "num_output_tokens", "cumulative_logprob"):
+            assert r.as_numpy(name).shape == (3,), name
+    assert ["".join(r.as_numpy("text_output")[i].decode() for r in results)
+            for i in range(3)] == want
+    assert [sum(int(r.as_numpy("num_output_tokens")[i]) for r in results)
+            for i in range(3)] == [N_PARAMS["max_tokens"]] * 3
+    assert results[-1].as_numpy("finish_reason").tolist() == [b"length"] * 3
+    assert results[-1].as_numpy("cumulative_logprob").tolist() == pytest.approx(
+        [c.cumulative_logprob for c in ref.outputs], rel=1e-4, abs=1e-4)
+    # Non-streaming: one response, the prompt before each completion (vllm_backend's default).
+    (result,) = grpc_stream(triton_server.grpc_url, model, inputs(PROMPTS[0], params=N_PARAMS))
+    assert [t.decode() for t in result.as_numpy("text_output")] == [PROMPTS[0] + w for w in want]
+    body = {"text_input": PROMPTS[0], "sampling_parameters": json.dumps(N_PARAMS),
+            "exclude_input_in_output": True}
+    assert http_generate(triton_server.http_url, model, body, stream=False)[0][
+        "text_output"] == want
+    # Out of range: refused naming the field.
+    with pytest.raises(InferenceServerException, match=r"n must be an int in \[1, 128\]"):
+        grpc_stream(triton_server.grpc_url, model,
+                    inputs(PROMPTS[0], params=N_PARAMS | {"n": 500}))
+
+
+def test_cancelling_a_stream_with_n_completions_frees_all_their_blocks(triton_server, model):
+    assert wait_for(lambda: kv_idle(triton_server, model), timeout=30)
+    got: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    client.start_stream(callback=lambda result, error: got.put(error or result))
+    client.async_stream_infer(model, inputs("Cancel all of us", stream=True,
+                                            params=LONG | {"n": 4, "temperature": 1.0}))
+    first = got.get(timeout=60)
+    assert not isinstance(first, Exception) and first.as_numpy("text_output").shape == (4,)
+    assert wait_for(lambda: _running(triton_server, model) == 4, timeout=10)
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert wait_for(lambda: kv_idle(triton_server, model), timeout=10), \
+        "the completions of a cancelled request still hold KV blocks"
+
+
 def test_a_stop_token_finishes_with_reason_stop(triton_server, model, llm):
     ref = reference(llm, [PROMPTS[0]], **GREEDY)[0].outputs[0].token_ids
     stop_id = ref[4]
