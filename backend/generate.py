@@ -70,7 +70,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from tritonforge.backend.engine_settings import load_settings
 from tritonforge.backend.generate_tokenizer import RETURN_OUTPUTS, check_prompt_ids, sampling_data
-from tritonforge.backend.metrics import GaugeValues, GenerateMetrics, metric_labels
+from tritonforge.backend.metrics import (
+    GaugeValues,
+    GenerateMetrics,
+    metric_labels,
+    metrics_enabled,
+)
 from tritonforge.backend.response_writer import ResponseWriter
 from tritonforge.backend.triton_io import (
     RequestError,
@@ -152,7 +157,8 @@ class TritonPythonModel:
         # Labelled with the public name (dashboards and vllm_backend users query NAME) and
         # an instance label of its own: see metric_labels (a reload crashed without it).
         self.metrics = GenerateMetrics(metric_labels(self.public_name, args),
-                                       self._gauge_values)
+                                       self._gauge_values, self.max_model_len,
+                                       enabled=metrics_enabled(model_config))
         self._stop = threading.Event()
         self._unloading = False
         # Sends happen on these threads, never on the engine's (see response_writer.py).
@@ -344,6 +350,8 @@ class TritonPythonModel:
             s.last_token_at = now
         if output.finished:
             self.metrics.observe_e2e(now - s.arrival)
+            self.metrics.observe_finished(len(output.prompt_token_ids),
+                                          [len(c.token_ids) for c in output.outputs])
 
     def _send(self, s: _Stream, response: Any, final: bool) -> None:
         with s.lock:

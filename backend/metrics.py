@@ -7,7 +7,10 @@ see `metric_labels`):
   histograms  vllm:time_to_first_token_seconds (one observation per request),
               vllm:time_per_output_token_seconds (one per output token after the first:
               the time since the previous token, as vLLM's iteration stats observe it),
-              vllm:e2e_request_latency_seconds (one per finished request); vLLM's buckets
+              vllm:e2e_request_latency_seconds (one per finished request); vLLM's buckets;
+              vllm:request_prompt_tokens (one per finished request),
+              vllm:request_generation_tokens (one per finished completion: n per request),
+              vllm:request_params_n (one per finished request), vllm_backend's buckets
   gauges      vllm:num_requests_running, vllm:num_requests_waiting (queued in the engine
               or not yet admitted), vllm:kv_cache_usage_perc (fraction of KV blocks held by
               requests; 1 means 100%; cached free prefix blocks do not count)
@@ -15,7 +18,9 @@ see `metric_labels`):
 Every metric call is a round trip to the Triton process (~10 us, more under load), so the
 engine thread only queues events; one thread applies them (a counter's queued increments as
 one call) and refreshes the gauges from engine stats every `interval` seconds. If the
-server runs with metrics off, every call is a no-op.
+server runs with metrics off, or the model's config sets the parameter
+REPORT_CUSTOM_METRICS to anything but "true" (vllm_backend's switch; our generator renders
+"true"), every call is a no-op.
 """
 
 from __future__ import annotations
@@ -37,6 +42,27 @@ TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
 E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+N_BUCKETS = [1, 2, 5, 10, 20]
+# The model config parameter that turns the vllm:* metrics on, as in vllm_backend.
+REPORT_SWITCH = "REPORT_CUSTOM_METRICS"
+
+
+def buckets_1_2_5(max_value: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value (vLLM's token-count buckets)."""
+    out, exponent = [], 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_value:
+                return out
+            out.append(value)
+        exponent += 1
+
+
+def metrics_enabled(model_config: dict[str, Any]) -> bool:
+    """vllm_backend's rule: the parameter REPORT_CUSTOM_METRICS is "true" (any case)."""
+    value = model_config.get("parameters", {}).get(REPORT_SWITCH, {}).get("string_value", "")
+    return str(value).strip().lower() == "true"
 
 
 def metric_labels(public_name: str, args: dict[str, Any]) -> dict[str, str]:
@@ -69,13 +95,19 @@ class GenerateMetrics:
     """Queue events from any thread; a daemon thread reports them to Triton."""
 
     def __init__(self, labels: dict[str, str], gauges: Callable[[], GaugeValues],
-                 interval: float = 0.25) -> None:
+                 max_model_len: int, interval: float = 0.25, enabled: bool = True) -> None:
         self._gauges = gauges
+        self._max_model_len = max_model_len
         self._interval = interval
         self._events: queue.SimpleQueue[tuple[str, str, float] | None] = queue.SimpleQueue()
         self._families: dict[str, Any] = {}
         self._metrics: dict[str, Any] = {}
         self._preemptions = 0
+        if not enabled:
+            log_info(f"{REPORT_SWITCH} is not \"true\" in the model config: the vllm:* "
+                     "metrics are not reported")
+            self._thread = None
+            return
         try:
             self._create(labels)
         except pb_utils.TritonModelException as err:
@@ -105,6 +137,14 @@ class GenerateMetrics:
             ("e2e", "vllm:e2e_request_latency_seconds",
              "Histogram of end to end request latency in seconds.", kinds.HISTOGRAM,
              E2E_BUCKETS),
+            ("request_prompt_tokens", "vllm:request_prompt_tokens",
+             "Number of prefill tokens processed.", kinds.HISTOGRAM,
+             buckets_1_2_5(self._max_model_len)),
+            ("request_generation_tokens", "vllm:request_generation_tokens",
+             "Number of generation tokens processed.", kinds.HISTOGRAM,
+             buckets_1_2_5(self._max_model_len)),
+            ("request_params_n", "vllm:request_params_n",
+             "Histogram of the n request parameter.", kinds.HISTOGRAM, N_BUCKETS),
             ("running", "vllm:num_requests_running", "Number of requests currently running.",
              kinds.GAUGE, None),
             ("waiting", "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
@@ -119,20 +159,31 @@ class GenerateMetrics:
                                   else family.Metric(labels=labels, buckets=buckets))
 
     # ---- events (any thread; cheap) ------------------------------------------------------
+    def _put(self, key: str, op: str, value: float) -> None:
+        if self._thread is not None:  # off: nothing would read the queue, so nothing goes in
+            self._events.put((key, op, value))
+
     def add_tokens(self, prompt: int = 0, generation: int = 0) -> None:
         if prompt:
-            self._events.put(("prompt_tokens", "increment", float(prompt)))
+            self._put("prompt_tokens", "increment", float(prompt))
         if generation:
-            self._events.put(("generation_tokens", "increment", float(generation)))
+            self._put("generation_tokens", "increment", float(generation))
 
     def observe_ttft(self, seconds: float) -> None:
-        self._events.put(("ttft", "observe", seconds))
+        self._put("ttft", "observe", seconds)
 
     def observe_tpot(self, seconds: float) -> None:
-        self._events.put(("tpot", "observe", seconds))
+        self._put("tpot", "observe", seconds)
 
     def observe_e2e(self, seconds: float) -> None:
-        self._events.put(("e2e", "observe", seconds))
+        self._put("e2e", "observe", seconds)
+
+    def observe_finished(self, prompt_tokens: int, generation_tokens: list[int]) -> None:
+        """A finished request: its prompt length, each completion's length, and n."""
+        self._put("request_prompt_tokens", "observe", float(prompt_tokens))
+        for count in generation_tokens:
+            self._put("request_generation_tokens", "observe", float(count))
+        self._put("request_params_n", "observe", float(len(generation_tokens)))
 
     # ---- the reporting thread ------------------------------------------------------------
     def _loop(self) -> None:

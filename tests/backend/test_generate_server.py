@@ -502,6 +502,11 @@ def test_metrics_count_the_tokens_of_each_request(triton_server, model):
         "vllm:time_to_first_token_seconds_count": 1,
         "vllm:time_per_output_token_seconds_count": n_out - 1,  # one per later token
         "vllm:e2e_request_latency_seconds_count": 1,
+        # vllm_backend's per-request histograms: one prompt, one completion, n = 1
+        "vllm:request_prompt_tokens_count": 1, "vllm:request_prompt_tokens_sum": n_in,
+        "vllm:request_generation_tokens_count": 1,
+        "vllm:request_generation_tokens_sum": n_out,
+        "vllm:request_params_n_count": 1, "vllm:request_params_n_sum": 1,
     }
 
     def deltas() -> dict[str, float]:
@@ -513,6 +518,35 @@ def test_metrics_count_the_tokens_of_each_request(triton_server, model):
     after = scrape(triton_server.metrics_url, model)
     assert after["vllm:e2e_request_latency_seconds_sum"] > before.get(
         "vllm:e2e_request_latency_seconds_sum", 0.0)
+    # n = 3: one request, three completions.
+    grpc_stream(triton_server.grpc_url, model, inputs(PROMPTS[2], params=N_PARAMS))
+    before, expected = after, {
+        "vllm:request_prompt_tokens_count": 1, "vllm:request_params_n_count": 1,
+        "vllm:request_params_n_sum": 3, "vllm:request_generation_tokens_count": 3,
+        "vllm:request_generation_tokens_sum": 3 * N_PARAMS["max_tokens"]}
+    wait_for(lambda: deltas() == expected, timeout=10)
+    assert deltas() == expected
+
+
+def test_report_custom_metrics_false_reports_no_vllm_metrics(triton_server, tiny_path):
+    """vllm_backend's switch: the engine step's REPORT_CUSTOM_METRICS parameter (rendered
+    "true"); "false" keeps every vllm:* family of the model off /metrics."""
+    quiet = "tiny_generate_quiet"
+    repo = Path(triton_server.model_repository)
+    render_model("generate", repo, quiet, context(tiny_path), force=True)
+    config = repo / f"{quiet}_engine" / "config.pbtxt"
+    text = config.read_text()
+    assert '{ key: "REPORT_CUSTOM_METRICS" value: { string_value: "true" } }' in text
+    config.write_text(text.replace('string_value: "true" } }', 'string_value: "false" } }'))
+    triton_server.load_model(quiet)
+    try:
+        results = grpc_stream(triton_server.grpc_url, quiet,
+                              inputs(PROMPTS[0], stream=True, params=GREEDY))
+        assert is_final(results[-1])
+        time.sleep(0.5)  # past a gauge refresh, had there been one
+        assert scrape(triton_server.metrics_url, quiet) == {}
+    finally:
+        triton_server.unload_model(quiet)
 
 
 def engine_inputs(llm: LLM, prompt: str, **kw: Any) -> list[grpcclient.InferInput]:
