@@ -69,7 +69,12 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from tritonforge.backend.engine_settings import load_settings
-from tritonforge.backend.generate_tokenizer import RETURN_OUTPUTS, check_prompt_ids, sampling_data
+from tritonforge.backend.generate_tokenizer import (
+    RETURN_OUTPUTS,
+    STREAM_ECHO_REFUSED,
+    check_prompt_ids,
+    sampling_data,
+)
 from tritonforge.backend.metrics import (
     GaugeValues,
     GenerateMetrics,
@@ -200,8 +205,7 @@ class TritonPythonModel:
         stream = input_bool(request, "stream", default=False)
         exclude = optional_bool(request, "exclude_input_in_output")
         if stream and exclude is False:
-            raise RequestError("exclude_input_in_output=false is not allowed when streaming: "
-                               "a stream sends only new text (send true or leave it out)")
+            raise RequestError(STREAM_ECHO_REFUSED)
         returns = frozenset(name for name in RETURN_OUTPUTS
                             if input_bool(request, f"return_{name}", default=False))
         prompt = optional_text(request, "prompt") or ""

@@ -37,6 +37,10 @@ from tritonforge.engine.llm import render_chat
 from tritonforge.engine.request_checks import check_prompt
 from tritonforge.engine.tokenizer import load_tokenizer
 
+# vllm_backend's exact text (its clients' tests compare error messages): a stream sends only
+# new text, so asking it to repeat the prompt is refused.
+STREAM_ECHO_REFUSED = ("Error generating stream: When streaming, `exclude_input_in_output` = "
+                       "False is not allowed.")
 RETURN_OUTPUTS = ("finish_reason", "cumulative_logprob", "logprobs", "num_input_tokens",
                   "num_output_tokens")
 # Inputs that clients of the HTTP generate endpoint also put in `parameters`; they are
@@ -103,8 +107,7 @@ class TritonPythonModel:
                                "(or give 'messages', a JSON list of chat messages)")
         stream = optional_bool(request, "stream")
         if stream and optional_bool(request, "exclude_input_in_output") is False:
-            raise RequestError("exclude_input_in_output=false is not allowed when streaming: "
-                               "a stream sends only new text (send true or leave it out)")
+            raise RequestError(STREAM_ECHO_REFUSED)
         params = sampling_data(request)
         if messages is not None:
             field, prompt = "messages", self._render_chat(messages)

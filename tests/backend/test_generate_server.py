@@ -464,6 +464,24 @@ BAD_REQUESTS = {
 }
 
 
+def test_a_stream_that_asks_for_the_prompt_gets_vllm_backends_exact_error(
+        triton_server, model, llm):
+    """vllm_backend's clients compare this message verbatim (its enabled_stream test). The
+    engine step sends exactly it; through the ensemble Triton itself puts "in ensemble
+    'NAME', " before every step's error, which no step can change."""
+    expected = ("Error generating stream: When streaming, `exclude_input_in_output` = False "
+                "is not allowed.")
+    for target, request, prefix in [
+        (model, inputs("Hi", stream=True, exclude_input_in_output=False),
+         f"in ensemble '{model}', "),
+        (f"{model}_engine", engine_inputs(llm, "Hi", stream=True,
+                                          exclude_input_in_output=False), ""),
+    ]:
+        with pytest.raises(InferenceServerException) as info:
+            grpc_stream(triton_server.grpc_url, target, request)
+        assert info.value.message() == prefix + expected, target
+
+
 def test_bad_requests_fail_alone_naming_the_field(triton_server, model, llm):
     good = reference(llm, [PROMPTS[1]], **GREEDY)[0].outputs[0].text
     with ThreadPoolExecutor(len(BAD_REQUESTS) + 1) as pool:
