@@ -79,7 +79,10 @@ def test_build_detects_the_task_and_renders_an_ensemble_triton_parses(tmp_path, 
     assert tokenizer_step.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     for step in (engine_step, tokenizer_step):
         assert step.backend == "python"
-        assert parameters(step) == {"engine_settings": "../m/engine.json"}
+        # The generate engine step also carries vllm_backend's metrics switch.
+        assert parameters(step) == {"engine_settings": "../m/engine.json"} | (
+            {"REPORT_CUSTOM_METRICS": "true"} if step is engine_step and task == "generate"
+            else {})
     settings = engine_settings(repo, "m")
     assert settings["task"] == task and settings["name"] == "m"
     assert settings["engine"]["model"] == settings["model"] == str(tiny[task].resolve())
