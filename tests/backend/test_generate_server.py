@@ -565,6 +565,13 @@ def test_report_custom_metrics_false_reports_no_vllm_metrics(triton_server, tiny
         assert scrape(triton_server.metrics_url, quiet) == {}
     finally:
         triton_server.unload_model(quiet)
+        # The module's server is shared: the next tests expect it ready again, which it is
+        # only once the unload (of the steps too) has finished.
+        client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+        try:
+            assert wait_for(client.is_server_ready, timeout=120)
+        finally:
+            client.close()
 
 
 def engine_inputs(llm: LLM, prompt: str, **kw: Any) -> list[grpcclient.InferInput]:
