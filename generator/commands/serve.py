@@ -74,14 +74,19 @@ def _serve(out, args: argparse.Namespace, install, repo: Path,  # noqa: ANN001
            models: list[str]) -> int:
     with _serving.running_server(out, repo, models, args, install=install,
                                  log_prefix="tritonforge-serve-") as server:
-        out.print(f"  HTTP     http://{server.http_url}\n"
-                  f"  gRPC     {server.grpc_url}\n"
-                  f"  metrics  {server.metrics_url}", highlight=False)
-        out.print(repository_example(repo, models, server), highlight=False, markup=False)
-        if args.json:
-            print(json.dumps(endpoints(server, repo, models)), flush=True)
-        out.print("serving; press Ctrl-C to stop")
-        _serving.serve_until_stopped(out, server)
+        # Serving starts once the endpoints are out (a script may stop us as soon as it
+        # reads the --json line): from here Ctrl-C, SIGTERM or SIGHUP is a normal stop.
+        try:
+            out.print(f"  HTTP     http://{server.http_url}\n"
+                      f"  gRPC     {server.grpc_url}\n"
+                      f"  metrics  {server.metrics_url}", highlight=False)
+            out.print(repository_example(repo, models, server), highlight=False, markup=False)
+            if args.json:
+                print(json.dumps(endpoints(server, repo, models)), flush=True)
+            out.print("serving; press Ctrl-C to stop")
+            _serving.serve_until_stopped(out, server)
+        except KeyboardInterrupt:
+            pass
     _serving.print_stopped(out)
     return 0
 
