@@ -248,7 +248,8 @@ class TritonPythonModel:
             if output.finished and any(c.finish_reason == "abort" for c in output.outputs):
                 self._cancel(s)  # the client cancelled (n > 1: the others may have ended)
                 return
-            self._record(s, output, now)
+            num_new = output.num_new_tokens
+            self._record(s, output, num_new, now)
             if not s.stream and not output.finished:
                 return
             # No is_cancelled() here: it is a round trip to Triton per token; the poller
@@ -256,7 +257,6 @@ class TritonPythonModel:
             # The stream interval: under load a stream's tokens go out a few at a time (the
             # first at once, the last with the FINAL flag), so responses per second stay
             # within what Triton's hops (ensemble, responses step) carry.
-            num_new = sum(len(c.token_ids_delta) for c in output.outputs)
             if (s.stream and not output.finished and s.handed_over
                     and s.held_tokens + num_new < self._stream_interval()):
                 s.held.append(output)
@@ -342,8 +342,7 @@ class TritonPythonModel:
                         for i, (tid, lp) in enumerate(ranked)})
         return json.dumps(out)
 
-    def _record(self, s: _Stream, output: RequestOutput, now: float) -> None:
-        num_new = sum(len(c.token_ids_delta) for c in output.outputs)
+    def _record(self, s: _Stream, output: RequestOutput, num_new: int, now: float) -> None:
         if num_new:
             if s.last_token_at is None:
                 self.metrics.observe_ttft(now - s.arrival)

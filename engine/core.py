@@ -280,8 +280,9 @@ class EngineCore:
         scheduler = self.engine.scheduler
         counts: dict[int, list[int]] = {}  # peer id -> [running, waiting, blocks]
         for index, seqs in ((0, scheduler.running), (1, scheduler.waiting)):
-            for seq in seqs:  # (each completion of a request with n > 1 is a sequence)
-                peer = self._owner.get(parent_request_id(seq.request_id))
+            for seq in seqs:  # (a completion of a request with n > 1: its request's owner)
+                peer = (self._owner.get(seq.request_id)
+                        or self._owner.get(parent_request_id(seq.request_id)))
                 if peer is not None:
                     row = counts.setdefault(peer.peer_id, [0, 0, 0])
                     row[index] += 1

@@ -262,8 +262,8 @@ class LLMEngine:
         requests = [self._requests[s.request_id] for s in seqs]
         sampled = self.sampler(logits, self._sampling_metadata(requests, logits))
         outputs = []
-        children: dict[ParallelRequest, dict[int, RequestOutput]] = {}
-        streamed: dict[ParallelRequest, bool] = {}
+        # n > 1: each request's children's outputs of this step, and whether it streams
+        children: dict[ParallelRequest, tuple[dict[int, RequestOutput], bool]] = {}
         for request, token, logprob, top in zip(requests, sampled.token_ids,
                                                 sampled.sampled_logprobs, sampled.logprobs):
             request.seq.append_token(token)
@@ -281,12 +281,11 @@ class LLMEngine:
             if request.parent is None:
                 outputs.append(output)
             else:  # n > 1: one output for the request, with all its children's news
-                children.setdefault(request.parent, {})[request.index] = output
-                streamed[request.parent] = request.stream
-        for parent, updates in children.items():
+                children.setdefault(request.parent, ({}, request.stream))[0][request.index] = output
+        for parent, (updates, stream) in children.items():
             output = self._merge(parent, updates)
             # Not streamed (stream=False): reported once, when every child is done.
-            if output.finished or streamed[parent]:
+            if output.finished or stream:
                 outputs.append(output)
         return outputs
 

@@ -123,6 +123,14 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
+    @property
+    def num_new_tokens(self) -> int:
+        """Tokens this output added, over all its completions (n > 1: several)."""
+        outputs = self.outputs
+        if len(outputs) == 1:  # the common case: no generator on the per-token path
+            return len(outputs[0].token_ids_delta)
+        return sum(len(c.token_ids_delta) for c in outputs)
+
 
 @dataclass
 class EmbeddingOutput:
