@@ -19,7 +19,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -218,9 +218,18 @@ def _raise_server_exit(server: TritonServer) -> None:
                             f"models{detail} (log: {server.log_file})")
 
 
-def serve_until_stopped(out: Console, server: TritonServer) -> None:
-    """Blocks until Ctrl-C, SIGTERM or SIGHUP (returns), or the server dies (raises)."""
-    if server.serve_until_interrupted():
+def serve_until_stopped(out: Console, server: TritonServer,
+                        announce: Callable[[], None] | None = None) -> None:
+    """Runs `announce` (what a client needs: the endpoints, --json), then blocks until
+    Ctrl-C, SIGTERM or SIGHUP (returns), or the server dies (raises). A stop signal from
+    the announcement on is a normal stop: a script may stop us as soon as it reads the
+    endpoints, before the wait loop has begun."""
+    try:
+        if announce is not None:
+            announce()
+        if server.serve_until_interrupted():
+            return
+    except KeyboardInterrupt:
         return
     failure = server.load_failure()
     detail = f": {failure}" if failure else ""

@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
             embeddings = query_embeddings(server.grpc_url, model, texts)
             _render(out, model, texts, embeddings)
             if args.keep_running:
-                out.print("serving; press Ctrl-C to stop")
-                _serving.serve_until_stopped(out, server)
+                _serving.serve_until_stopped(
+                    out, server, lambda: out.print("serving; press Ctrl-C to stop"))
         _serving.print_stopped(out)
     return 0
 

@@ -74,9 +74,7 @@ def _serve(out, args: argparse.Namespace, install, repo: Path,  # noqa: ANN001
            models: list[str]) -> int:
     with _serving.running_server(out, repo, models, args, install=install,
                                  log_prefix="tritonforge-serve-") as server:
-        # Serving starts once the endpoints are out (a script may stop us as soon as it
-        # reads the --json line): from here Ctrl-C, SIGTERM or SIGHUP is a normal stop.
-        try:
+        def announce() -> None:
             out.print(f"  HTTP     http://{server.http_url}\n"
                       f"  gRPC     {server.grpc_url}\n"
                       f"  metrics  {server.metrics_url}", highlight=False)
@@ -84,9 +82,8 @@ def _serve(out, args: argparse.Namespace, install, repo: Path,  # noqa: ANN001
             if args.json:
                 print(json.dumps(endpoints(server, repo, models)), flush=True)
             out.print("serving; press Ctrl-C to stop")
-            _serving.serve_until_stopped(out, server)
-        except KeyboardInterrupt:
-            pass
+
+        _serving.serve_until_stopped(out, server, announce)
     _serving.print_stopped(out)
     return 0
 

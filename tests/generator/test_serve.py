@@ -247,7 +247,9 @@ import sys, time
 from pathlib import Path
 from tritonforge.generator import cli
 from tritonforge.generator.commands import _serving
-def fail(out, server):
+def fail(out, server, announce=None):
+    if announce is not None:
+        announce()  # the endpoints (and --json line) come first, as in the real one
     while not Path(sys.argv[1]).exists():
         time.sleep(0.05)
     raise RuntimeError("a bug while serving")
