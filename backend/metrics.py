@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
-from tritonforge.backend.triton_io import log_exception, log_info
+from tritonforge.backend.triton_io import log_exception, log_info, log_warning
 
 # vLLM's buckets (vllm/engine/metrics.py), as vllm_backend uses them.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -60,9 +60,16 @@ def buckets_1_2_5(max_value: int) -> list[int]:
 
 
 def metrics_enabled(model_config: dict[str, Any]) -> bool:
-    """vllm_backend's rule: the parameter REPORT_CUSTOM_METRICS is "true" (any case)."""
-    value = model_config.get("parameters", {}).get(REPORT_SWITCH, {}).get("string_value", "")
-    return str(value).strip().lower() == "true"
+    """vllm_backend's rule: the parameter REPORT_CUSTOM_METRICS is "true" (any case).
+    Absent (a repository built before the generator wrote it) is off too, as there; that
+    is logged as a warning, since dashboards and autoscalers read these metrics."""
+    setting = model_config.get("parameters", {}).get(REPORT_SWITCH)
+    if setting is None:
+        log_warning(f"the model config has no parameter {REPORT_SWITCH}: the vllm:* metrics "
+                    "are off (as in vllm_backend); set it to \"true\" or rebuild the "
+                    "repository with `generator build` to report them")
+        return False
+    return str(setting.get("string_value", "")).strip().lower() == "true"
 
 
 def metric_labels(public_name: str, args: dict[str, Any]) -> dict[str, str]:

@@ -202,6 +202,10 @@ def log_info(message: str) -> None:
     pb_utils.Logger.log_info(message)
 
 
+def log_warning(message: str) -> None:
+    pb_utils.Logger.log_warn(message)
+
+
 def resolve_model_path(value: str, model_dir: str | None) -> str:
     """A model/tokenizer path from config.pbtxt: relative paths may be relative to the
     model's folder in the repository (`generator build --download` writes `weights`), so
