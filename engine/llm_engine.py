@@ -13,8 +13,10 @@ Not thread-safe: one thread drives step(); AsyncEngine wraps it for concurrent c
 from __future__ import annotations
 
 import itertools
+import logging
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from tritonforge.engine import stop_checker
 from tritonforge.engine.block_manager import BlockManager
 from tritonforge.engine.config import EngineConfig
 from tritonforge.engine.detokenizer import IncrementalDetokenizer
+from tritonforge.engine.guided_decoding import GuidedDecoding
 from tritonforge.engine.model_runner import ModelRunner
 from tritonforge.engine.outputs import CompletionOutput, RequestOutput, Snapshot
 from tritonforge.engine.parallel_sampling import (
@@ -39,6 +42,11 @@ from tritonforge.engine.sequence import Sequence
 from tritonforge.engine.tokenizer import eos_token_ids, load_tokenizer
 from tritonforge.models.loader import resolve_device, resolve_dtype, resolve_max_model_len
 from tritonforge.models.weight_utils import load_config, load_model
+
+logger = logging.getLogger(__name__)
+# How long step() waits for a grammar when nothing else can run (then it returns, so the
+# caller's loop sees new requests and aborts).
+_GRAMMAR_WAIT_S = 0.05
 
 
 @dataclass(eq=False)
@@ -69,6 +77,10 @@ class _Request:
     # n > 1: the request this is child `index` of (engine/parallel_sampling.py)
     parent: ParallelRequest | None = None
     index: int = 0
+    # Structured outputs: the grammar being compiled (not scheduled until it is), then the
+    # sequence's llguidance matcher (engine/guided_decoding.py)
+    grammar: Future | None = None
+    matcher: Any = None
 
 
 @dataclass
@@ -113,6 +125,8 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(config.model, self.tokenizer, self.hf_config)
         self._requests: dict[str, _Request] = {}  # by sequence id (a child's for n > 1)
         self._parents: dict[str, ParallelRequest] = {}  # requests with n > 1, by their id
+        self._guided: GuidedDecoding | None = None  # made by the first structured request
+        self._compiling: list[_Request] = []  # in arrival order, waiting for their grammar
         self._ids = itertools.count()
 
     # ---- requests -----------------------------------------------------------------------
@@ -159,9 +173,15 @@ class LLMEngine:
         if max_tokens != params.max_tokens:
             params = _with_max_tokens(params, max_tokens)
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        grammar = None
+        if params.structured_outputs is not None:  # one compile, shared by the n completions
+            if self._guided is None:
+                self._guided = GuidedDecoding(self.tokenizer, self.vocab_size,
+                                              self.eos_token_ids)
+            grammar = self._guided.compile(params.structured_outputs)
         if params.n == 1:
             self._add_sequence(request_id, text, token_ids, params, arrival, stream,
-                               detokenize, max_tokens)
+                               detokenize, max_tokens, grammar=grammar)
             return request_id
         # n completions: n sequences, the first leading (the others share its prompt blocks).
         parent = ParallelRequest(request_id, params.n, text, token_ids)
@@ -170,7 +190,7 @@ class LLMEngine:
             child = self._add_sequence(  # each sequence appends to a list of its own
                 child_request_id(request_id, index), text, list(token_ids),
                 child_params(params, index), arrival, stream, detokenize, max_tokens,
-                leader=leader, parent=parent, index=index)
+                leader=leader, parent=parent, index=index, grammar=grammar)
             leader = leader or child.seq
         self._parents[request_id] = parent
         return request_id
@@ -178,9 +198,11 @@ class LLMEngine:
     def _add_sequence(self, seq_id: str, text: str | None, token_ids: list[int],
                       params: SamplingParams, arrival: float, stream: bool, detokenize: bool,
                       max_tokens: int, leader: Sequence | None = None,
-                      parent: ParallelRequest | None = None, index: int = 0) -> _Request:
+                      parent: ParallelRequest | None = None, index: int = 0,
+                      grammar: Future | None = None) -> _Request:
         seq = Sequence(seq_id, token_ids, params, arrival_time=arrival, leader=leader)
-        self.scheduler.add(seq)
+        if grammar is None:
+            self.scheduler.add(seq)
         request = self._requests[seq_id] = _Request(
             seq=seq, prompt=text, params=params,
             detokenizer=IncrementalDetokenizer(
@@ -197,8 +219,10 @@ class LLMEngine:
                 frozenset() if params.ignore_eos else frozenset(self.eos_token_ids)),
             length_limit=min(self.max_model_len, len(token_ids) + max_tokens),
             prompt_token_ids=seq.prompt_token_ids,
-            parent=parent, index=index,
+            parent=parent, index=index, grammar=grammar,
         )
+        if grammar is not None:
+            self._compiling.append(request)
         return request
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -221,6 +245,8 @@ class LLMEngine:
 
     def _abort(self, request: _Request) -> RequestOutput:
         del self._requests[request.seq.request_id]
+        if request.grammar is not None:
+            self._compiling.remove(request)
         self.scheduler.abort(request.seq.request_id)
         return self._output(request, finish_reason="abort")
 
@@ -242,7 +268,7 @@ class LLMEngine:
         bm = self.block_manager
         return EngineStats(
             num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
+            num_waiting=self.scheduler.num_waiting + len(self._compiling),
             kv_cache_usage=bm.usage,
             num_preemptions=self.scheduler.num_preemptions_total,
             prefix_cache_queries=bm.prefix_cache_queries,
@@ -252,42 +278,93 @@ class LLMEngine:
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that produced tokens."""
+        outputs: list[RequestOutput] = []
+        # n > 1: each request's children's outputs of this step, and whether it streams
+        children: dict[ParallelRequest, tuple[dict[int, RequestOutput], bool]] = {}
+        if self._compiling:
+            for request, output in self._admit_compiled():
+                self._collect(request, output, outputs, children)
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
-            return []
+            return self._merged(outputs, children)
         seqs, logits = self.runner.execute(scheduled.scheduled)
         self.scheduler.on_step_done(scheduled)
         if not seqs:
-            return []
+            return self._merged(outputs, children)
         requests = [self._requests[s.request_id] for s in seqs]
-        sampled = self.sampler(logits, self._sampling_metadata(requests, logits))
-        outputs = []
-        # n > 1: each request's children's outputs of this step, and whether it streams
-        children: dict[ParallelRequest, tuple[dict[int, RequestOutput], bool]] = {}
+        metadata = self._sampling_metadata(requests, logits)
+        guided = [i for i, r in enumerate(requests) if r.matcher is not None]
+        if guided:  # host work while the device computes the logits
+            bitmask = self._guided.fill_bitmask([requests[i].matcher for i in guided])
+            metadata = replace(metadata, token_bitmask=(
+                torch.tensor(guided, dtype=torch.int64).to(logits.device, non_blocking=True),
+                bitmask.to(logits.device, non_blocking=True)))
+        sampled = self.sampler(logits, metadata)
         for request, token, logprob, top in zip(requests, sampled.token_ids,
                                                 sampled.sampled_logprobs, sampled.logprobs):
             request.seq.append_token(token)
             request.cumulative_logprob += logprob
             if request.logprobs is not None:
                 request.logprobs.append(top or {})
-            if request.token_only:
+            if request.matcher is not None and not request.matcher.consume_token(token):
+                # Only a row whose every token was masked gets here; its output so far
+                # matches the grammar, so it ends rather than go on unconstrained.
+                logger.error("request %s: the grammar refused token %d (%s); aborting it",
+                             request.seq.request_id, token, request.matcher.get_error())
+                output = self._abort(request)
+            elif request.token_only:
                 output = self._process_token_id(request, token)
             elif request.lazy:
                 output = self._process_token_lazily(request, token)
             else:
                 output = self._process_token(request)
-            if output is None:
-                continue
-            if request.parent is None:
-                outputs.append(output)
-            else:  # n > 1: one output for the request, with all its children's news
-                children.setdefault(request.parent, ({}, request.stream))[0][request.index] = output
+            if output is not None:
+                self._collect(request, output, outputs, children)
+        return self._merged(outputs, children)
+
+    @staticmethod
+    def _collect(request: _Request, output: RequestOutput, outputs: list[RequestOutput],
+                 children: dict[ParallelRequest, tuple[dict[int, RequestOutput], bool]]
+                 ) -> None:
+        if request.parent is None:
+            outputs.append(output)
+        else:  # n > 1: one output for the request, with all its children's news
+            children.setdefault(request.parent, ({}, request.stream))[0][request.index] = output
+
+    def _merged(self, outputs: list[RequestOutput],
+                children: dict[ParallelRequest, tuple[dict[int, RequestOutput], bool]]
+                ) -> list[RequestOutput]:
         for parent, (updates, stream) in children.items():
             output = self._merge(parent, updates)
             # Not streamed (stream=False): reported once, when every child is done.
             if output.finished or stream:
                 outputs.append(output)
         return outputs
+
+    def _admit_compiled(self) -> list[tuple[_Request, RequestOutput]]:
+        """Schedules the requests whose grammar is ready; ends those whose grammar failed
+        (their outputs are returned). Waits briefly only when nothing else can run."""
+        if not self.scheduler.has_unfinished:
+            wait([self._compiling[0].grammar], timeout=_GRAMMAR_WAIT_S)
+        ended: list[tuple[_Request, RequestOutput]] = []
+        waiting: list[_Request] = []
+        for request in self._compiling:
+            grammar = request.grammar
+            if not grammar.done():
+                waiting.append(request)
+                continue
+            request.grammar = None
+            error = grammar.exception()
+            if error is None:
+                matcher = grammar.result()  # the n completions share one compile
+                request.matcher = matcher if request.index == 0 else matcher.deep_copy()
+                self.scheduler.add(request.seq)
+                continue
+            logger.error("request %s: %s", request.seq.request_id, error)
+            del self._requests[request.seq.request_id]
+            ended.append((request, self._output(request, finish_reason="abort")))
+        self._compiling = waiting
+        return ended
 
     def _sampling_metadata(self, requests: list[_Request], logits: torch.Tensor
                            ) -> SamplingMetadata:

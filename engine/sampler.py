@@ -8,6 +8,8 @@ batch, on the raw model logits:
      positive logits, multiply negative ones); presence and frequency over the OUTPUT tokens,
      as vLLM and OpenAI define them;
   2. min_tokens: EOS and stop_token_ids get -inf while a row has fewer outputs than asked;
+     structured outputs: each constrained row's disallowed tokens get -inf (its grammar's
+     packed bitmask, engine/guided_decoding.py);
   3. greedy rows: argmax (ties go to the lowest id, as torch.argmax);
   4. random rows: temperature, top-k, top-p, min-p, then one draw per row by the
      exponential race (argmax of p / Exp(1) noise, an exact categorical draw). Top-p needs
@@ -42,6 +44,7 @@ import torch
 from tritonforge.engine.sampling_params import SamplingParams
 from tritonforge.kernels import dispatch
 from tritonforge.kernels.sampling import sample as fused_sample
+from tritonforge.kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_ref
 
 # Above this top_k, torch.topk costs about what the full sort does.
 TOP_K_FAST_MAX = 1024
@@ -97,14 +100,18 @@ class SamplingMetadata:
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows [B], token ids [B]) -> -inf
     num_logprobs: list[int | None]  # per row
     logprob_rows: torch.Tensor | None  # [L] rows that asked for logprobs
+    # Structured outputs: (rows [G] int64, packed allowed tokens [G, ceil(V / 32)] int32);
+    # engine/guided_decoding.py fills it per step, after the build.
+    token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def is_plain(self) -> bool:
         """True when every row is greedy or samples with a temperature alone: no filter,
-        penalty, min_tokens ban, seeded generator or top-k logprobs (the fused path)."""
+        penalty, min_tokens ban, token mask, seeded generator or top-k logprobs (the fused
+        path)."""
         return (self.top_k is None and self.top_p is None and self.min_p is None
                 and self.penalty_rows is None and self.banned is None and not self.seeded
-                and self.logprob_rows is None)
+                and self.logprob_rows is None and self.token_bitmask is None)
 
     @property
     def all_greedy(self) -> bool:
@@ -250,7 +257,7 @@ class Sampler:
             ids, lps = torch.stack((token_ids.double(), sampled_lp.double())).tolist()
             return SamplerOutput([int(t) for t in ids], [None] * md.num_rows, lps)
         raw = logits.float()
-        processed = apply_min_tokens(apply_penalties(raw, md), md)
+        processed = apply_token_mask(apply_min_tokens(apply_penalties(raw, md), md), raw, md)
 
         if md.all_greedy:
             token_ids = processed.argmax(dim=-1)
@@ -363,6 +370,21 @@ def apply_min_tokens(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.
         return logits
     out = logits.clone()
     out[metadata.banned] = float("-inf")
+    return out
+
+
+def apply_token_mask(logits: torch.Tensor, raw: torch.Tensor,
+                     metadata: SamplingMetadata) -> torch.Tensor:
+    # logits: [S, V] -> the constrained rows' disallowed tokens at -inf (a copy of `raw`,
+    # which logprobs read, is made first when no earlier stage copied it)
+    if metadata.token_bitmask is None:
+        return logits
+    out = logits.clone() if logits is raw else logits
+    rows, bitmask = metadata.token_bitmask
+    if dispatch.use_triton(out):
+        apply_token_bitmask(out, rows, bitmask)
+    else:
+        apply_token_bitmask_ref(out, rows, bitmask)
     return out
 
 

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
+from tritonforge.engine.structured_outputs import StructuredOutputsParams, from_request_fields
+
 MAX_LOGPROBS = 20
 # Completions per request: each is a sequence of its own (engine/parallel_sampling.py);
 # OpenAI's API allows up to 128.
@@ -53,6 +55,11 @@ class SamplingParams:
         reported too, so 0 means "just the sampled token").
     skip_special_tokens, spaces_between_special_tokens: detokenization settings.
     include_stop_str_in_output: keep the matched stop string at the end of the text.
+    structured_outputs: None, or what the completion must match (a StructuredOutputsParams
+        or its dict: json / regex / choice / grammar / json_object); engine/
+        structured_outputs.py. guided_json, guided_regex, guided_choice, guided_grammar:
+        vLLM's older names for the same; each is moved into structured_outputs (and reads
+        None afterwards).
     """
 
     n: int = 1
@@ -73,6 +80,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def __post_init__(self) -> None:
         _check_int(self.n, "n", f"an int in [1, {MAX_N}]", lo=1, hi=MAX_N)
@@ -105,6 +117,11 @@ class SamplingParams:
         if self.logprobs is not None:
             _check_int(self.logprobs, "logprobs", f"None or an int in [0, {MAX_LOGPROBS}]",
                        0, MAX_LOGPROBS)
+        self.structured_outputs = from_request_fields(
+            self.structured_outputs,
+            {name: getattr(self, name) for name in ("guided_json", "guided_regex",
+                                                    "guided_choice", "guided_grammar")})
+        self.guided_json = self.guided_regex = self.guided_choice = self.guided_grammar = None
 
     # ---- derived views ------------------------------------------------------------------
     @property

@@ -371,6 +371,45 @@ def test_n_completions_come_as_n_entries_equal_to_the_offline_engine(triton_serv
                     inputs(PROMPTS[0], params=N_PARAMS | {"n": 500}))
 
 
+def test_structured_outputs_in_sampling_parameters_match_through_the_ensemble(
+        triton_server, model, llm):
+    """vLLM's guided_* names and structured_outputs ride in sampling_parameters: streamed and
+    not, with free requests beside them, every guided completion matches (JSON schema,
+    regex, choice) and equals the offline engine's; a schema that cannot compile fails
+    alone, naming its field."""
+    schema = {"type": "object", "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 999},
+        "kind": {"enum": ["a", "b"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2}},
+        "required": ["id", "kind", "tags"], "additionalProperties": False}
+    guided = [
+        {"structured_outputs": {"json": schema, "disable_any_whitespace": True}},
+        {"guided_regex": "[0-9]{3}-[a-z]{2}"},
+        {"guided_choice": ["left", "right"]},
+    ]
+    common = {"temperature": 1.0, "seed": 11, "max_tokens": 200}
+    ref = [llm.generate(PROMPTS[0], SamplingParams(**g, **common))[0].outputs[0].text
+           for g in guided]
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(json.loads(ref[0]), schema)
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", ref[1]) and ref[2] in ("left", "right")
+    with ThreadPoolExecutor(8) as pool:
+        streamed = [pool.submit(grpc_stream, triton_server.grpc_url, model, inputs(
+            PROMPTS[0], stream=True, params=g | common)) for g in guided]
+        whole = [pool.submit(grpc_stream, triton_server.grpc_url, model, inputs(
+            PROMPTS[0], params=g | common, exclude_input_in_output=True)) for g in guided]
+        free = [pool.submit(grpc_stream, triton_server.grpc_url, model, inputs(
+            PROMPTS[1], stream=True, params=GREEDY)) for _ in range(2)]
+        bad = pool.submit(grpc_stream, triton_server.grpc_url, model, inputs(
+            PROMPTS[0], params={"guided_json": {"type": "objectx"}}))
+        assert ["".join(texts(f.result())) for f in streamed] == ref
+        assert [texts(f.result())[0] for f in whole] == ref
+        for f in free:
+            assert f.result()
+        with pytest.raises(InferenceServerException, match="guided_json cannot be compiled"):
+            bad.result()
+
+
 def test_cancelling_a_stream_with_n_completions_frees_all_their_blocks(triton_server, model):
     assert wait_for(lambda: kv_idle(triton_server, model), timeout=30)
     got: queue.Queue = queue.Queue()

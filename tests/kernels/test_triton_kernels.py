@@ -42,6 +42,7 @@ from tritonforge.kernels.paged_attention import (
 )
 from tritonforge.kernels.rms_norm import rms_norm, rms_norm_ref
 from tritonforge.kernels.rotary import rotary_embedding, rotary_embedding_ref
+from tritonforge.kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_ref
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -299,6 +300,36 @@ def test_silu_and_gelu_and_mul_match_refs(dtype, shape, act) -> None:
     _assert_close(out, ref, dtype)
 
 
+# --- token bitmask (structured outputs) ----------------------------------------------------------
+@kernel_test
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("num_rows,vocab_size,num_words,rows", [
+    (5, 1000, 32, [0, 3, 4]),  # V not a multiple of 32 or of the block
+    (3, 2051, 65, [2]),  # a mask word past V (its high bits must not matter)
+    (4, 1030, 30, [1, 0, 3]),  # logits outnumber the mask's 960 tokens: the rest disallowed
+    (2, 96, 3, []),  # no constrained row
+])
+def test_token_bitmask_masks_exactly_the_refs_tokens(dtype, num_rows, vocab_size, num_words,
+                                                     rows) -> None:
+    gen = _gen(7)
+    logits = _randn(num_rows, vocab_size, gen=gen, dtype=dtype)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (len(rows), num_words), generator=gen,
+                            dtype=torch.int32)
+    rows_t = torch.tensor(rows, dtype=torch.int64)
+    want = logits.clone()
+    apply_token_bitmask_ref(want, rows_t.to(DEVICE), bitmask)
+    got = logits.clone()
+    apply_token_bitmask(got, rows_t.to(DEVICE), bitmask.to(DEVICE))
+    assert torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got[~got.isinf()], logits[~got.isinf()])  # the rest untouched
+    for i, row in enumerate(rows):  # the ref itself: bit j of word w allows token 32w + j
+        allowed = [t for t in range(vocab_size)
+                   if t < 32 * num_words and (int(bitmask[i, t // 32]) >> (t % 32)) & 1]
+        assert (~want[row].isinf()).nonzero().flatten().tolist() == allowed
+    free = [r for r in range(num_rows) if r not in rows]
+    assert torch.equal(want[free], logits[free])
+
+
 # --- dispatch ------------------------------------------------------------------------------------
 def test_dispatch_sends_cpu_tensors_and_forced_runs_to_the_reference() -> None:
     assert not dispatch.use_triton(torch.zeros(1))
@@ -318,6 +349,7 @@ GROUPS = {  # group -> the -k expression selecting its tests in this file
     "rms_norm": "rms_norm",
     "rotary": "rotary",
     "activation": "and_mul",
+    "token_bitmask": "token_bitmask",
 }
 
 
