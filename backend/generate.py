@@ -61,6 +61,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -316,7 +317,8 @@ class TritonPythonModel:
         if "logprobs" in s.returns:
             tensors.append(text_tensor("logprobs", [
                 self._logprobs_json(c.logprobs[len(c.logprobs) - k:]
-                                    if c.logprobs is not None else None, s.num_logprobs)
+                                    if c.logprobs is not None else None,
+                                    c.token_ids[len(c.token_ids) - k:], s.num_logprobs)
                 for c, k in zip(completions, num_new)]))
         if "num_input_tokens" in s.returns:
             tensors.append(pb_utils.Tensor("num_input_tokens", np.array(
@@ -326,20 +328,25 @@ class TritonPythonModel:
                 num_new, dtype=np.uint32)))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
-    def _logprobs_json(self, per_token: list[dict[int, float]] | None, k: int) -> str:
-        """vLLM's shape: per token {token_id: {logprob, rank, decoded_token}}, most likely
-        first. The engine reports the top-k and the sampled token; when the sampled token is
-        not among the top k it is the (k+1)-th entry, and its rank (> k) is unknown: null."""
+    def _logprobs_json(self, per_token: list[dict[int, float]] | None,
+                       sampled: Sequence[int], k: int) -> str:
+        """vLLM's shape: per token {token_id: {logprob, rank, decoded_token}}, the sampled
+        token first (as vLLM orders it, so a client can tell which token was sampled), then
+        the others most likely first. The engine reports the top-k and the sampled token;
+        when the sampled token is not among the top k its rank (> k) is unknown: null."""
         if per_token is None:
             return "null"
         # A writer thread: decode() only reads the tokenizer, as the reader thread does.
         tokenizer = self.engine.tokenizer
         out = []
-        for alternatives in per_token:
+        for alternatives, token in zip(per_token, sampled):
             ranked = sorted(alternatives.items(), key=lambda kv: -kv[1])
-            out.append({str(tid): {"logprob": _finite(lp), "rank": i + 1 if i < k else None,
+            rank = {tid: i + 1 for i, (tid, _) in enumerate(ranked) if i < k}
+            ordered = [(token, alternatives[token])] if token in alternatives else []
+            ordered += [(tid, lp) for tid, lp in ranked if tid != token]
+            out.append({str(tid): {"logprob": _finite(lp), "rank": rank.get(tid),
                                    "decoded_token": tokenizer.decode([tid])}
-                        for i, (tid, lp) in enumerate(ranked)})
+                        for tid, lp in ordered})
         return json.dumps(out)
 
     def _record(self, s: _Stream, output: RequestOutput, num_new: int, now: float) -> None:

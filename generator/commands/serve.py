@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -14,9 +15,12 @@ from tritonforge.generator.commands import _serving
 from tritonforge.generator.commands.build import add_build_arguments, options, print_result
 from tritonforge.generator.commands.inspect import add_model_arguments
 from tritonforge.generator.errors import UserError
+from tritonforge.generator.openai_api.server import DEFAULT_PORT as DEFAULT_OPENAI_PORT
+from tritonforge.generator.openai_api.server import openai_server, served_models
 from tritonforge.generator.tritonserver import (
     TritonServer,
     locate_tritonserver,
+    port_is_free,
     temporary_directory,
 )
 
@@ -26,10 +30,12 @@ EPILOG = """examples:
   generator serve ./all-MiniLM-L6-v2 --task embed -o ./model_repository
   generator serve ./my-model --host 0.0.0.0 --http-port 8000 --grpc-port 8001
   generator serve ./model_repository --json             one JSON line with the URLs, for scripts
+  generator serve ./model_repository --openai           also the OpenAI API on http://127.0.0.1:9000/v1
   generator serve ./big-model --startup-timeout 1800    allow 30 minutes for loading
 
 Ports: tritonserver's 8000 (HTTP), 8001 (gRPC), 8002 (metrics) when free, else free ones
-(said in the output). Ctrl-C, SIGTERM or SIGHUP stops the server and its Python-backend
+(said in the output); --openai listens on 9000 (--openai-port), which must be free.
+Ctrl-C, SIGTERM or SIGHUP stops the server and its Python-backend
 stubs and removes the temporary folder; if serve itself is killed, a watchdog does it.
 """
 # serve's flags that only mean something when it builds (a repository is served as is).
@@ -47,6 +53,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     add_model_arguments(parser)
     add_build_arguments(parser, output_default=None)
     _serving.add_server_arguments(parser)
+    parser.add_argument("--openai", action="store_true",
+                        help="also serve the OpenAI-compatible API (/v1/models, /v1/completions, "
+                        "/v1/chat/completions, /v1/embeddings, /v1/rerank), forwarding to "
+                        "Triton over gRPC")
+    parser.add_argument("--openai-port", type=int, default=None, metavar="PORT",
+                        help=f"port of the OpenAI API (default: {DEFAULT_OPENAI_PORT}); "
+                        "implies --openai")
     parser.add_argument("--json", action="store_true",
                         help="once ready, print one JSON object (URLs, ports, pids) on stdout; "
                         "everything else goes to stderr")
@@ -55,6 +68,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     out = _serving.console(stderr=args.json)
     _serving.check_startup_timeout(args.startup_timeout)
+    _openai_port(args)  # fail fast, before building anything
     install = locate_tritonserver()  # fail fast, before building anything
     with _serving.stopping_on_signals():
         repo = Path(args.model).expanduser()
@@ -70,17 +84,41 @@ def run(args: argparse.Namespace) -> int:
             return _serve(out, args, install, Path(repo).resolve(), [result.name])
 
 
+def _openai_port(args: argparse.Namespace) -> int | None:
+    """The OpenAI API's port when asked for (--openai or --openai-port), checked up front."""
+    if not args.openai and args.openai_port is None:
+        return None
+    port = DEFAULT_OPENAI_PORT if args.openai_port is None else args.openai_port
+    if not 1 <= port <= 65535:
+        raise UserError(f"--openai-port must be a port number in [1, 65535], got {port}")
+    if not port_is_free(port):
+        raise UserError(f"--openai-port {port} is in use; pick a free one with --openai-port")
+    return port
+
+
 def _serve(out, args: argparse.Namespace, install, repo: Path,  # noqa: ANN001
            models: list[str]) -> int:
-    with _serving.running_server(out, repo, models, args, install=install,
-                                 log_prefix="tritonforge-serve-") as server:
+    openai_port = _openai_port(args)
+    served = served_models(repo, models) if openai_port is not None else []
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(_serving.running_server(
+            out, repo, models, args, install=install, log_prefix="tritonforge-serve-"))
+        openai_url = None
+        if openai_port is not None:
+            openai_url = stack.enter_context(openai_server(
+                served, server.grpc_url, args.host, openai_port))
+
         def announce() -> None:
             out.print(f"  HTTP     http://{server.http_url}\n"
                       f"  gRPC     {server.grpc_url}\n"
                       f"  metrics  {server.metrics_url}", highlight=False)
+            if openai_url is not None:
+                out.print(f"  OpenAI   {openai_url}", highlight=False)
             out.print(repository_example(repo, models, server), highlight=False, markup=False)
+            if openai_url is not None:
+                out.print(openai_example(openai_url, served), highlight=False, markup=False)
             if args.json:
-                print(json.dumps(endpoints(server, repo, models)), flush=True)
+                print(json.dumps(endpoints(server, repo, models, openai_url)), flush=True)
             out.print("serving; press Ctrl-C to stop")
 
         _serving.serve_until_stopped(out, server, announce)
@@ -88,14 +126,29 @@ def _serve(out, args: argparse.Namespace, install, repo: Path,  # noqa: ANN001
     return 0
 
 
-def endpoints(server: TritonServer, repo: Path, models: list[str]) -> dict:
+def openai_example(base_url: str, served: list) -> str:  # noqa: ANN001 - ServedModel list
+    model = served[0]
+    if model.task == "generate":
+        return (f"OpenAI API:\n  curl -s {base_url}/chat/completions -H 'Content-Type: "
+                f"application/json' -d '{{\"model\": \"{model.name}\", \"messages\": "
+                f"[{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
+    if model.task == "embed":
+        return (f"OpenAI API:\n  curl -s {base_url}/embeddings -H 'Content-Type: "
+                f"application/json' -d '{{\"model\": \"{model.name}\", \"input\": "
+                f"\"Triton serves models\"}}'")
+    return f"OpenAI API:\n  curl -s {base_url}/models"
+
+
+def endpoints(server: TritonServer, repo: Path, models: list[str],
+              openai_url: str | None = None) -> dict:
     """--json: what a script needs to call the server, and to stop it (SIGTERM to `pid`)."""
     return {"http": f"http://{server.http_url}", "grpc": server.grpc_url,
             "metrics": server.metrics_url,
             "ports": {"http": server.http_port, "grpc": server.grpc_port,
                       "metrics": server.metrics_port},
             "models": models, "repository": str(repo), "pid": os.getpid(),
-            "server_pid": server.pid, "log": str(server.log_file)}
+            "server_pid": server.pid, "log": str(server.log_file),
+            **({"openai": openai_url} if openai_url is not None else {})}
 
 
 # -- a built repository ----------------------------------------------------------------------

@@ -310,6 +310,7 @@ def test_return_outputs_are_correct_non_streaming(triton_server, model, llm):
     for token_id, entry, ref_entry in zip(ref.outputs[0].token_ids, logprobs,
                                           ref.outputs[0].logprobs):
         assert str(token_id) in entry and 2 <= len(entry) <= 3
+        assert next(iter(entry)) == str(token_id)  # the sampled token first, as vLLM
         assert set(entry) == {str(t) for t in ref_entry}
         ranked = sorted(entry.values(), key=lambda v: -v["logprob"])
         assert [v["rank"] for v in ranked[:2]] == [1, 2]
