@@ -24,6 +24,8 @@ WORKLOADS: dict[str, tuple[str, str]] = {
                    "workload 3: embed sequences/s and tokens/s vs sentence-transformers"),
     "backend-vs-native": ("benchmarks.backend_vs_native",
                           "workload 4: native vs Transformers-backend Llama, one run"),
+    "guided": ("benchmarks.guided",
+               "structured outputs: guided-decoding throughput cost and validity"),
     "kernels": ("benchmarks.kernels", "kernel microbenchmarks vs ceilings (CUDA only)"),
 }
 
