@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     llm = LLM(model=str(model_dir), device=device, dtype=dtype, max_model_len=args.max_model_len,
               max_num_seqs=max(args.concurrency, 8), gpu_memory_utilization=0.8)
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 10000, (args.prompt_len,), generator=gen).tolist()
+    top = min(10000, llm.engine.vocab_size - 3)  # the specials sit at the top ids
+    prompts = [torch.randint(0, top, (args.prompt_len,), generator=gen).tolist()
                for _ in range(args.concurrency)]
     free = {"temperature": 0.6, "max_tokens": args.output_len, "ignore_eos": True}
     guided = {"temperature": 0.6, "max_tokens": args.output_len, "guided_json": LONG_SCHEMA}

@@ -25,7 +25,7 @@ TINY = ["--model", "tiny", "--num-requests", "3", "--min-len", "5", "--max-len",
 
 def test_every_registered_workload_has_a_main() -> None:
     assert set(entry.WORKLOADS) == {"throughput", "serving", "embeddings", "backend-vs-native",
-                                    "kernels"}
+                                    "guided", "kernels"}
     for module, _ in entry.WORKLOADS.values():
         assert callable(importlib.import_module(module).main)
 
@@ -77,3 +77,16 @@ def test_hf_continuous_batching_peer_finishes_outside_inference_mode(
     assert seen == [False]
     assert row["status"] == "ok", row["notes"]
     assert row["output_tokens"] == row["requested_output_tokens"] > 0
+
+
+def test_guided_workload_measures_both_runs_and_every_check_matches(tmp_path) -> None:
+    from benchmarks import guided
+
+    results = guided.main(["--model", "tiny", "--device", "cpu", "--dtype", "float32",
+                           "--concurrency", "4", "--prompt-len", "8", "--output-len", "12",
+                           "--max-model-len", "128", "--num-checks", "6",
+                           "--model-cache", str(tmp_path), "--out", str(tmp_path / "g.json")])
+    for run in ("free", "guided_json", "half_guided"):
+        assert results[run]["output_tokens"] == 4 * 12 and results[run]["tok_s"] > 0
+    assert results["checks"] == {"requests": 6, "mismatches": 0, "examples": []}
+    assert json.loads((tmp_path / "g.json").read_text())["benchmark"] == "guided"
