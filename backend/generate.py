@@ -332,8 +332,8 @@ class TritonPythonModel:
                        sampled: Sequence[int], k: int) -> str:
         """vLLM's shape: per token {token_id: {logprob, rank, decoded_token}}, the sampled
         token first (as vLLM orders it, so a client can tell which token was sampled), then
-        the others most likely first. The engine reports the top-k and the sampled token;
-        when the sampled token is not among the top k its rank (> k) is unknown: null."""
+        the others most likely first. The engine reports the top-k and the sampled token
+        with its rank among all tokens (> k when it is not among the top k)."""
         if per_token is None:
             return "null"
         # A writer thread: decode() only reads the tokenizer, as the reader thread does.
@@ -342,6 +342,11 @@ class TritonPythonModel:
         for alternatives, token in zip(per_token, sampled):
             ranked = sorted(alternatives.items(), key=lambda kv: -kv[1])
             rank = {tid: i + 1 for i, (tid, _) in enumerate(ranked) if i < k}
+            # The engine's true rank of the sampled token (engine/sampler.TokenLogprobs):
+            # past the top k too, where the top-k order cannot tell it.
+            sampled_rank = getattr(alternatives, "sampled_rank", None)
+            if sampled_rank is not None:
+                rank[token] = sampled_rank
             ordered = [(token, alternatives[token])] if token in alternatives else []
             ordered += [(tid, lp) for tid, lp in ranked if tid != token]
             out.append({str(tid): {"logprob": _finite(lp), "rank": rank.get(tid),

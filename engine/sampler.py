@@ -50,6 +50,15 @@ from tritonforge.kernels.token_bitmask import apply_token_bitmask, apply_token_b
 TOP_K_FAST_MAX = 1024
 
 
+class TokenLogprobs(dict):
+    """{token id: logprob} of one position (the top-k and the sampled token), and
+    `sampled_rank`: the sampled token's rank among all tokens (1 = most likely; vLLM's
+    Logprob.rank). A dict, so every consumer of plain logprob dicts reads it unchanged; the
+    rank rides along as an attribute (kept by pickling, the engine core's wire)."""
+
+    sampled_rank: int | None = None
+
+
 @dataclass
 class SamplerOutput:
     """token_ids[i]: row i's token. logprobs[i]: None when row i did not ask, else
@@ -335,6 +344,8 @@ class Sampler:
         # The dict's values all come from this log_softmax, the sampled token's included.
         picked_lp = logprobs.gather(1, picked[:, None]).squeeze(1)
         sampled_lp[rows] = picked_lp
+        # The sampled token's rank among all tokens: 1 + how many are strictly more likely.
+        ranks = ((logprobs > picked_lp[:, None]).sum(dim=-1) + 1).tolist()
         max_k = max(md.num_logprobs[i] for i in rows.tolist())
         top_lp, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
         top_lp_l = top_lp.tolist() if max_k else None
@@ -342,8 +353,9 @@ class Sampler:
         for n, (row, tok, lp) in enumerate(zip(rows.tolist(), picked.tolist(),
                                                picked_lp.tolist())):
             k = md.num_logprobs[row]
-            entry = dict(zip(top_ids_l[n][:k], top_lp_l[n][:k])) if k else {}
+            entry = TokenLogprobs(zip(top_ids_l[n][:k], top_lp_l[n][:k])) if k else TokenLogprobs()
             entry[tok] = lp
+            entry.sampled_rank = int(ranks[n])
             out[row] = entry
 
 

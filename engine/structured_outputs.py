@@ -23,6 +23,10 @@ GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice"
                  "guided_grammar": "grammar"}
 MAX_CHOICES = 1024
 _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+# vLLM's other StructuredOutputsParams fields, accepted at their defaults only.
+_VLLM_DEFAULTS = {"disable_fallback": False, "disable_additional_properties": False,
+                  "whitespace_pattern": None, "structural_tag": None, "_backend": None,
+                  "_backend_was_auto": False}
 
 
 @dataclass
@@ -73,17 +77,34 @@ class StructuredOutputsParams:
 
     @classmethod
     def from_dict(cls, data: Any) -> StructuredOutputsParams:
+        """From a request's `structured_outputs`: an object, or its JSON text (Triton's
+        OpenAI frontend sends json.dumps(asdict(vllm.StructuredOutputsParams(...))), every
+        vLLM field included: those we do not implement pass at their defaults)."""
         if isinstance(data, StructuredOutputsParams):
             return data
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except ValueError as err:
+                raise ValueError(f"structured_outputs is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(
                 f"structured_outputs must be a JSON object, got {type(data).__name__}")
         allowed = [f.name for f in fields(cls) if f.init]
-        for key in data:
+        given = {}
+        for key, value in data.items():
+            if key in _VLLM_DEFAULTS:
+                if value != _VLLM_DEFAULTS[key]:
+                    raise ValueError(f"structured_outputs.{key} is not supported (only its "
+                                     f"default, {_VLLM_DEFAULTS[key]!r}), got {value!r}"[:300])
+                continue
             if key not in allowed:
                 raise ValueError(f"unknown structured_outputs key {key!r}; allowed: "
                                  f"{', '.join(allowed)}")
-        return cls(**data)
+            given[key] = value
+        if given.get("disable_any_whitespace") is None:  # vLLM's asdict may send null
+            given.pop("disable_any_whitespace", None)
+        return cls(**given)
 
 
 def from_request_fields(structured: Any, guided: dict[str, Any]) -> StructuredOutputsParams | None:

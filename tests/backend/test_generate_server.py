@@ -411,6 +411,84 @@ def test_structured_outputs_in_sampling_parameters_match_through_the_ensemble(
             bad.result()
 
 
+def triton_openai_request(prompt: str, *, chat: bool, stream: bool, echo: bool = False,
+                          logprobs: int | None = None, extra: dict | None = None
+                          ) -> list[grpcclient.InferInput]:
+    """What Triton's own OpenAI frontend (server repository, python/openai,
+    engine/utils/triton.py `_create_vllm_generate_request`, run with `--backend vllm`) sends
+    a vllm_backend model: the pydantic request dumped without None fields (so its defaults
+    ride along: temperature 0.7 for chat, n, penalties 0, top_p 1, ignore_eos false),
+    max_tokens, logprobs as vLLM's int, and exactly these inputs."""
+    params = {"frequency_penalty": 0, "ignore_eos": False, "n": 1, "presence_penalty": 0,
+              "temperature": 0.7 if chat else 1, "top_p": 1, "max_tokens": 12} | (extra or {})
+    if logprobs:
+        params["logprobs"] = logprobs
+    return inputs(prompt, stream=stream, params=params, exclude_input_in_output=not echo,
+                  return_logprobs=bool(logprobs), return_num_input_tokens=True,
+                  return_num_output_tokens=True)
+
+
+def parse_like_triton_openai(results: list[Any]) -> tuple[str, list[str], int, int]:
+    """(text, sampled tokens, prompt tokens, completion tokens) read as that frontend reads
+    them: one string per text_output (it refuses any other count), logprobs entries sorted
+    by rank with the first taken as the token (a null rank would make its sort raise), usage
+    from num_input_tokens (once) and num_output_tokens (summed)."""
+    import sys
+
+    text, tokens, prompt_tokens, completion_tokens = "", [], None, 0
+    for r in results:
+        out = r.as_numpy("text_output")
+        if out is None:
+            continue
+        assert out.size == 1, "the frontend reads exactly one string per response"
+        text += out.reshape(-1)[0].decode()
+        raw = r.as_numpy("logprobs")
+        if raw is not None and raw.reshape(-1)[0] != b"null":
+            for entry in json.loads(raw.reshape(-1)[0]):
+                ranked = sorted(entry.items(), key=lambda kv: kv[1].get("rank", sys.maxsize))
+                tokens.append(ranked[0][1]["decoded_token"])
+        if prompt_tokens is None:
+            prompt_tokens = int(r.as_numpy("num_input_tokens").reshape(-1)[0])
+        completion_tokens += int(r.as_numpy("num_output_tokens").reshape(-1)[0])
+    return text, tokens, prompt_tokens, completion_tokens
+
+
+def test_triton_openai_frontends_requests_are_served_and_parse(triton_server, model, llm):
+    """Replays the request construction of Triton's OpenAI frontend (vLLM request format)
+    against the ensemble and parses the responses its way: chat (a templated prompt) and
+    completions, streamed and not, echo, logprobs at temperature 0.7 (the sampled token's
+    rank is an int even past the top 1), and structured_outputs as the JSON text it sends
+    for a forced tool call (vLLM's whole StructuredOutputsParams, nulls included)."""
+    prompt = PROMPTS[0]
+    ref = llm.generate(prompt, SamplingParams(temperature=0.7, seed=3, max_tokens=12))[0]
+    for stream in (True, False):
+        results = grpc_stream(triton_server.grpc_url, model, triton_openai_request(
+            prompt, chat=True, stream=stream, logprobs=1, extra={"seed": 3}))
+        text, tokens, n_in, n_out = parse_like_triton_openai(results)
+        assert text == ref.outputs[0].text
+        assert n_in == len(ref.prompt_token_ids) and n_out == len(ref.outputs[0].token_ids)
+        assert len(tokens) == n_out
+        for r in results:
+            raw = r.as_numpy("logprobs")
+            for entry in json.loads(raw.reshape(-1)[0]) if raw is not None else []:
+                assert all(isinstance(v["rank"], int) for v in entry.values())
+    (whole,) = grpc_stream(triton_server.grpc_url, model, triton_openai_request(
+        prompt, chat=False, stream=False, echo=True, extra={"temperature": 0}))
+    greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12))[0]
+    assert parse_like_triton_openai([whole])[0] == prompt + greedy.outputs[0].text
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+              "required": ["city"], "additionalProperties": False}
+    vllm_fields = {"json": json.dumps(schema), "regex": None, "choice": None, "grammar": None,
+                   "json_object": None, "disable_fallback": False,
+                   "disable_any_whitespace": False, "disable_additional_properties": False,
+                   "whitespace_pattern": None, "structural_tag": None, "_backend": None,
+                   "_backend_was_auto": False}
+    results = grpc_stream(triton_server.grpc_url, model, triton_openai_request(
+        prompt, chat=True, stream=True,
+        extra={"structured_outputs": json.dumps(vllm_fields), "max_tokens": 60}))
+    assert json.loads(parse_like_triton_openai(results)[0])["city"] in ("Paris", "Rome")
+
+
 def test_cancelling_a_stream_with_n_completions_frees_all_their_blocks(triton_server, model):
     assert wait_for(lambda: kv_idle(triton_server, model), timeout=30)
     got: queue.Queue = queue.Queue()

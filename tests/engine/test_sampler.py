@@ -236,6 +236,8 @@ def test_logprobs_hold_the_sampled_token_and_match_raw_log_softmax():
         for tid, lp in entry.items():
             assert lp == pytest.approx(raw[row, tid].item(), abs=1e-5)
         assert out.sampled_logprobs[row] == entry[token]
+        # vLLM's rank: 1 + the tokens strictly more likely than the sampled one
+        assert entry.sampled_rank == int((raw[row] > raw[row, token]).sum()) + 1
     for row in range(4):
         assert out.sampled_logprobs[row] == pytest.approx(
             raw[row, out.token_ids[row]].item(), abs=1e-5)

@@ -152,6 +152,9 @@ def test_greedy_choice_picks_one_of_the_choices_and_n_completions_each_match(llm
     ({"structured_outputs": ["json"]}, "structured_outputs must be a JSON object"),
     ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "at most one guided_*"),
     ({"guided_regex": "a", "structured_outputs": {"regex": "b"}}, "not both"),
+    ({"structured_outputs": '{"regex": "a", "disable_fallback": true}'},
+     "structured_outputs.disable_fallback is not supported"),
+    ({"structured_outputs": "{regex"}, "structured_outputs is not valid JSON"),
 ])
 def test_a_constraint_that_cannot_compile_fails_at_the_door_naming_its_field(params, field):
     with pytest.raises(ValueError, match=re.escape(field)):
