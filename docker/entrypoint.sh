@@ -11,6 +11,8 @@
 #   TRITON_BACKENDS       its backend directory (passed as --backend-directory when set)
 #   TRITONSERVER_ARGS     extra tritonserver flags; arguments starting with "-" are appended too
 #                         (default model control: explicit, every model loaded at start)
+#   OPENAI_PORT           set -> also the OpenAI-compatible API on 0.0.0.0:OPENAI_PORT
+#                         (`generator openai`, forwarding to tritonserver's gRPC port)
 # Any other first argument is run instead (e.g. `docker run -it IMAGE bash`).
 #
 # Signals: this script stays PID 1 and runs tritonserver as its child instead of `exec`-ing it.
@@ -26,6 +28,7 @@ TRITON_METRICS_PORT="${TRITON_METRICS_PORT:-8002}"
 TRITON_EXIT_TIMEOUT_SECS="${TRITON_EXIT_TIMEOUT_SECS:-30}"
 
 child=0
+openai=0
 stopping=0
 
 log() { printf '[entrypoint] %s\n' "$*" >&2; }
@@ -42,6 +45,9 @@ on_signal() {
   log "received SIG$1; stopping"
   if ((child > 0)); then
     kill -TERM "$child" 2>/dev/null || true
+  fi
+  if ((openai > 0)); then
+    kill -TERM "$openai" 2>/dev/null || true
   fi
 }
 trap 'on_signal TERM' TERM
@@ -111,7 +117,19 @@ args+=("${user_args[@]}" "$@")
 
 log "$server ${args[*]}"
 ((stopping == 0)) || exit 143
+if [[ -n ${OPENAI_PORT:-} ]]; then
+  # Beside tritonserver, not instead of it: the API answers 503 on /health until the models
+  # are ready, and stops with the server.
+  log "generator openai on port $OPENAI_PORT"
+  generator openai --model-repository "$MODEL_REPOSITORY" \
+    --grpc-url "127.0.0.1:$TRITON_GRPC_PORT" --host 0.0.0.0 --port "$OPENAI_PORT" &
+  openai=$!
+fi
 status=0
 run_child "$server" "${args[@]}" || status=$?
 log "tritonserver exited with status $status"
+if ((openai > 0)); then
+  kill -TERM "$openai" 2>/dev/null || true
+  wait "$openai" 2>/dev/null || true
+fi
 exit "$status"

@@ -20,6 +20,7 @@ from tritonforge.generator.commands import (
     fetch_example,
     inspect,
     list_models,
+    openai_api,
     serve,
 )
 from tritonforge.generator.errors import UserError
@@ -30,6 +31,7 @@ COMMANDS = {
     "inspect": inspect,
     "build": build,
     "serve": serve,
+    "openai": openai_api,
     "list": list_models,
     "fetch-example": fetch_example,
     "demo": demo,
@@ -41,6 +43,9 @@ EPILOG = """examples:
   generator build Qwen/Qwen3-0.6B       render it into ./model_repository
   generator build ./bge --task embed -o ./model_repository
   generator serve ./my-model            build in a temp dir and serve on a local tritonserver
+  generator serve ./my-model --openai   ... and an OpenAI-compatible API on :9000/v1
+  generator openai --model-repository ./model_repository
+                                        the OpenAI API in front of a running tritonserver
   generator list                        supported architectures per task
   generator deploy k8s --model-repository ./model_repository --name qwen
                                         Kubernetes manifests (Deployment, Service, HPA, ...)

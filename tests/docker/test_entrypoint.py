@@ -72,6 +72,30 @@ def test_serves_a_mounted_repository_and_forwards_sigterm(fake_server, tmp_path:
         proc.kill()
 
 
+def test_openai_port_runs_the_openai_api_beside_tritonserver_and_stops_it(
+        fake_server, tmp_path: Path) -> None:
+    """OPENAI_PORT: `generator openai` on that port, forwarding to the server's gRPC port,
+    started beside tritonserver and stopped with it on SIGTERM."""
+    generator = tmp_path / "bin" / "generator"
+    generator.write_text(FAKE_SERVER.replace("$ARGS_FILE", "$ARGS_FILE.openai"))
+    generator.chmod(0o755)
+    env = dict(fake_server, OPENAI_PORT="9100", TRITON_GRPC_PORT="9001")
+    proc = subprocess.Popen([str(ENTRYPOINT)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(tmp_path / "args")
+        _wait_for(tmp_path / "args.openai")
+        assert (tmp_path / "args.openai").read_text().split() == [
+            "openai", "--model-repository", env["MODEL_REPOSITORY"], "--grpc-url",
+            "127.0.0.1:9001", "--host", "0.0.0.0", "--port", "9100"]
+        assert "--grpc-port=9001" in (tmp_path / "args").read_text().split()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, proc.stdout.read()
+        assert (tmp_path / "args.term").exists() and (tmp_path / "args.openai.term").exists()
+    finally:
+        proc.kill()
+
+
 def test_tritonserver_env_var_wins_over_path(fake_server, tmp_path: Path) -> None:
     other = tmp_path / "other-tritonserver"
     other.write_text("#!/usr/bin/env bash\necho other \"$@\" > \"$ARGS_FILE\"\n")

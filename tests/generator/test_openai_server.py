@@ -16,7 +16,10 @@ import http.client
 import importlib.util
 import json
 import re
+import signal
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -28,6 +31,7 @@ from tritonforge.generator.examples import fetch_example
 from tritonforge.generator.tritonserver import free_port
 
 from tests.backend.test_generate_server import scrape
+
 from .test_serve import port_flags
 
 openai = pytest.importorskip("openai")
@@ -65,6 +69,32 @@ def test_models_lists_what_the_repository_serves(served):
     assert "OpenAI   http://" in served["process"].output
 
 
+def test_generator_openai_serves_the_api_in_front_of_a_running_server(served,
+                                                                     module_cli_process):
+    """`generator openai` (the container's OPENAI_PORT): the same API, as a process of its
+    own in front of a tritonserver it did not start."""
+    port = free_port()
+    process = module_cli_process("openai", "--model-repository", served["info"]["repository"],
+                                 "--grpc-url", served["info"]["grpc"], "--port", str(port))
+    process.wait_for_line(r"OpenAI API on http://127\.0\.0\.1:\d+/v1 for minilm, rerank, smol")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                           max_retries=3, timeout=60)
+    assert _wait(lambda: _get_status(f"http://127.0.0.1:{port}/health") == 200, 60)
+    assert sorted(m.id for m in client.models.list()) == ["minilm", "rerank", "smol"]
+    out = client.embeddings.create(model="minilm", input="hello")
+    assert len(out.data[0].embedding) == 384
+    process.proc.send_signal(signal.SIGTERM)
+    assert process.finish(timeout=30) == 0
+
+
+def _get_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status
+    except (OSError, urllib.error.URLError):
+        return 0
+
+
 def test_chat_streams_the_same_greedy_text_it_returns_whole_with_usage(served):
     client = served["client"]
     whole = client.chat.completions.create(model="smol", messages=CHAT, max_tokens=24,
@@ -83,7 +113,8 @@ def test_chat_streams_the_same_greedy_text_it_returns_whole_with_usage(served):
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices
                 and c.choices[0].finish_reason]
     assert finishes == [whole.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == usage.completion_tokens
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == usage.completion_tokens
 
 
 def test_completions_take_prompt_batches_n_echo_and_logprobs(served):
@@ -99,7 +130,8 @@ def test_completions_take_prompt_batches_n_echo_and_logprobs(served):
         assert "".join(lp.tokens) == choice.text[len(prompt):]
         assert len(lp.token_logprobs) == len(lp.tokens) == 6 and choice.finish_reason == "length"
         for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
-            assert len(top) == 2 and max(top.values()) == pytest.approx(logprob)  # greedy
+            # greedy: the sampled token is the most likely one
+            assert len(top) == 2 and top[token] == pytest.approx(logprob) == max(top.values())
     assert out.usage.completion_tokens == 4 * 6
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="smol", prompt=prompts[0], max_tokens=6, temperature=0, stream=True))
