@@ -10,7 +10,10 @@ Design (vLLM V1's structured-output manager is the model):
   of the step's constrained rows for their allowed tokens (one packed int32 row each, in
   parallel across rows); this host work runs while the GPU computes the step's logits.
   The sampler masks those rows on the device (kernels/token_bitmask.py), batched with the
-  free rows, and the engine feeds each sampled token back with `consume_token`.
+  free rows. The sampled tokens are fed back to the matchers (`consume`, in parallel) at
+  the start of the NEXT step, once its forward is launched: advancing a grammar costs the
+  host tens of microseconds per row, which then overlaps the GPU instead of delaying the
+  launch (measured on the H100: fed at once, it cost a quarter of the throughput at C=64).
 - The end of the grammar is an EOS: once a matcher accepts, its mask allows the model's EOS
   ids, and when nothing but EOS is left it allows only those, so the engine's ordinary
   EOS stop ends the completion.
@@ -82,6 +85,17 @@ class GuidedDecoding:
             llt.fill_next_token_bitmask_par(
                 self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
         return bitmask
+
+    def consume(self, pairs: list[tuple[Any, int]]) -> list[bool]:
+        """Feeds each matcher its sampled token (in parallel across matchers); False where
+        the grammar refused it (that matcher is then in its error state)."""
+        if len(pairs) == 1:
+            return [pairs[0][0].consume_token(pairs[0][1])]
+        if self._executor is None:
+            import llguidance
+
+            self._executor = llguidance.LLExecutor()
+        return list(self._executor.consume_token_par(pairs))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

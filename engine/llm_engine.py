@@ -81,6 +81,7 @@ class _Request:
     # sequence's llguidance matcher (engine/guided_decoding.py)
     grammar: Future | None = None
     matcher: Any = None
+    grammar_error: str | None = None  # the grammar refused a token: the request ends
 
 
 @dataclass
@@ -127,6 +128,9 @@ class LLMEngine:
         self._parents: dict[str, ParallelRequest] = {}  # requests with n > 1, by their id
         self._guided: GuidedDecoding | None = None  # made by the first structured request
         self._compiling: list[_Request] = []  # in arrival order, waiting for their grammar
+        # Constrained requests' tokens sampled by the last step, not yet fed to their
+        # matchers (fed while the next step's forward runs).
+        self._unconsumed: list[tuple[_Request, int]] = []
         self._ids = itertools.count()
 
     # ---- requests -----------------------------------------------------------------------
@@ -289,30 +293,39 @@ class LLMEngine:
             return self._merged(outputs, children)
         seqs, logits = self.runner.execute(scheduled.scheduled)
         self.scheduler.on_step_done(scheduled)
+        if self._unconsumed:  # host work while the device computes the logits
+            self._feed_matchers()
         if not seqs:
             return self._merged(outputs, children)
         requests = [self._requests[s.request_id] for s in seqs]
-        metadata = self._sampling_metadata(requests, logits)
         guided = [i for i, r in enumerate(requests) if r.matcher is not None]
-        if guided:  # host work while the device computes the logits
-            bitmask = self._guided.fill_bitmask([requests[i].matcher for i in guided])
+        # Host work while the device computes the logits, too: before the metadata, whose
+        # host-to-device copies may wait for the forward to finish.
+        bitmask = (self._guided.fill_bitmask([requests[i].matcher for i in guided])
+                   if guided else None)
+        metadata = self._sampling_metadata(requests, logits)
+        if guided:
             metadata = replace(metadata, token_bitmask=(
                 torch.tensor(guided, dtype=torch.int64).to(logits.device, non_blocking=True),
                 bitmask.to(logits.device, non_blocking=True)))
         sampled = self.sampler(logits, metadata)
         for request, token, logprob, top in zip(requests, sampled.token_ids,
                                                 sampled.sampled_logprobs, sampled.logprobs):
+            if request.grammar_error is not None:
+                # Its grammar refused its last token (only a row whose every token was
+                # masked gets there): its output so far matches the grammar, so it ends
+                # here rather than go on unconstrained.
+                logger.error("request %s: %s; aborting it", request.seq.request_id,
+                             request.grammar_error)
+                self._collect(request, self._abort(request), outputs, children)
+                continue
             request.seq.append_token(token)
             request.cumulative_logprob += logprob
             if request.logprobs is not None:
                 request.logprobs.append(top or {})
-            if request.matcher is not None and not request.matcher.consume_token(token):
-                # Only a row whose every token was masked gets here; its output so far
-                # matches the grammar, so it ends rather than go on unconstrained.
-                logger.error("request %s: the grammar refused token %d (%s); aborting it",
-                             request.seq.request_id, token, request.matcher.get_error())
-                output = self._abort(request)
-            elif request.token_only:
+            if request.matcher is not None:
+                self._unconsumed.append((request, token))
+            if request.token_only:
                 output = self._process_token_id(request, token)
             elif request.lazy:
                 output = self._process_token_lazily(request, token)
@@ -340,6 +353,20 @@ class LLMEngine:
             if output.finished or stream:
                 outputs.append(output)
         return outputs
+
+    def _feed_matchers(self) -> None:
+        """Feeds the last step's tokens to the matchers of requests still running."""
+        pending = [(r, t) for r, t in self._unconsumed
+                   if r.matcher is not None and r.seq.request_id in self._requests]
+        self._unconsumed = []
+        if not pending:
+            return
+        accepted = self._guided.consume([(r.matcher, t) for r, t in pending])
+        for (request, token), ok in zip(pending, accepted):
+            if not ok:
+                request.grammar_error = (f"the grammar refused token {token} "
+                                         f"({request.matcher.get_error()})")
+                request.matcher = None
 
     def _admit_compiled(self) -> list[tuple[_Request, RequestOutput]]:
         """Schedules the requests whose grammar is ready; ends those whose grammar failed

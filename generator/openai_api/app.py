@@ -291,10 +291,14 @@ def _finish_reason(reason: str | None) -> str | None:
 
 async def _merged(calls: list[AsyncIterator[GenerateDelta]]
                   ) -> AsyncIterator[tuple[int, GenerateDelta]]:
-    """The deltas of several generate streams (one per prompt) as they come."""
+    """The deltas of several generate streams (one per prompt) as they come. Closing this
+    generator closes the streams, which cancels their Triton requests."""
     if len(calls) == 1:
-        async for delta in calls[0]:
-            yield 0, delta
+        try:
+            async for delta in calls[0]:
+                yield 0, delta
+        finally:
+            await calls[0].aclose()
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -321,6 +325,9 @@ async def _merged(calls: list[AsyncIterator[GenerateDelta]]
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for call in calls:
+            await call.aclose()
 
 
 async def _respond(request: Request, body: dict[str, Any],
@@ -384,6 +391,10 @@ async def _sse(request: Request, deltas: AsyncIterator[tuple[int, GenerateDelta]
             yield _event({**render.head(), "choices": [], "usage": usage.body()})
     except OpenAIError as err:  # mid-stream: the error is the stream's last event
         yield _event(err.body())
+    finally:
+        # The client may be gone (the server closes this generator): end the Triton
+        # requests now rather than when the garbage collector finds them.
+        await deltas.aclose()
     yield b"data: [DONE]\n\n"
 
 

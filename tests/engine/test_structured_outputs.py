@@ -217,3 +217,23 @@ def test_aborting_a_request_whose_grammar_is_compiling_leaves_nothing(llm, monke
     assert engine.step() == []
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_token_the_grammar_refuses_ends_the_request_and_nothing_unconstrained_is_kept(
+        llm, monkeypatch):
+    """Only a row whose every token was masked can sample a refused token; the request then
+    ends (abort) with the output it had, which matches the grammar so far."""
+    engine = llm.engine
+    calls = []
+
+    def refuse_second(self, pairs):
+        calls.append(len(pairs))
+        return [len(calls) < 2] * len(pairs)
+
+    monkeypatch.setattr(GuidedDecoding, "consume", refuse_second)
+    out = llm.generate("x", SamplingParams(guided_regex="[a-z]{20}", temperature=0.0,
+                                           max_tokens=30))[0].outputs[0]
+    assert out.finish_reason == "abort" and len(out.token_ids) == 2
+    assert re.fullmatch("[a-z]*", out.text)
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not engine.has_unfinished_requests()
