@@ -130,7 +130,7 @@ class BlockManager:
         parent_hash: int | None = None
         parent_id: int | None = None
         for j in range((seq.num_tokens - 1) // self.block_size):
-            tokens = tuple(seq.block_tokens(j, self.block_size))
+            tokens = seq.block_key(j, self.block_size)
             block_hash = hash_block_tokens(parent_hash, tokens)
             block_id = self.cached.get(block_hash)
             if block_id is None or not self._holds(block_id, parent_id, tokens):
@@ -204,7 +204,7 @@ class BlockManager:
         for j in range(len(seq.block_hashes), num_full):
             parent_hash = seq.block_hashes[j - 1] if j else None
             parent_id = ids[j - 1] if j else None
-            tokens = tuple(seq.block_tokens(j, self.block_size))
+            tokens = seq.block_key(j, self.block_size)
             block_hash = hash_block_tokens(parent_hash, tokens)
             seq.block_hashes.append(block_hash)
             existing = self.cached.get(block_hash)
@@ -285,7 +285,7 @@ class BlockManager:
                 holders[block_id] = holders.get(block_id, 0) + 1
                 block = self.blocks[block_id]
                 if block.block_hash is not None and (
-                        block.token_ids != tuple(seq.block_tokens(j, self.block_size))
+                        block.token_ids != seq.block_key(j, self.block_size)
                         or (j < len(ids) and block.prefix_id != ids[j])):
                     raise AssertionError(
                         f"{seq.request_id} block {j} shares K/V of another prefix")

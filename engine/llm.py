@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tritonforge.engine.config import EngineConfig
 from tritonforge.engine.llm_engine import LLMEngine
+from tritonforge.engine.multimodal import ImageProcessor, MultiModalData, chat_images
 from tritonforge.engine.outputs import (
     ClassificationRequestOutput,
     EmbeddingRequestOutput,
@@ -40,7 +41,9 @@ from tritonforge.models.weight_utils import load_config
 
 _GENERATE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
-Prompt = str | list[int]
+# Text, token ids, or (vision-language models) {"prompt": text, "multi_modal_data":
+# {"image": an image or a list of them}}: PIL images, encoded bytes, base64 or data: URLs.
+Prompt = str | list[int] | dict[str, Any]
 
 
 def hub_from_environment() -> str:
@@ -86,6 +89,7 @@ class LLM:
         self.config = config.for_runner(resolve_runner(config))
         self.engine: LLMEngine | None = None
         self.pooler: PoolingRunner | None = None
+        self._image_processor: ImageProcessor | None = None  # made by the first image prompt
         if self.config.runner == "generate":
             self.engine = LLMEngine(self.config)
         else:
@@ -126,8 +130,37 @@ class LLM:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                         and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self._run(engine, list(prompts), sampling_params, [None] * len(prompts), use_tqdm)
+        prompts = [prompts] if isinstance(prompts, dict) else list(prompts)
+        texts = [p.get("prompt") if isinstance(p, dict) else None for p in prompts]
+        return self._run(engine, prompts, sampling_params, texts, use_tqdm)
 
+    def image_processor(self) -> ImageProcessor:
+        """The model's HF processor (made once, on the first request with images)."""
+        if self._image_processor is None:
+            self._image_processor = ImageProcessor(self.config.model,
+                                                   self.config.trust_remote_code)
+        return self._image_processor
+
+    def _with_images(self, prompt: dict[str, Any]) -> tuple[Any, MultiModalData | None]:
+        """A {"prompt", "multi_modal_data"} prompt -> (prompt ids, its MultiModalData)."""
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+        if unknown:
+            raise ValueError(f"unknown prompt field(s) {sorted(unknown)}; a prompt dict takes "
+                             "prompt, prompt_token_ids and multi_modal_data")
+        data = prompt.get("multi_modal_data") or {}
+        if set(data) - {"image"}:
+            raise ValueError(f"multi_modal_data takes 'image' only; got {sorted(data)}")
+        images = data.get("image", [])
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if "prompt" not in prompt:
+            if images:
+                raise ValueError("a prompt with images needs 'prompt' text with the image "
+                                 "placeholders (token ids cannot show where images go)")
+            return list(prompt.get("prompt_token_ids") or []), None
+        if not images:
+            return prompt["prompt"], None
+        return self.image_processor().process(prompt["prompt"], images,
+                                              field="multi_modal_data.image")
     def chat(
         self,
         messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
@@ -140,14 +173,22 @@ class LLM:
         """Renders each conversation with the tokenizer's chat template, then generates."""
         engine: LLMEngine = self._need("generate", "chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        texts = [
-            render_chat(engine.tokenizer, conv, chat_template, add_generation_prompt,
-                        chat_template_kwargs)
-            for conv in conversations
-        ]
-        # The template already holds the special tokens (BOS and the turn markers).
-        token_ids = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return self._run(engine, token_ids, sampling_params, texts, use_tqdm)
+        prompts: list[Prompt] = []
+        texts: list[str | None] = []
+        for conv in conversations:
+            conv, images = chat_images(conv)  # OpenAI image_url parts -> {"type": "image"}
+            template_owner = engine.tokenizer
+            if images and chat_template is None and not getattr(
+                    engine.tokenizer, "chat_template", None):
+                template_owner = self.image_processor().processor  # a VLM's processor's
+            text = render_chat(template_owner, conv, chat_template, add_generation_prompt,
+                               chat_template_kwargs)
+            texts.append(text)
+            if images:
+                prompts.append({"prompt": text, "multi_modal_data": {"image": images}})
+            else:  # the template already holds the special tokens (BOS, turn markers)
+                prompts.append(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._run(engine, prompts, sampling_params, texts, use_tqdm)
 
     def _run(self, engine: LLMEngine, prompts: list[Prompt], sampling_params: Any,
              texts: list[str | None], use_tqdm: bool) -> list[RequestOutput]:
@@ -156,7 +197,11 @@ class LLM:
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 try:
-                    ids.append(engine.add_request(None, prompt, p, stream=False))
+                    images = None
+                    if isinstance(prompt, dict):
+                        prompt, images = self._with_images(prompt)
+                    ids.append(engine.add_request(None, prompt, p, stream=False,
+                                                  multi_modal_data=images))
                 except ValueError as err:
                     raise ValueError(f"prompts[{i}]: {err}") from None
             finals: dict[str, RequestOutput] = {}

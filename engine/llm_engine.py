@@ -26,6 +26,7 @@ from tritonforge.engine.config import EngineConfig
 from tritonforge.engine.detokenizer import IncrementalDetokenizer
 from tritonforge.engine.guided_decoding import GuidedDecoding
 from tritonforge.engine.model_runner import ModelRunner
+from tritonforge.engine.multimodal import MultiModalData
 from tritonforge.engine.outputs import CompletionOutput, RequestOutput, Snapshot
 from tritonforge.engine.parallel_sampling import (
     CHILD_SEPARATOR,
@@ -38,9 +39,10 @@ from tritonforge.engine.sampler import Sampler, SamplingMetadata, request_genera
 from tritonforge.engine.sampling_metadata import UniformSamplingMetadata, plain_temperature
 from tritonforge.engine.sampling_params import SamplingParams
 from tritonforge.engine.scheduler import Scheduler
-from tritonforge.engine.sequence import Sequence
+from tritonforge.engine.sequence import MultimodalState, Sequence
 from tritonforge.engine.tokenizer import eos_token_ids, load_tokenizer
 from tritonforge.models.loader import resolve_device, resolve_dtype, resolve_max_model_len
+from tritonforge.models.transformers_multimodal import MultimodalLayout
 from tritonforge.models.weight_utils import load_config, load_model
 
 logger = logging.getLogger(__name__)
@@ -145,6 +147,7 @@ class LLMEngine:
         arrival_time: float | None = None,
         stream: bool = True,
         detokenize: bool = True,
+        multi_modal_data: MultiModalData | None = None,
     ) -> str:
         """Queues a request (text, or token ids); returns its id. Raises ValueError for a
         prompt that cannot run (empty, ids outside the vocabulary, too long for
@@ -157,6 +160,9 @@ class LLMEngine:
         detokenize=False: no text and no stop strings here, only token-level stops (EOS,
         stop_token_ids, min_tokens, max_tokens, max_model_len); the caller detokenizes and
         aborts the request when one of its stop strings matches (the engine core's mode).
+
+        multi_modal_data: a vision-language model's images, as its processor prepared them
+        for `prompt` (token ids with the placeholders expanded; engine/multimodal.py).
         """
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
@@ -177,6 +183,7 @@ class LLMEngine:
         if max_tokens != params.max_tokens:
             params = _with_max_tokens(params, max_tokens)
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        mm_layout = self._check_images(token_ids, multi_modal_data)
         grammar = None
         if params.structured_outputs is not None:  # one compile, shared by the n completions
             if self._guided is None:
@@ -185,7 +192,7 @@ class LLMEngine:
             grammar = self._guided.compile(params.structured_outputs)
         if params.n == 1:
             self._add_sequence(request_id, text, token_ids, params, arrival, stream,
-                               detokenize, max_tokens, grammar=grammar)
+                               detokenize, max_tokens, grammar=grammar, mm=mm_layout)
             return request_id
         # n completions: n sequences, the first leading (the others share its prompt blocks).
         parent = ParallelRequest(request_id, params.n, text, token_ids)
@@ -194,7 +201,7 @@ class LLMEngine:
             child = self._add_sequence(  # each sequence appends to a list of its own
                 child_request_id(request_id, index), text, list(token_ids),
                 child_params(params, index), arrival, stream, detokenize, max_tokens,
-                leader=leader, parent=parent, index=index, grammar=grammar)
+                leader=leader, parent=parent, index=index, grammar=grammar, mm=mm_layout)
             leader = leader or child.seq
         self._parents[request_id] = parent
         return request_id
@@ -203,8 +210,10 @@ class LLMEngine:
                       params: SamplingParams, arrival: float, stream: bool, detokenize: bool,
                       max_tokens: int, leader: Sequence | None = None,
                       parent: ParallelRequest | None = None, index: int = 0,
-                      grammar: Future | None = None) -> _Request:
-        seq = Sequence(seq_id, token_ids, params, arrival_time=arrival, leader=leader)
+                      grammar: Future | None = None,
+                      mm: tuple[MultiModalData, MultimodalLayout] | None = None) -> _Request:
+        seq = Sequence(seq_id, token_ids, params, arrival_time=arrival, leader=leader,
+                       mm=MultimodalState(*mm) if mm is not None else None)
         if grammar is None:
             self.scheduler.add(seq)
         request = self._requests[seq_id] = _Request(
@@ -228,6 +237,32 @@ class LLMEngine:
         if grammar is not None:
             self._compiling.append(request)
         return request
+
+    def _check_images(self, token_ids: list[int], data: MultiModalData | None
+                      ) -> tuple[MultiModalData, MultimodalLayout] | None:
+        """The one door for images: the model takes them, their encoded rows match the
+        prompt's placeholders, and an image that must be prefilled whole fits a step."""
+        is_multimodal = getattr(self.model, "is_multimodal", False)
+        if data is None:
+            return None
+        if not is_multimodal:
+            raise ValueError(f"images: {self.runner.hf_config.architectures[0]} is not a "
+                             "vision-language model; it takes text only")
+        layout = self.model.layout(token_ids, data.encoder_inputs)
+        try:  # the rows are re-encoded when the prefill reaches them; this checks the count
+            num_rows = int(self.model.encode(data.encoder_inputs, self.device).shape[0])
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            raise ValueError(f"images: the model could not encode them: {err}") from None
+        if num_rows != layout.num_rows:
+            raise ValueError(f"images: {data.num_images} image(s) give {num_rows} embedding "
+                             f"rows but the prompt holds {layout.num_rows} placeholder tokens; "
+                             "the prompt must come from the model's processor")
+        for start, end in layout.spans:
+            if end - start > self.config.max_num_batched_tokens:
+                raise ValueError(f"images: an image of {end - start} tokens must be prefilled "
+                                 "in one step, more than max_num_batched_tokens="
+                                 f"{self.config.max_num_batched_tokens}")
+        return data, layout
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Aborts at any stage; its blocks are free when this returns. For n > 1 the

@@ -27,10 +27,12 @@ import torch
 from tritonforge.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from tritonforge.engine.cuda_graphs import DecodeGraphs
 from tritonforge.engine.input_batch import HostInputs, InputBatch
+from tritonforge.engine.multimodal_batch import multimodal_step
 from tritonforge.engine.sequence import Sequence
 from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.layers.attention import bind_kv_cache
 from tritonforge.models.registry import kv_cache_shape
+from tritonforge.models.transformers_multimodal import MultimodalStep
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class StepInputs:
     attn_metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [S] int64: rows whose logits are sampled
     sampled_seqs: list[Sequence]  # the S sequences, in row order
+    mm: MultimodalStep | None = None  # a vision-language model's image rows this step
 
 
 _ALIGN = 16  # int64 elements: 128 bytes
@@ -186,7 +189,13 @@ class ModelRunner:
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
         """The step's inputs on the runner's device: built on the host with numpy
         (InputBatch), then moved in ONE host-to-device copy (`to_device`)."""
-        return to_device(self.input_batch.build(scheduled), self.device)
+        host = self.input_batch.build(scheduled)
+        mm = None
+        if getattr(self.model, "is_multimodal", False):  # before the copy: may shift positions
+            mm = multimodal_step(self.model, host, scheduled, self.device)
+        inputs = to_device(host, self.device)
+        inputs.mm = mm
+        return inputs
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
@@ -196,6 +205,8 @@ class ModelRunner:
         if (self.graphs is not None and meta.is_decode_only
                 and self.graphs.bucket(meta.num_seqs) is not None):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        elif inputs.mm is not None:
+            hidden = self.model(inputs.input_ids, inputs.positions, meta, inputs.mm)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, meta)
         if not inputs.sampled_seqs:

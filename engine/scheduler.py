@@ -175,7 +175,9 @@ class Scheduler:
                 raise RuntimeError(
                     f"running request {seq.request_id} has no uncomputed token: the engine "
                     "must append a sampled token or finish it after each step")
-            num_new = min(seq.num_uncomputed_tokens, step.budget)
+            num_new = seq.clip_chunk(min(seq.num_uncomputed_tokens, step.budget), step.budget)
+            if num_new == 0:
+                continue  # an image that must be prefilled whole does not fit this step
             if self._allocate_or_preempt(step, seq, num_new):
                 step.prefills[seq] = num_new
                 step.budget -= num_new
@@ -202,7 +204,11 @@ class Scheduler:
             hits = shared if shared is not None else bm.cached_prefix_blocks(seq)
             num_cached = len(hits) * bm.block_size
             num_new = min(seq.num_tokens - num_cached, step.budget)
-            if not bm.can_allocate(num_cached + num_new, hits):
+            if seq.mm is not None:  # measured from the cached prefix it will start at
+                computed, seq.num_computed_tokens = seq.num_computed_tokens, num_cached
+                num_new = seq.clip_chunk(num_new, step.budget)
+                seq.num_computed_tokens = computed
+            if num_new == 0 or not bm.can_allocate(num_cached + num_new, hits):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             if shared is not None:

@@ -18,7 +18,22 @@ import enum
 import itertools
 from collections import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from tritonforge.engine.multimodal import MultiModalData
+    from tritonforge.models.transformers_multimodal import MultimodalLayout
+
+
+@dataclass(eq=False)
+class MultimodalState:
+    """A sequence's images: the processor's tensors, their layout in the prompt and, while
+    the prompt is being prefilled, the encoded rows [M, H] (re-encoded after a preemption)."""
+
+    data: MultiModalData
+    layout: MultimodalLayout
+    embeds: torch.Tensor | None = None
 
 
 class SequenceStatus(enum.Enum):
@@ -70,6 +85,9 @@ class Sequence:
     # n > 1: the first completion of the same request, whose prompt blocks this one shares
     # (engine/parallel_sampling.py); None for a leader and for requests with n == 1.
     leader: Sequence | None = field(default=None, repr=False)
+    # Vision-language requests: the images and where their rows go (engine/multimodal.py,
+    # models/transformers_multimodal.py); None for text.
+    mm: MultimodalState | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -122,6 +140,30 @@ class Sequence:
 
     def block_tokens(self, j: int, block_size: int) -> list[int]:
         return self.token_ids[j * block_size : (j + 1) * block_size]
+
+    def block_key(self, j: int, block_size: int) -> tuple[int, ...]:
+        """Block j's prefix-cache key: its token ids, plus the images' content hash when it
+        holds image placeholders (the same ids with another image must never match)."""
+        start = j * block_size
+        tokens = tuple(self.token_ids[start:start + block_size])
+        if self.mm is not None and self.mm.layout.has_image_tokens(start, start + block_size):
+            return (*tokens, -1, self.mm.data.content_hash)  # -1: never a token id
+        return tokens
+
+    def clip_chunk(self, num_new: int, budget: int) -> int:
+        """How many of the next `num_new` uncomputed tokens a prefill chunk may take: never
+        ending inside an image that attends both ways (Gemma 3), which must be computed in
+        one chunk; 0 when that image does not fit `budget` this step."""
+        if self.mm is None or not self.mm.layout.spans:
+            return num_new
+        start = self.num_computed_tokens
+        end = start + num_new
+        for span_start, span_end in self.mm.layout.spans:
+            if span_start < end < span_end:
+                if span_start > start:
+                    return span_start - start
+                return span_end - start if span_end - start <= budget else 0
+        return num_new
 
     def num_blocks_for(self, num_tokens: int, block_size: int) -> int:
         return -(-num_tokens // block_size)

@@ -41,6 +41,11 @@ UNSUPPORTED = "unsupported"
 NATIVE_GENERATE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                    "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
                    "Phi3ForCausalLM")
+# Vision-language models generated through the Transformers backend (models/registry.py
+# VISION_LANGUAGE_ARCHITECTURES): images in, text out; no other task.
+VISION_LANGUAGE = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                   "Qwen2_5_VLForConditionalGeneration", "Gemma3ForConditionalGeneration",
+                   "Mistral3ForConditionalGeneration")
 # Encoders the pooling runner embeds natively (models/pooling_registry.py EMBEDDING_REGISTRY,
 # which also pools every NATIVE_GENERATE decoder by its last token).
 POOLING_ENCODERS = ("BertModel", "RobertaModel", "XLMRobertaModel")
@@ -114,6 +119,8 @@ def support(architecture: str) -> Support:
     """The Support of `architecture`, by name alone (an unknown one supports no task).
     Order of `tasks`: the task the architecture's head is for comes first."""
     impl: dict[str, str] = {}
+    if architecture in VISION_LANGUAGE:
+        return Support(architecture, ("generate",), {"generate": TRANSFORMERS})
     if _CLASSIFIER_RE.match(architecture):
         impl["classify"] = NATIVE if architecture in NATIVE_CLASSIFY else TRANSFORMERS
     else:
@@ -148,6 +155,8 @@ def supported_table() -> list[dict[str, str]]:
             for a in NATIVE_GENERATE]
     rows.append({"task": "generate", "architecture": "*ForCausalLM, *LMHeadModel (any other)",
                  "implementation": TRANSFORMERS})
+    rows += [{"task": "generate", "architecture": f"{a} (images and text in)",
+              "implementation": TRANSFORMERS} for a in VISION_LANGUAGE]
     rows += [{"task": "embed", "architecture": a, "implementation": NATIVE}
              for a in NATIVE_EMBED]
     families = ", ".join(sorted(ENCODER_FAMILIES))

@@ -26,6 +26,15 @@ MODEL_REGISTRY: dict[str, type] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 MODEL_IMPLS = ("auto", "native", "transformers")
+# Vision-language models the Transformers backend serves (models/transformers_multimodal.py),
+# each checked token for token against transformers' generate (tests/engine/
+# test_vision_language.py). Others of transformers' image-text-to-text classes place images
+# differently (tiling with per-tile newlines, cross-attention layers) and are refused.
+VISION_LANGUAGE_ARCHITECTURES = (
+    "LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration", "Gemma3ForConditionalGeneration",
+    "Mistral3ForConditionalGeneration",
+)
 
 
 def _is_causal_lm(architecture: str) -> bool:
@@ -52,6 +61,14 @@ def resolve_model_class(architecture: str, model_impl: str = "auto") -> type:
         raise ValueError(f"architecture {architecture!r} has no native implementation "
                          f"(supported: {supported}); the Transformers backend may serve it "
                          "(model_impl='transformers')")
+    if architecture in VISION_LANGUAGE_ARCHITECTURES:
+        from tritonforge.models.transformers_multimodal import TransformersForImageTextToText
+
+        return TransformersForImageTextToText
+    if "ConditionalGeneration" in architecture:  # images/audio in: only the verified ones
+        raise ValueError(f"architecture {architecture!r} is a multimodal model the Transformers "
+                         "backend does not serve yet; vision-language models served: "
+                         f"{', '.join(VISION_LANGUAGE_ARCHITECTURES)}")
     if not _is_causal_lm(architecture):
         raise ValueError(f"architecture {architecture!r} has no native implementation "
                          f"(supported: {supported}) and is not a causal LM, which the "

@@ -56,10 +56,13 @@ _SKIP = ("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias", ".a
 class _Step:
     """What the attention function needs during one forward."""
 
-    __slots__ = ("layers", "metadata", "calls")
+    __slots__ = ("layers", "metadata", "calls", "spans")
 
     def __init__(self, layers: nn.ModuleList, metadata: AttentionMetadata) -> None:
         self.layers, self.metadata, self.calls = layers, metadata, 0
+        # Vision-language models: image spans that attend both ways (Gemma 3); see
+        # transformers_multimodal.bidirectional_fixup
+        self.spans: list[tuple[int, int, int, int, int]] = []
 
 
 _STEP: ContextVar[_Step | None] = ContextVar("tritonforge_paged_step", default=None)
@@ -108,7 +111,12 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1).reshape(num_tokens, num_heads * head_dim)
     k = key[0].transpose(0, 1).reshape(num_tokens, -1)
     v = value[0].transpose(0, 1).reshape(num_tokens, -1)
-    out = attn(q, k, v, step.metadata)
+    out = attn(q, k, v, step.metadata).view(num_tokens, num_heads, head_dim)
+    if step.spans:
+        from tritonforge.models.transformers_multimodal import bidirectional_fixup
+
+        out = bidirectional_fixup(attn, q.view(num_tokens, num_heads, head_dim), out,
+                                  step.metadata, step.spans)
     step.calls += 1
     return out.view(1, num_tokens, num_heads, head_dim), None
 
@@ -196,12 +204,23 @@ def _hf_causal_lm_class(config: Any) -> type | None:
 class TransformersForCausalLM(nn.Module):
     """An HF causal LM whose attention runs on the engine's paged KV cache."""
 
+    is_multimodal = False
+    _auto_class = transformers.AutoModelForCausalLM
+
+    @classmethod
+    def _hf_class(cls, config: Any) -> type | None:
+        return _hf_causal_lm_class(config)
+
+    @classmethod
+    def _attn_implementation(cls, config: Any) -> Any:
+        return ATTN_IMPLEMENTATION
+
     def __init__(self, config: Any, dtype: torch.dtype) -> None:
         super().__init__()
         from transformers.initialization import no_init_weights
 
         architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-        hf_class = _hf_causal_lm_class(config)
+        hf_class = self._hf_class(config)
         if hf_class is None:
             raise ValueError(f"{architecture}: transformers has no causal-LM class for model_type "
                              f"{getattr(config, 'model_type', None)!r}; the Transformers backend "
@@ -216,8 +235,8 @@ class TransformersForCausalLM(nn.Module):
         hf_config = copy.deepcopy(config)
         hf_config.use_cache = False
         with no_init_weights():  # every parameter is overwritten by the checkpoint
-            self.model = transformers.AutoModelForCausalLM.from_config(
-                hf_config, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+            self.model = self._auto_class.from_config(
+                hf_config, dtype=dtype, attn_implementation=self._attn_implementation(config))
         if getattr(hf_config, "tie_word_embeddings", False):
             self.model.tie_weights()  # no_init_weights skips post_init's tying
         self.num_fused_norms = fuse_rms_norms(self.model)
@@ -243,12 +262,15 @@ class TransformersForCausalLM(nn.Module):
                                         use_cache=False, return_dict=True)
         finally:
             _STEP.reset(token)
+        self._check_calls(step)
+        return out.last_hidden_state[0]
+
+    def _check_calls(self, step: _Step) -> None:
         if step.calls != len(self.attn_layers):
             raise RuntimeError(
                 f"{self.architecture}: {step.calls} of {len(self.attn_layers)} attention layers "
                 f"called the {ATTN_IMPLEMENTATION} attention; the others bypass the paged KV "
                 "cache, so the Transformers backend cannot serve this model")
-        return out.last_hidden_state[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [S, H] -> logits [S, V] float32

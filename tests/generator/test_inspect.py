@@ -62,16 +62,22 @@ def engine_tasks(architecture: str) -> dict[str, str]:
     """task -> implementation the engine resolves for `architecture` (its own functions)."""
     from tritonforge.models.pooling_config import is_encoder_architecture
     from tritonforge.models.pooling_registry import pooling_task, resolve_pooling_model_class
-    from tritonforge.models.registry import MODEL_REGISTRY, _is_causal_lm
+    from tritonforge.models.registry import (
+        MODEL_REGISTRY,
+        VISION_LANGUAGE_ARCHITECTURES,
+        _is_causal_lm,
+    )
 
     found = {}
     task = pooling_task(architecture)
     if task == "classify":
         native = resolve_pooling_model_class(architecture, "auto") is not None
         return {"classify": NATIVE if native else TRANSFORMERS}
-    # Generation: the engine's registry, else its Transformers-backend rule; images/audio
-    # models that rule admits (Gemma3ForConditionalGeneration) fail at load, which the
-    # generator refuses up front instead (test_refusals_say_what_the_model_is).
+    # Generation: the engine's registry, its vision-language list (generate only), else its
+    # Transformers-backend rule; other images/audio models that rule admits are refused
+    # (test_refusals_say_what_the_model_is).
+    if architecture in VISION_LANGUAGE_ARCHITECTURES:
+        return {"generate": TRANSFORMERS}
     multimodal = "ConditionalGeneration" in architecture or "Transcribe" in architecture
     if architecture in MODEL_REGISTRY:
         found["generate"] = NATIVE
@@ -370,8 +376,11 @@ def test_the_inspect_table_shows_every_shape_and_the_kv_cache_of_decoders(tmp_pa
     if model == "openai-community/gpt2":
         assert "36.00 KiB / token (bfloat16) when generating" in out  # 2 x 12 x 768 x 2 B
         assert "pooling models allocate no KV cache" not in out
-    else:
-        assert "vision-language" in out and "none (no task here)" in out
+    else:  # a vision-language model: generate through the Transformers backend
+        layers, _, _, kv_heads, head_dim = PUBLISHED_SHAPES[model]
+        per_token = 2 * layers * kv_heads * head_dim * 2 / 1024
+        assert "vision-language" in out and "generate (transformers)" in out
+        assert f"{per_token:.2f} KiB / token (bfloat16) when generating" in out
 
 
 def test_inspect_says_when_the_formula_stands_in_for_the_meta_build(tmp_path, capsys):
