@@ -22,7 +22,7 @@ from typing import Any
 
 from tritonforge.backend.triton_io import model_parameters, resolve_model_path
 from tritonforge.engine import EngineConfig
-from tritonforge.models.loader import resolve_max_model_len
+from tritonforge.models.loader import resolve_architecture, resolve_max_model_len
 from tritonforge.models.weight_utils import load_config
 
 # EngineConfig fields a settings file may set; the device comes from the Triton instance.
@@ -95,3 +95,9 @@ def model_vocab_size(config: EngineConfig) -> int | None:
     hf_config = load_config(config.model, trust_remote_code=config.trust_remote_code)
     vocab_size = getattr(hf_config.get_text_config(), "vocab_size", None)
     return vocab_size if isinstance(vocab_size, int) and vocab_size > 0 else None
+
+
+def model_architecture(config: EngineConfig) -> str:
+    """The model's HF architecture string (config.json only), as the engine resolves it."""
+    hf_config = load_config(config.model, trust_remote_code=config.trust_remote_code)
+    return resolve_architecture(hf_config)

@@ -97,6 +97,7 @@ from tritonforge.backend.triton_io import (
 from tritonforge.engine import RequestOutput, SamplingParams
 from tritonforge.engine.async_engine import EngineDeadError
 from tritonforge.engine.core_client import EngineCoreClient
+from tritonforge.engine.multimodal import MultiModalData
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 POLL_INTERVAL = 0.1  # seconds between cancellation checks of a request
@@ -186,6 +187,7 @@ class TritonPythonModel:
                                 flags=FINAL)
                     continue
                 state, prompt_ids, params = self._parse(request, sender)
+                images = self._images(request)
             except RequestError as err:
                 sender.send(error_response(err, "INVALID_ARG"), flags=FINAL)
                 continue
@@ -195,8 +197,24 @@ class TritonPythonModel:
                 continue
             self._pending[state.request_id] = state
             self.engine.add_request(state.request_id, prompt_ids, params,
-                                    callback=partial(self._on_output, state))
+                                    callback=partial(self._on_output, state),
+                                    multi_modal_data=images)
         return None
+
+    @staticmethod
+    def _images(request: Any) -> MultiModalData | None:
+        """The tokenizer step's `mm_data` (safetensors bytes of the processor's image
+        tensors), None for a text request (empty bytes or no input)."""
+        tensor = pb_utils.get_input_tensor_by_name(request, "mm_data")
+        if tensor is None:
+            return None
+        raw = tensor.as_numpy().reshape(-1)
+        if raw.size == 0 or not raw[0]:
+            return None
+        try:
+            return MultiModalData.from_bytes(raw[0])
+        except ValueError as err:
+            raise RequestError(str(err)) from None
 
     def _parse(self, request: Any, sender: Any) -> tuple[_Stream, list[int], SamplingParams]:
         ids = self._input_ids(request)

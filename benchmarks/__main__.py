@@ -26,6 +26,8 @@ WORKLOADS: dict[str, tuple[str, str]] = {
                           "workload 4: native vs Transformers-backend Llama, one run"),
     "guided": ("benchmarks.guided",
                "structured outputs: guided-decoding throughput cost and validity"),
+    "vision": ("benchmarks.vision",
+               "vision-language: images/s and output tok/s vs transformers' generate"),
     "kernels": ("benchmarks.kernels", "kernel microbenchmarks vs ceilings (CUDA only)"),
 }
 

@@ -194,9 +194,10 @@ class EngineCore:
     def _handle(self, peer: _Peer, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == ADD:
-            _, request_id, prompt_ids, params = message
+            _, request_id, prompt_ids, params, mm = message
             try:
-                self.engine.add_request(request_id, prompt_ids, params, detokenize=False)
+                self.engine.add_request(request_id, prompt_ids, params, detokenize=False,
+                                        multi_modal_data=mm)
             except ValueError as err:
                 self._outbox.put((peer, (FAILED, request_id, "invalid", str(err))))
                 return

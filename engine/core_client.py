@@ -54,6 +54,7 @@ from tritonforge.engine.core_protocol import (
     Stats,
 )
 from tritonforge.engine.llm_engine import EngineStats
+from tritonforge.engine.multimodal import MultiModalData
 from tritonforge.engine.output_processor import OutputProcessor, RequestState
 from tritonforge.engine.outputs import RequestOutput
 from tritonforge.engine.parallel_sampling import ParallelRequest, child_request_id
@@ -181,7 +182,8 @@ class EngineCoreClient:
     # ---- callers' side (any thread) -----------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int],
                     params: SamplingParams | None = None,
-                    callback: OutputCallback | None = None) -> None:
+                    callback: OutputCallback | None = None,
+                    multi_modal_data: MultiModalData | None = None) -> None:
         if callback is None:
             raise ValueError("callback is required: outputs arrive on the reader thread")
         params = params or SamplingParams()
@@ -202,7 +204,7 @@ class EngineCoreClient:
             if wire_id in self._requests:
                 raise ValueError(f"request_id {request_id!r} is already running")
             self._requests[wire_id] = entry
-        self._send((ADD, wire_id, states[0].prompt_token_ids, params))
+        self._send((ADD, wire_id, states[0].prompt_token_ids, params, multi_modal_data))
 
     def abort(self, request_id: str) -> None:
         self._send((ABORT, self._prefix + str(request_id)))

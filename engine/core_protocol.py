@@ -12,7 +12,9 @@ Messages are plain tuples whose first item is the kind:
 
   front end -> core
     (HELLO, name, pid)                      first message; the core answers READY
-    (ADD, request_id, prompt_ids, params)   params: SamplingParams
+    (ADD, request_id, prompt_ids, params, mm)
+                                            params: SamplingParams; mm: MultiModalData or
+                                            None (a vision-language model's images)
     (ABORT, request_id)                     any front end may abort any request
     (BYE,)                                  detach (the core exits once none is attached)
   core -> front end

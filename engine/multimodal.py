@@ -20,6 +20,8 @@ import base64
 import binascii
 import hashlib
 import io
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,36 @@ class MultiModalData:
     encoder_inputs: dict[str, torch.Tensor]
     content_hash: int  # 63 bits: fits the prefix cache's int64 block keys
     num_images: int
+
+    def to_bytes(self) -> bytes:
+        """safetensors bytes (no pickle): what the Triton tokenizer step hands the engine
+        step in its `mm_data` tensor."""
+        from safetensors.torch import save
+
+        return save({k: v.contiguous() for k, v in self.encoder_inputs.items()},
+                    metadata={"content_hash": str(self.content_hash),
+                              "num_images": str(self.num_images)})
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        # Pickled as safetensors bytes: torch's own tensor pickling (multiprocessing
+        # reductions) shares file descriptors, which an unrelated process (the engine core
+        # behind its socket) cannot take.
+        return (MultiModalData.from_bytes, (self.to_bytes(),))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, field: str = "mm_data") -> MultiModalData:
+        from safetensors.torch import load
+
+        try:
+            data = bytes(data)
+            tensors = load(data)
+            # The metadata sits in the JSON header after its 8-byte little-endian length.
+            (header_len,) = struct.unpack("<Q", data[:8])
+            metadata = json.loads(data[8:8 + header_len])["__metadata__"]
+            return cls(tensors, int(metadata["content_hash"]), int(metadata["num_images"]))
+        except Exception as err:  # noqa: BLE001 - anything malformed is the request's
+            raise ValueError(f"{field}: not image data from the tokenizer step ({err})"
+                             ) from None
 
 
 def content_hash(encoder_inputs: dict[str, torch.Tensor]) -> int:

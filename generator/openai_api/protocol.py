@@ -117,7 +117,9 @@ def response_format(value: Any) -> dict[str, Any] | None:
 
 def chat_messages(body: dict[str, Any]) -> str:
     """The messages as the ensemble's `messages` input (JSON text; the server applies the
-    model's chat template). Content parts of type text are joined; others are refused."""
+    model's chat template). Content parts of type text are joined; with image_url parts
+    (data: URLs, for vision-language models) the parts go on as they are, and the
+    tokenizer step decodes the images; other part types are refused."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise OpenAIError("messages must be a non-empty list of chat messages",
@@ -128,14 +130,23 @@ def chat_messages(body: dict[str, Any]) -> str:
             raise OpenAIError(f"messages[{i}] must be an object with a role", param="messages")
         content = message.get("content")
         if isinstance(content, list):
-            parts = []
+            parts, has_image = [], False
             for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str)):
-                    raise OpenAIError(f"messages[{i}].content: only text parts are supported",
-                                      param="messages")
-                parts.append(part["text"])
-            content = "".join(parts)
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str):
+                        raise OpenAIError(f"messages[{i}].content: an image_url part needs "
+                                          "image_url.url (a data: URL)", param="messages")
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
+                    has_image = True
+                elif kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                else:
+                    raise OpenAIError(f"messages[{i}].content: only text and image_url parts "
+                                      "are supported", param="messages")
+            content = parts if has_image else "".join(p["text"] for p in parts)
         elif content is None:
             content = ""
         elif not isinstance(content, str):

@@ -150,7 +150,10 @@ def _param(message: str) -> str | None:
     # "sampling_parameters: temperature must be ..." -> "temperature"
     found = re.match(r"^sampling_parameters: (?:unknown sampling parameter ')?([a-z_][a-z_.]*)",
                      message)
-    return found[1] if found else None
+    if found:
+        return found[1]
+    # The chat and its image parts: "messages[0]: ...", "input 'messages' holds images, ..."
+    return "messages" if re.match(r"^(messages\b|input 'messages')", message) else None
 
 
 def _delta(result: Any) -> GenerateDelta | None:

@@ -25,7 +25,7 @@ TINY = ["--model", "tiny", "--num-requests", "3", "--min-len", "5", "--max-len",
 
 def test_every_registered_workload_has_a_main() -> None:
     assert set(entry.WORKLOADS) == {"throughput", "serving", "embeddings", "backend-vs-native",
-                                    "guided", "kernels"}
+                                    "guided", "vision", "kernels"}
     for module, _ in entry.WORKLOADS.values():
         assert callable(importlib.import_module(module).main)
 
@@ -90,3 +90,17 @@ def test_guided_workload_measures_both_runs_and_every_check_matches(tmp_path) ->
         assert results[run]["output_tokens"] == 4 * 12 and results[run]["tok_s"] > 0
     assert results["checks"] == {"requests": 6, "mismatches": 0, "examples": []}
     assert json.loads((tmp_path / "g.json").read_text())["benchmark"] == "guided"
+
+
+def test_vision_workload_measures_ours_and_transformers_on_the_same_requests(tmp_path) -> None:
+    from benchmarks import vision
+
+    results = vision.main(["--model", "tiny-vl", "--device", "cpu", "--dtype", "float32",
+                           "--concurrency", "4", "--prompt-len", "6", "--image-size", "56",
+                           "--output-len", "4", "--hf-batch", "2", "--max-model-len", "128",
+                           "--model-cache", str(tmp_path / "cache"),
+                           "--out", str(tmp_path / "v.json")])
+    assert results["image_tokens"] == 4 and results["prompt_tokens"] == 12
+    for who in ("ours", "transformers"):
+        assert results[who]["output_tokens"] == 16 and results[who]["images_s"] > 0
+    assert json.loads((tmp_path / "v.json").read_text())["benchmark"] == "vision"

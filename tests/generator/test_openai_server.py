@@ -31,6 +31,7 @@ from tritonforge.generator.examples import fetch_example
 from tritonforge.generator.tritonserver import free_port
 
 from tests.backend.test_generate_server import scrape
+from tests.fixtures.tiny_vlm import make_tiny_vlm, random_image
 
 from .test_serve import port_flags
 
@@ -48,10 +49,13 @@ def served(tmp_path_factory, tiny_model, module_cli_process):
     minilm = Path(next(iter(spec.submodule_search_locations))) / "model"
     reranker = tiny_model("BertForSequenceClassification", config_overrides={"num_labels": 1},
                           seed=3)
+    vlm = make_tiny_vlm("Qwen2VLForConditionalGeneration", tmp_path_factory.mktemp("vlm"))
     for source, name, task, extra in [
             (chat, "smol", "generate", ["--max-model-len", "1024"]),
-            (minilm, "minilm", "embed", []), (reranker, "rerank", "classify", [])]:
-        assert main(["build", str(source), "-o", str(repo), "--name", name, "--task", task,
+            (minilm, "minilm", "embed", []), (reranker, "rerank", "classify", []),
+            (vlm, "vlm", None, ["--max-model-len", "512"])]:  # task detected: generate
+        task_flags = ["--task", task] if task else []
+        assert main(["build", str(source), "-o", str(repo), "--name", name, *task_flags,
                      "--kind", "cpu", "--dtype", "float32", *extra]) == 0
     port = free_port()
     process = module_cli_process("serve", repo, "--json", "--openai-port", str(port),
@@ -60,12 +64,13 @@ def served(tmp_path_factory, tiny_model, module_cli_process):
     client = openai.OpenAI(base_url=info["openai"], api_key="unused", max_retries=0,
                            timeout=120)
     return {"info": info, "client": client, "process": process, "minilm": minilm,
-            "url": info["openai"]}
+            "url": info["openai"], "vlm": vlm}
 
 
 def test_models_lists_what_the_repository_serves(served):
     assert served["info"]["openai"].endswith("/v1")
-    assert sorted(m.id for m in served["client"].models.list()) == ["minilm", "rerank", "smol"]
+    assert sorted(m.id for m in served["client"].models.list()) == ["minilm", "rerank", "smol",
+                                                                    "vlm"]
     assert "OpenAI   http://" in served["process"].output
 
 
@@ -76,11 +81,12 @@ def test_generator_openai_serves_the_api_in_front_of_a_running_server(served,
     port = free_port()
     process = module_cli_process("openai", "--model-repository", served["info"]["repository"],
                                  "--grpc-url", served["info"]["grpc"], "--port", str(port))
-    process.wait_for_line(r"OpenAI API on http://127\.0\.0\.1:\d+/v1 for minilm, rerank, smol")
+    process.wait_for_line(
+        r"OpenAI API on http://127\.0\.0\.1:\d+/v1 for minilm, rerank, smol, vlm")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
                            max_retries=3, timeout=60)
     assert _wait(lambda: _get_status(f"http://127.0.0.1:{port}/health") == 200, 60)
-    assert sorted(m.id for m in client.models.list()) == ["minilm", "rerank", "smol"]
+    assert sorted(m.id for m in client.models.list()) == ["minilm", "rerank", "smol", "vlm"]
     out = client.embeddings.create(model="minilm", input="hello")
     assert len(out.data[0].embedding) == 384
     process.proc.send_signal(signal.SIGTERM)
@@ -210,6 +216,37 @@ def test_rerank_orders_documents_by_the_cross_encoders_scores(served):
         assert r["document"]["text"] == documents[r["index"]]
 
 
+def _data_url(image) -> str:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_chat_with_an_image_equals_the_offline_engine(served):
+    # A vision-language model built by `generator build` (task detected), asked through the
+    # official client with an image_url part, streamed and whole.
+    from tritonforge.engine import LLM, SamplingParams
+
+    image = random_image(6)
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(image)}},
+        {"type": "text", "text": "The quick brown fox"}]}]
+    llm = LLM(served["vlm"], device="cpu", dtype="float32", max_model_len=512)
+    want = llm.chat(messages, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    client = served["client"]
+    whole = client.chat.completions.create(model="vlm", messages=messages, temperature=0,
+                                           max_tokens=8, extra_body={"ignore_eos": True})
+    assert whole.choices[0].message.content == want[0].outputs[0].text
+    assert whole.usage.completion_tokens == 8
+    chunks = client.chat.completions.create(model="vlm", messages=messages, temperature=0,
+                                            max_tokens=8, stream=True,
+                                            extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        want[0].outputs[0].text
+
+
 @pytest.mark.parametrize("call,status,param,fragment", [
     ({"model": "smol", "messages": CHAT, "temperature": -1}, 400, "temperature", "temperature"),
     ({"model": "smol", "messages": CHAT, "top_logprobs": 3}, 400, "top_logprobs", "logprobs"),
@@ -220,6 +257,15 @@ def test_rerank_orders_documents_by_the_cross_encoders_scores(served):
     ({"model": "smol", "messages": []}, 400, "messages", "non-empty"),
     ({"model": "gpt-4", "messages": CHAT}, 404, "model", "does not exist"),
     ({"model": "minilm", "messages": CHAT}, 400, "model", "serves embed"),
+    ({"model": "smol", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": "hi"}]}]}, 400, "messages", "takes text only"),
+    ({"model": "vlm", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"type": "text", "text": "hi"}]}]}, 400, "messages", "only data: URLs"),
+    ({"model": "vlm", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {}}]}]}, 400, "messages",
+     "only text and image_url parts"),
 ])
 def test_bad_requests_get_openai_errors_naming_the_field(served, call, status, param, fragment):
     code, body = _post(served["url"] + "/chat/completions", call, expect_error=True)
