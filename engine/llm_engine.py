@@ -211,7 +211,8 @@ class LLMEngine:
                       max_tokens: int, leader: Sequence | None = None,
                       parent: ParallelRequest | None = None, index: int = 0,
                       grammar: Future | None = None,
-                      mm: tuple[MultiModalData, MultimodalLayout] | None = None) -> _Request:
+                      mm: tuple[MultiModalData, MultimodalLayout, torch.Tensor] | None = None
+                      ) -> _Request:
         seq = Sequence(seq_id, token_ids, params, arrival_time=arrival, leader=leader,
                        mm=MultimodalState(*mm) if mm is not None else None)
         if grammar is None:
@@ -239,9 +240,11 @@ class LLMEngine:
         return request
 
     def _check_images(self, token_ids: list[int], data: MultiModalData | None
-                      ) -> tuple[MultiModalData, MultimodalLayout] | None:
+                      ) -> tuple[MultiModalData, MultimodalLayout, torch.Tensor] | None:
         """The one door for images: the model takes them, their encoded rows match the
-        prompt's placeholders, and an image that must be prefilled whole fits a step."""
+        prompt's placeholders, and an image that must be prefilled whole fits a step.
+        Returns the encoded rows too: the prefill uses them (no second encode) and drops
+        them once the prompt is computed."""
         is_multimodal = getattr(self.model, "is_multimodal", False)
         if data is None:
             return None
@@ -249,10 +252,11 @@ class LLMEngine:
             raise ValueError(f"images: {self.runner.hf_config.architectures[0]} is not a "
                              "vision-language model; it takes text only")
         layout = self.model.layout(token_ids, data.encoder_inputs)
-        try:  # the rows are re-encoded when the prefill reaches them; this checks the count
-            num_rows = int(self.model.encode(data.encoder_inputs, self.device).shape[0])
+        try:
+            embeds = self.model.encode(data.encoder_inputs, self.device)  # [M, H]
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             raise ValueError(f"images: the model could not encode them: {err}") from None
+        num_rows = int(embeds.shape[0])
         if num_rows != layout.num_rows:
             raise ValueError(f"images: {data.num_images} image(s) give {num_rows} embedding "
                              f"rows but the prompt holds {layout.num_rows} placeholder tokens; "
@@ -262,7 +266,7 @@ class LLMEngine:
                 raise ValueError(f"images: an image of {end - start} tokens must be prefilled "
                                  "in one step, more than max_num_batched_tokens="
                                  f"{self.config.max_num_batched_tokens}")
-        return data, layout
+        return data, layout, embeds
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Aborts at any stage; its blocks are free when this returns. For n > 1 the

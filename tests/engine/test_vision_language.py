@@ -192,3 +192,20 @@ def test_gemma3_images_attend_both_ways_as_transformers_does(tmp_path) -> None:
     with torch.inference_mode():
         ours = llm.apply_model(lambda m: m.compute_logits(captured["hidden"][-1:]))[0]
     torch.testing.assert_close(ours, both_ways, atol=1e-4, rtol=0)
+
+
+def test_images_are_encoded_once_per_request(llava, monkeypatch) -> None:
+    # The door encodes to check the row count; the prefill reuses those rows (a second
+    # encode would double the vision tower's cost), in one chunk or in several.
+    llm = LLM(llava, dtype="float32", device="cpu", max_model_len=256,
+              max_num_batched_tokens=16)
+    model = llm.engine.model
+    calls = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    text = _chat_text(llm.image_processor().processor, 1, "The quick brown fox")
+    prompts = [{"prompt": text, "multi_modal_data": {"image": random_image(i)}}
+               for i in range(3)]
+    llm.generate(prompts, GREEDY)
+    assert len(calls) == 3
+    assert all(seq.mm is None or seq.mm.embeds is None for seq in llm.engine.scheduler.running)
