@@ -1,0 +1,156 @@
+"""Runs vllm_backend's own client-side tests, unchanged, against a generate ensemble built
+by `generator build` (issue: a true drop-in for vllm_backend).
+
+    python -m tests.compat.run_vllm_backend_ci --vllm-backend /path/to/vllm_backend
+
+What runs (files copied from the given checkout at run time, never kept in this repository):
+- ci/L0_additional_outputs_vllm/additional_outputs_test.py (pytest, the 1,458-case grid of
+  stream / return_* flags / logprobs);
+- ci/L0_backend_vllm/enabled_stream/enabled_stream_test.py (unittest, asyncio client);
+- samples/client.py over samples/prompts.txt, whole and streaming (exit status and results).
+Their model name (`vllm_opt`; `vllm_model` for the sample) and address (localhost:8001) are
+theirs: the ensemble is built under those names from SmolLM2-135M-Instruct (the offline
+example; real weights, so "the output is a sentence" holds), and tritonserver listens on
+8000-8002, which must be free. Needs the model hub only for nothing: the example is cached.
+
+Prints one line per suite (passed / failed / errors) and the distinct failure messages, and
+exits 1 when anything failed. Not part of the pytest suite: it needs their checkout.
+
+Last run (2026-12-07, CPU, vllm_backend main): samples/client.py 3 of 3 modes; enabled_stream
+1 of 3 (its expected text is OPT-125m's, and Triton prefixes an ensemble step's error with
+"in ensemble 'NAME', "); the additional-outputs grid, every 13th case (113): 61 passed, all
+52 failures from SmolLM2 ending with EOS after 14 tokens where their OPT-125m runs to
+max_tokens 16 (finish_reason "stop", not "length"; the EOS token's text in logprobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from tritonforge.generator.cli import main as generator
+from tritonforge.generator.examples import fetch_example
+from tritonforge.generator.tritonserver import TritonServer, port_is_free
+
+SUITES = ("additional_outputs", "enabled_stream", "samples_client")
+
+
+def _build(repo: Path, name: str, model: Path) -> None:
+    code = generator(["build", str(model), "-o", str(repo), "--name", name, "--task",
+                      "generate", "--kind", "cpu", "--dtype", "float32",
+                      "--max-model-len", "1024", "--force"])
+    if code != 0:
+        raise SystemExit(f"generator build {name} failed")
+
+
+def _junit_counts(path: Path) -> tuple[int, int, collections.Counter]:
+    root = ET.parse(path).getroot()
+    passed = failed = 0
+    reasons: collections.Counter = collections.Counter()
+    for case in root.iter("testcase"):
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if problem is None and case.find("skipped") is None:
+            passed += 1
+        elif problem is not None:
+            failed += 1
+            message = (problem.get("message") or "").splitlines()
+            reasons[re.sub(r"0x[0-9a-f]+", "0x..", message[0] if message else "?")[:160]] += 1
+    return passed, failed, reasons
+
+
+def run_additional_outputs(ci: Path, work: Path, select: str | None
+                           ) -> tuple[int, int, collections.Counter]:
+    folder = ci / "L0_additional_outputs_vllm"
+    junit = work / "additional_outputs.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           "additional_outputs_test.py", f"--junitxml={junit}"]
+    if select:
+        cmd += ["-k", select]
+    subprocess.run(cmd, cwd=folder, check=False)
+    return _junit_counts(junit)
+
+
+def run_enabled_stream(ci: Path, work: Path) -> tuple[int, int, collections.Counter]:
+    folder = ci / "L0_backend_vllm" / "enabled_stream"
+    done = subprocess.run([sys.executable, "enabled_stream_test.py", "-v"], cwd=folder,
+                          capture_output=True, text=True, check=False)
+    out = done.stdout + done.stderr
+    passed = len(re.findall(r" \.\.\. ok$", out, re.M))
+    failures = re.findall(r"^(?:FAIL|ERROR): (\S+)", out, re.M)
+    reasons = collections.Counter(
+        line.strip()[:160] for line in re.findall(r"^\w*(?:Error|Exception)\b.*$", out, re.M))
+    return passed, len(failures), reasons
+
+
+def run_samples_client(checkout: Path, work: Path) -> tuple[int, int, collections.Counter]:
+    passed = failed = 0
+    reasons: collections.Counter = collections.Counter()
+    samples = work / "samples"
+    shutil.copytree(checkout / "samples", samples, dirs_exist_ok=True)
+    for flags in ([], ["--streaming-mode"], ["--exclude-inputs-in-outputs"]):
+        results = samples / "results.txt"
+        results.unlink(missing_ok=True)
+        done = subprocess.run([sys.executable, "client.py", "--model", "vllm_model", *flags],
+                              cwd=samples, capture_output=True, text=True, check=False)
+        text = results.read_text() if results.is_file() else ""
+        if done.returncode == 0 and text.strip():
+            passed += 1
+        else:
+            failed += 1
+            tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no results"]
+            reasons[f"client.py {' '.join(flags) or '(whole)'}: {tail[0][:140]}"] += 1
+    return passed, failed, reasons
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vllm-backend", type=Path, required=True,
+                        help="a checkout of triton-inference-server/vllm_backend")
+    parser.add_argument("--suites", default=",".join(SUITES),
+                        help=f"comma-separated, of {', '.join(SUITES)}")
+    parser.add_argument("-k", dest="select", help="pytest -k for the additional-outputs grid")
+    args = parser.parse_args(argv)
+    suites = [s for s in args.suites.split(",") if s]
+    for port in (8000, 8001, 8002):
+        if not port_is_free(port):
+            raise SystemExit(f"port {port} is busy: vllm_backend's tests talk to localhost:8001")
+    chat = fetch_example("chat", progress=False)
+    with tempfile.TemporaryDirectory(prefix="vllm-backend-ci-") as tmp:
+        work = Path(tmp)
+        ci = work / "ci"
+        shutil.copytree(args.vllm_backend / "ci", ci)
+        repo = work / "models"
+        _build(repo, "vllm_opt", chat)
+        if "samples_client" in suites:
+            _build(repo, "vllm_model", chat)
+        env_python = os.environ.get("PYTHONPATH", "")
+        os.environ["PYTHONPATH"] = f"{ci / 'common'}{os.pathsep}{env_python}"
+        results = {}
+        with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002,
+                          startup_timeout=600):
+            if "additional_outputs" in suites:
+                results["additional_outputs"] = run_additional_outputs(ci, work, args.select)
+            if "enabled_stream" in suites:
+                results["enabled_stream"] = run_enabled_stream(ci, work)
+            if "samples_client" in suites:
+                results["samples_client"] = run_samples_client(args.vllm_backend, work)
+    failed_any = False
+    for suite, (passed, failed, reasons) in results.items():
+        print(f"{suite}: {passed} passed, {failed} failed")
+        for reason, count in reasons.most_common(10):
+            print(f"    {count} x {reason}")
+        failed_any |= failed > 0
+    return 1 if failed_any else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
