@@ -49,11 +49,11 @@ class GuidedDecoding:
     def _tokenizer(self) -> Any:
         with self._lock:  # built once, by whichever compile gets here first
             if self._ll_tokenizer is None:
-                import llguidance.hf
+                import llguidance
 
-                self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                    self._hf_tokenizer, n_vocab=self.vocab_size,
-                    eos_token=self._eos or None)
+                self._ll_tokenizer = llguidance.LLTokenizer(
+                    _tokenizer_json(self._hf_tokenizer), n_vocab=self.vocab_size,
+                    eos_token=self._eos or self._hf_tokenizer.eos_token_id)
             return self._ll_tokenizer
 
     def compile(self, spec: StructuredOutputsParams) -> Future:
@@ -99,3 +99,25 @@ class GuidedDecoding:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _tokenizer_json(hf_tokenizer: Any) -> str:
+    """The fast tokenizer's JSON as llguidance should read it (what llguidance.hf does, plus
+    one repair): transformers 5.17 converts byte-level GGUF vocabularies (SmolLM2) with a
+    decoder Sequence of ByteFallback, Fuse, Replace and ByteLevel; llguidance takes the
+    leading ByteFallback for a sentencepiece vocabulary and reads "Ġ" as the text "Ġ", so it
+    refuses the space the model means. A byte-level pre-tokenizer with a ByteLevel decoder
+    anywhere in such a Sequence is decoded by that ByteLevel decoder alone."""
+    import json
+    from copy import copy
+
+    backend = copy(hf_tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
+    data = json.loads(backend.to_str())
+    decoder, pre = data.get("decoder") or {}, data.get("pre_tokenizer") or {}
+    if decoder.get("type") == "Sequence" and pre.get("type") == "ByteLevel":
+        byte_level = [d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"]
+        if byte_level:
+            data["decoder"] = byte_level[0]
+    return json.dumps(data)

@@ -10,12 +10,43 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tritonforge.generator.tritonserver import TritonServer
+
+
+# --- SIGINT as children inherit it --------------------------------------------------------------
+def _sigint_state() -> tuple[bool, bool]:
+    """(ignored, blocked) for SIGINT in this thread, as the kernel sees it (a C library can
+    change either without Python's signal module knowing)."""
+    try:
+        path = f"/proc/self/task/{threading.get_native_id()}/status"
+        with open(path) as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith("Sig"))
+    except OSError:
+        return signal.getsignal(signal.SIGINT) is signal.SIG_IGN, False
+    bit = 1 << (signal.SIGINT - 1)
+    return bool(int(fields["SigIgn"], 16) & bit), bool(int(fields["SigBlk"], 16) & bit)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Children inherit an ignored or blocked SIGINT: one test (or a library it loads) that
+    leaves it so makes every later child ignore Ctrl-C, and the Ctrl-C tests of `generator
+    serve` time out far from the cause. Restore it after each test and name the test."""
+    ignored, blocked = _sigint_state()
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if ignored or blocked:
+        warnings.warn(f"{item.nodeid} left SIGINT {'ignored' if ignored else 'blocked'} in "
+                      "the test process; restored", stacklevel=1)
 
 
 # --- tiny random-weight HF models (owner: tests/fixtures/tiny_models.py) ------------------------
