@@ -14,6 +14,7 @@ that matches (the GPU path: Triton bitmask kernel, CUDA graphs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import tempfile
@@ -66,21 +67,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         llm.generate(prompts[:8], params[:8])  # warm-up
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+        stats = llm.engine._guided.stats if llm.engine._guided is not None else None
+        before = dataclasses.replace(stats) if stats is not None else None
         started = time.perf_counter()
         outs = llm.generate(prompts, params)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        return {"seconds": seconds, "output_tokens": tokens, "tok_s": tokens / seconds,
-                "finish_reasons": sorted({o.outputs[0].finish_reason for o in outs})}
+        result = {"seconds": seconds, "output_tokens": tokens, "tok_s": tokens / seconds,
+                  "finish_reasons": sorted({o.outputs[0].finish_reason for o in outs})}
+        if stats is not None and stats.steps > before.steps:
+            # The grammar thread's work per step, and how much of it the step waited for.
+            steps = stats.steps - before.steps
+            result["grammar_ms_per_step"] = 1e3 * (stats.ahead_s - before.ahead_s) / steps
+            result["grammar_wait_ms_per_step"] = 1e3 * (stats.waited_s - before.waited_s) / steps
+            result["masks_filled_late"] = stats.late_rows - before.late_rows
+        return result
 
     results: dict[str, Any] = {}
     for name, kinds in (("free", [free]), ("guided_json", [guided]),
                         ("half_guided", [free, guided])):
         results[name] = timed(kinds)
         log("guided", f"{name}: {results[name]['tok_s']:.0f} tok/s "
-                      f"({results[name]['output_tokens']} tokens)")
+                      f"({results[name]['output_tokens']} tokens); grammar ms/step "
+                      f"{results[name].get('grammar_ms_per_step', 0):.2f}, waited "
+                      f"{results[name].get('grammar_wait_ms_per_step', 0):.2f}")
     results["cost_guided_json"] = 1.0 - results["guided_json"]["tok_s"] / results["free"]["tok_s"]
     results["cost_half_guided"] = 1.0 - results["half_guided"]["tok_s"] / results["free"]["tok_s"]
 

@@ -7,9 +7,11 @@
 # hf-static), backend-vs-native (Llama-3.2-1B), serving (needs .devbundle and .whl carried),
 # embeddings (carry build/all-minilm-l6-v2, MiniLM's real weights in float16, 45 MB, written by
 # `python -m benchmarks embeddings --export-minilm build/all-minilm-l6-v2`; without it MiniLM's
-# config runs with random weights and the JSON says so), kernels.
-# Each is bounded to finish within 8 minutes; JSON and the log land in $OUT (default
-# ./results-h100). The host has no network: everything comes from the repository copy.
+# config runs with random weights and the JSON says so), kernels, guided (carry .whl with
+# llguidance's wheel when the host lacks it), vision (Qwen2.5-VL-7B config vs transformers).
+# Each is bounded to finish within 8 minutes (LIMIT_S=... for less, to run two in one call);
+# JSON and the log land in $OUT (default ./results-h100). The host has no network:
+# everything comes from the repository copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workload=${1:?usage: bash benchmarks/run-h100.sh <workload>}
@@ -18,7 +20,7 @@ mkdir -p "$out"
 day=$(date -u +%Y-%m-%d)
 py=python3
 # The run must end before the 8-minute mark; SIGINT lets Python stop tritonserver cleanly.
-limit="timeout -s INT -k 20 465"
+limit="timeout -s INT -k 20 ${LIMIT_S:-465}"
 
 if ! $py -c "import tritonforge.engine" 2>/dev/null; then
   $py -m pip install -q --no-index --no-deps --no-build-isolation -e .
@@ -49,8 +51,15 @@ case "$workload" in
       --out "$out/embeddings-h100-$day.json" ;;
   kernels)
     $limit $py -m benchmarks kernels --out "$out/kernels-h100-$day.json" ;;
+  guided)
+    $py -c "import llguidance" 2>/dev/null || $py -m pip install -q --no-index --no-deps .whl/llguidance-*.whl
+    $limit $py -m benchmarks guided --model qwen3-0.6b --concurrency 64 --output-len 512 \
+      --num-checks 100 --out "$out/guided-qwen3-0.6b-$day.json" ;;
+  vision)
+    $limit $py -m benchmarks vision --model qwen2.5-vl-7b --concurrency 64 \
+      --out "$out/vision-qwen2.5-vl-7b-$day.json" ;;
   *)
     echo "unknown workload $workload; choose throughput, throughput-8b, backend-vs-native," \
-         "serving, embeddings or kernels" >&2
+         "serving, embeddings, kernels, guided or vision" >&2
     exit 2 ;;
 esac

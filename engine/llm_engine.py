@@ -130,9 +130,9 @@ class LLMEngine:
         self._parents: dict[str, ParallelRequest] = {}  # requests with n > 1, by their id
         self._guided: GuidedDecoding | None = None  # made by the first structured request
         self._compiling: list[_Request] = []  # in arrival order, waiting for their grammar
-        # Constrained requests' tokens sampled by the last step, not yet fed to their
-        # matchers (fed while the next step's forward runs).
-        self._unconsumed: list[tuple[_Request, int]] = []
+        # Constrained requests whose last token the grammar thread is feeding to their
+        # matchers (GuidedDecoding.advance), in the order fed.
+        self._advancing: list[_Request] = []
         self._ids = itertools.count()
 
     # ---- requests -----------------------------------------------------------------------
@@ -188,7 +188,8 @@ class LLMEngine:
         if params.structured_outputs is not None:  # one compile, shared by the n completions
             if self._guided is None:
                 self._guided = GuidedDecoding(self.tokenizer, self.vocab_size,
-                                              self.eos_token_ids)
+                                              self.eos_token_ids,
+                                              pin_memory=self.device.type == "cuda")
             grammar = self._guided.compile(params.structured_outputs)
         if params.n == 1:
             self._add_sequence(request_id, text, token_ids, params, arrival, stream,
@@ -332,15 +333,14 @@ class LLMEngine:
             return self._merged(outputs, children)
         seqs, logits = self.runner.execute(scheduled.scheduled)
         self.scheduler.on_step_done(scheduled)
-        if self._unconsumed:  # host work while the device computes the logits
-            self._feed_matchers()
+        if self._guided is not None:  # the last step's grammar work, done ahead
+            self._collect_matchers()
         if not seqs:
             return self._merged(outputs, children)
         requests = [self._requests[s.request_id] for s in seqs]
         guided = [i for i, r in enumerate(requests) if r.matcher is not None]
-        # Host work while the device computes the logits, too: before the metadata, whose
-        # host-to-device copies may wait for the forward to finish.
-        bitmask = (self._guided.fill_bitmask([requests[i].matcher for i in guided])
+        # Before the metadata, whose host-to-device copies may wait for the forward.
+        bitmask = (self._guided.masks([requests[i].matcher for i in guided])
                    if guided else None)
         metadata = self._sampling_metadata(requests, logits)
         if guided:
@@ -362,8 +362,6 @@ class LLMEngine:
             request.cumulative_logprob += logprob
             if request.logprobs is not None:
                 request.logprobs.append(top or {})
-            if request.matcher is not None:
-                self._unconsumed.append((request, token))
             if request.token_only:
                 output = self._process_token_id(request, token)
             elif request.lazy:
@@ -372,6 +370,11 @@ class LLMEngine:
                 output = self._process_token(request)
             if output is not None:
                 self._collect(request, output, outputs, children)
+        if guided:  # the grammar thread feeds the tokens while this thread goes on
+            self._advancing = [r for r in (requests[i] for i in guided)
+                               if r.matcher is not None and r.seq.request_id in self._requests]
+            self._guided.advance([(r.matcher, r.seq.last_token_id)
+                                  for r in self._advancing])
         return self._merged(outputs, children)
 
     @staticmethod
@@ -393,17 +396,14 @@ class LLMEngine:
                 outputs.append(output)
         return outputs
 
-    def _feed_matchers(self) -> None:
-        """Feeds the last step's tokens to the matchers of requests still running."""
-        pending = [(r, t) for r, t in self._unconsumed
-                   if r.matcher is not None and r.seq.request_id in self._requests]
-        self._unconsumed = []
-        if not pending:
-            return
-        accepted = self._guided.consume([(r.matcher, t) for r, t in pending])
-        for (request, token), ok in zip(pending, accepted):
-            if not ok:
-                request.grammar_error = (f"the grammar refused token {token} "
+    def _collect_matchers(self) -> None:
+        """Waits for the grammar thread's feeding of the last step's tokens; a request whose
+        token its grammar refused is marked to end."""
+        fed, self._advancing = self._advancing, []
+        for request, ok in zip(fed, self._guided.collect()):
+            if not ok and request.matcher is not None:
+                request.grammar_error = (f"the grammar refused token "
+                                         f"{request.seq.last_token_id} "
                                          f"({request.matcher.get_error()})")
                 request.matcher = None
 

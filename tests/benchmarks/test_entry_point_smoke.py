@@ -88,6 +88,11 @@ def test_guided_workload_measures_both_runs_and_every_check_matches(tmp_path) ->
                            "--model-cache", str(tmp_path), "--out", str(tmp_path / "g.json")])
     for run in ("free", "guided_json", "half_guided"):
         assert results[run]["output_tokens"] == 4 * 12 and results[run]["tok_s"] > 0
+    for run in ("guided_json", "half_guided"):  # the grammar thread's time is reported
+        assert results[run]["grammar_ms_per_step"] > 0
+        # the wait is for that work alone, never more (plus a thread hand-off)
+        assert (0 <= results[run]["grammar_wait_ms_per_step"]
+                <= results[run]["grammar_ms_per_step"] + 1.0)
     assert results["checks"] == {"requests": 6, "mismatches": 0, "examples": []}
     assert json.loads((tmp_path / "g.json").read_text())["benchmark"] == "guided"
 

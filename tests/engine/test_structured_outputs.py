@@ -16,6 +16,7 @@ import time
 
 import jsonschema
 import pytest
+import torch
 from tritonforge.engine import LLM, SamplingParams
 from tritonforge.engine.guided_decoding import GuidedDecoding
 from tritonforge.engine.structured_outputs import StructuredOutputsParams
@@ -237,3 +238,53 @@ def test_a_token_the_grammar_refuses_ends_the_request_and_nothing_unconstrained_
     assert re.fullmatch("[a-z]*", out.text)
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not engine.has_unfinished_requests()
+
+
+def test_masks_prepared_ahead_equal_masks_filled_now_in_any_order(llm):
+    """GuidedDecoding.advance feeds tokens and fills the next masks in its own thread; the
+    rows masks() hands out (prepared, reordered, or filled late for a matcher it never saw)
+    are the rows a fill at that moment gives."""
+    engine = llm.engine
+    guided = GuidedDecoding(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
+    specs = [SamplingParams(guided_json=PERSON).structured_outputs,
+             SamplingParams(guided_regex=REGEXES[1]).structured_outputs,
+             SamplingParams(guided_choice=CHOICES[1]).structured_outputs]
+    matchers = [guided.compile(spec).result() for spec in specs]
+    twins = [guided.compile(spec).result() for spec in specs]  # fed in lockstep, by hand
+    for _ in range(6):
+        now = guided.fill_bitmask(twins)
+        allowed = [int(row.nonzero()[0][0]) * 32 + (int(row[row.nonzero()[0][0]]) & -int(
+            row[row.nonzero()[0][0]])).bit_length() - 1 for row in now]
+        for twin, token in zip(twins, allowed):
+            assert twin.consume_token(token)
+        guided.advance(list(zip(matchers[:2], allowed[:2])))  # the third: fed by hand
+        assert matchers[2].consume_token(allowed[2])
+        assert guided.collect() == [True, True]
+        want = guided.fill_bitmask(twins)
+        assert torch.equal(guided.masks(matchers), want)
+        assert torch.equal(guided.masks(matchers[::-1]), want.flip(0))
+    assert guided.stats.steps == 6 and guided.stats.late_rows == 12  # the hand-fed row
+    guided.shutdown()
+
+
+def test_a_steady_guided_batch_fills_every_mask_ahead_of_its_step(llm, monkeypatch):
+    """Only a request's first mask (just out of prefill) is filled on the step's critical
+    path; every later one comes prepared from the grammar thread."""
+    params = [SamplingParams(guided_regex="[a-z]{40}", temperature=1.0, seed=i,
+                             max_tokens=40) for i in range(8)]
+    llm.generate(["Spell: "] * 8, params)  # the grammar engine exists from here on
+    stats = llm.engine._guided.stats
+    before = stats.late_rows
+    masked_rows = []
+    sampler = llm.engine.sampler
+
+    def spy(logits, metadata):
+        if metadata.token_bitmask is not None:
+            masked_rows.append(metadata.token_bitmask[0].numel())
+        return sampler(logits, metadata)
+
+    monkeypatch.setattr(llm.engine, "sampler", spy)
+    outs = llm.generate(["Spell: "] * 8, params)
+    assert all(re.fullmatch("[a-z]{40}", o.outputs[0].text) for o in outs)
+    assert stats.late_rows - before == 8
+    assert sum(masked_rows) >= 8 * 3  # so most rows came prepared
