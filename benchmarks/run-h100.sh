@@ -56,7 +56,7 @@ case "$workload" in
     $limit $py -m benchmarks guided --model qwen3-0.6b --concurrency 64 --output-len 512 \
       --num-checks 100 --out "$out/guided-qwen3-0.6b-$day.json" ;;
   vision)
-    $limit $py -m benchmarks vision --model qwen2.5-vl-7b --concurrency 64 \
+    $limit $py -m benchmarks vision --model qwen2.5-vl-7b --concurrency 32 \
       --out "$out/vision-qwen2.5-vl-7b-$day.json" ;;
   *)
     echo "unknown workload $workload; choose throughput, throughput-8b, backend-vs-native," \

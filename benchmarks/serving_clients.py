@@ -34,6 +34,9 @@ class TritonGrpcClient(Client):
         self._handlers: dict[str, EventFn] = {}
         self._lock = threading.Lock()
         self._next = 0
+        # Responses for a request already ended (its final seen, or failed by a stream
+        # error): counted, never a KeyError in tritonclient's callback thread.
+        self.orphan_responses = 0
         self.clients = [grpcclient.InferenceServerClient(url) for _ in range(num_streams)]
         for c in self.clients:
             c.start_stream(callback=self._on_response)
@@ -81,8 +84,10 @@ class TritonGrpcClient(Client):
             text = result.as_numpy("text_output").reshape(-1)[0]
             tokens = 1 if text else 0  # the interface without counts: one token a response
         with self._lock:
-            on_event = self._handlers.pop(response.id) if final else \
+            on_event = self._handlers.pop(response.id, None) if final else \
                 self._handlers.get(response.id)
+            if on_event is None:
+                self.orphan_responses += 1
         if on_event is not None:
             on_event(t, tokens, final, None)
 

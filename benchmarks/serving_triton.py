@@ -144,4 +144,5 @@ def run_triton(spec: dict[str, Any], workdir: Path, progress: Progress) -> dict[
                 progress(result)
         finally:
             client.close(cancel=abandoned)
+            result["python_orphan_responses"] = client.orphan_responses
         return result
