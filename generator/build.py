@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,9 @@ class BuildOptions:
     trust_remote_code: bool = False
     force: bool = False
     device_check: bool = True  # --kind gpu needs a GPU here; off: the build is for elsewhere
+    # Engine settings with no flag of their own (from a vllm_backend model.json, see
+    # generator/vllm_model_json.py), written as they are into engine.json's `engine`.
+    engine_settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         choices = {"task": (self.task, (None, *TASKS)), "dtype": (self.dtype, DTYPES),
@@ -244,6 +247,7 @@ def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo,
     if not ref.is_local and not opts.download:
         engine.update(hub=ref.hub, revision=opts.revision)
     engine["model_impl"] = opts.model_impl
+    engine.update(opts.engine_settings)
     if task == "generate":
         settings["gpu_memory_utilization"] = opts.gpu_memory_utilization
         settings["max_num_seqs"] = opts.max_num_seqs

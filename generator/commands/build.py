@@ -13,6 +13,7 @@ from tritonforge.generator.build import KINDS, MODEL_IMPLS, BuildOptions, BuildR
 from tritonforge.generator.commands.inspect import add_model_arguments
 from tritonforge.generator.errors import UserError
 from tritonforge.generator.model_info import DTYPES
+from tritonforge.generator.vllm_model_json import model_json_of, read_vllm_model
 
 DEFAULT_OUTPUT = Path("model_repository")
 EPILOG = """examples:
@@ -23,6 +24,8 @@ EPILOG = """examples:
   generator build qwen/Qwen3-0.6B --hub modelscope --max-model-len 4096
   generator build Qwen/Qwen3-0.6B --force                replace the existing model
   generator build Qwen/Qwen3-0.6B --kind gpu --no-device-check   on a laptop, for a GPU node
+  generator build ./vllm_repo/vllm_model                 a vllm_backend model folder: its
+                                                         model.json, under its name
 
 Each build adds an ensemble NAME (what clients call) and its steps NAME_tokenizer (CPU)
 and NAME_engine; an existing one needs --force. The engine settings are in NAME/engine.json.
@@ -76,16 +79,28 @@ def add_build_arguments(parser: argparse.ArgumentParser, output_default: Path | 
 
 
 def options(args: argparse.Namespace, output: Path) -> BuildOptions:
+    fields = dict(
+        model=args.model, output=output, task=args.task, name=args.name, dtype=args.dtype,
+        max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs, instance_count=args.instance_count,
+        tokenizer_instances=args.tokenizer_instances, kind=args.kind,
+        model_impl=args.model_impl, revision=args.revision,
+        hub=args.hub or model_source.default_hub(),
+        download=args.download, trust_remote_code=args.trust_remote_code, force=args.force,
+        device_check=not args.no_device_check)
+    if model_json_of(Path(args.model)) is not None:
+        # A vllm_backend model folder: its model.json fills what the command line left at
+        # the default; the folder's name stays the model's name.
+        vllm = read_vllm_model(Path(args.model))
+        defaults = {"dtype": "auto", "trust_remote_code": False}
+        for key, value in vllm.build.items():
+            if key == "model" or fields[key] == defaults.get(key):
+                fields[key] = value
+        fields["name"] = args.name or vllm.name
+        fields["task"] = args.task or "generate"
+        fields["engine_settings"] = vllm.engine
     try:
-        return BuildOptions(
-            model=args.model, output=output, task=args.task, name=args.name, dtype=args.dtype,
-            max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-            max_num_seqs=args.max_num_seqs, instance_count=args.instance_count,
-            tokenizer_instances=args.tokenizer_instances, kind=args.kind,
-            model_impl=args.model_impl, revision=args.revision,
-            hub=args.hub or model_source.default_hub(),
-            download=args.download, trust_remote_code=args.trust_remote_code, force=args.force,
-            device_check=not args.no_device_check)
+        return BuildOptions(**fields)
     except ValueError as err:
         raise UserError(str(err)) from None
 
