@@ -71,6 +71,9 @@ class BuildOptions:
     # Engine settings with no flag of their own (from a vllm_backend model.json, see
     # generator/vllm_model_json.py), written as they are into engine.json's `engine`.
     engine_settings: dict[str, Any] = field(default_factory=dict)
+    # The vllm:* metrics (vllm_backend's REPORT_CUSTOM_METRICS, generate only); a
+    # vllm_backend model.json with disable_log_stats turns them off, as it does there.
+    report_custom_metrics: bool = True
 
     def __post_init__(self) -> None:
         choices = {"task": (self.task, (None, *TASKS)), "dtype": (self.dtype, DTYPES),
@@ -251,6 +254,7 @@ def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo,
     if task == "generate":
         settings["gpu_memory_utilization"] = opts.gpu_memory_utilization
         settings["max_num_seqs"] = opts.max_num_seqs
+        settings["report_custom_metrics"] = opts.report_custom_metrics
         engine.update(max_num_seqs=opts.max_num_seqs,
                       gpu_memory_utilization=opts.gpu_memory_utilization)
     else:

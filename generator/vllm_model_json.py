@@ -7,8 +7,9 @@ Users moving from Triton's vLLM backend have model folders like
 
 `generator build vllm_model/` builds the same model under the same name (the folder's), so
 clients keep calling what they called. model.json holds vLLM engine arguments; each key
-either has an equivalent here (a build option, or an engine setting written into
-engine.json), only switches vLLM's logging, or holds the one value we support (one GPU, no
+either has an equivalent here (a build option, an engine setting written into engine.json,
+or the metrics switch: disable_log_stats turns the vllm:* metrics off there and here), only
+switches vLLM's request logging, or holds the one value we support (one GPU, no
 LoRA, no quantization). Any other key fails the build naming it: a setting silently dropped
 would change what the model does.
 """
@@ -31,14 +32,16 @@ BUILD_KEYS = ("model", "dtype", "max_model_len", "gpu_memory_utilization", "max_
 ENGINE_KEYS: dict[str, tuple[type, ...]] = {
     "tokenizer": (str,), "enforce_eager": (bool,), "enable_prefix_caching": (bool,),
     "block_size": (int,), "max_num_batched_tokens": (int,), "seed": (int,)}
-# vLLM switches of its own logging: accepted, nothing to do here.
-NO_EFFECT = ("disable_log_requests", "disable_log_stats", "disable_log_requests_stats")
+# vLLM's switch of its request logging: accepted, nothing to do here.
+NO_EFFECT = ("disable_log_requests",)
+# disable_log_stats: true turns vllm_backend's vllm:* metrics off (REPORT_CUSTOM_METRICS).
+METRICS_KEY = "disable_log_stats"
 # Keys accepted only at the value we support.
 ONLY = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "kv_cache_dtype": "auto",
         "quantization": None, "enable_lora": False}
 DTYPES = {"auto": "auto", "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
           "float32": "float32", "float": "float32"}
-SUPPORTED = (*BUILD_KEYS, *ENGINE_KEYS, *NO_EFFECT, *ONLY)
+SUPPORTED = (*BUILD_KEYS, *ENGINE_KEYS, METRICS_KEY, *NO_EFFECT, *ONLY)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,11 @@ def read_vllm_model(path: Path) -> VllmModel:
                             f"{json.dumps(data[key])}): "
                             + ("one GPU per model" if "parallel" in key else "not supported"))
     build = {k: data[k] for k in BUILD_KEYS if k in data and data[k] is not None}
+    if METRICS_KEY in data:
+        if not isinstance(data[METRICS_KEY], bool):
+            raise UserError(f"{found}: {METRICS_KEY} must be a JSON boolean, got "
+                            f"{json.dumps(data[METRICS_KEY])}")
+        build["report_custom_metrics"] = not data[METRICS_KEY]
     if "dtype" in build:
         if build["dtype"] not in DTYPES:
             raise UserError(f"{found}: dtype must be one of {', '.join(DTYPES)}, got "

@@ -94,7 +94,7 @@ def options(args: argparse.Namespace, output: Path) -> BuildOptions:
         vllm = read_vllm_model(Path(args.model))
         defaults = {"dtype": "auto", "trust_remote_code": False}
         for key, value in vllm.build.items():
-            if key == "model" or fields[key] == defaults.get(key):
+            if key not in fields or key == "model" or fields[key] == defaults.get(key):
                 fields[key] = value
         fields["name"] = args.name or vllm.name
         fields["task"] = args.task or "generate"

@@ -43,6 +43,16 @@ def test_model_json_maps_onto_engine_json_under_the_folders_name(tmp_path, tiny_
     assert (engine["enforce_eager"], engine["enable_prefix_caching"], engine["block_size"],
             engine["max_num_batched_tokens"], engine["seed"]) == (True, False, 32, 512, 7)
     assert "disable_log_requests" not in engine and "tensor_parallel_size" not in engine
+    engine_step = (tmp_path / "repo" / "vllm_model_engine" / "config.pbtxt").read_text()
+    assert 'key: "REPORT_CUSTOM_METRICS" value: { string_value: "true" }' in engine_step
+
+
+def test_disable_log_stats_turns_the_vllm_metrics_off_as_in_vllm_backend(tmp_path, tiny_llama):
+    folder = vllm_folder(tmp_path, "vllm_model", {"model": str(tiny_llama),
+                                                  "disable_log_stats": True})
+    assert generator("build", folder, "-o", tmp_path / "repo", "--kind", "cpu") == 0
+    engine_step = (tmp_path / "repo" / "vllm_model_engine" / "config.pbtxt").read_text()
+    assert 'key: "REPORT_CUSTOM_METRICS" value: { string_value: "false" }' in engine_step
 
 
 def test_the_command_line_wins_over_model_json(tmp_path, tiny_llama):
@@ -69,6 +79,7 @@ def test_a_relative_model_path_is_read_from_the_model_json_folder(tmp_path, tiny
     ({"dtype": "fp8"}, "dtype must be one of auto, float16, half"),
     ({"enforce_eager": "yes"}, 'enforce_eager must be a JSON boolean, got "yes"'),
     ({"block_size": 0}, "block_size must be >= 1"),
+    ({"disable_log_stats": 1}, "disable_log_stats must be a JSON boolean, got 1"),
 ])
 def test_a_key_without_an_equivalent_fails_the_build_naming_it(tmp_path, tiny_llama, capsys,
                                                               extra, message):
