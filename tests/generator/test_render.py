@@ -23,7 +23,8 @@ def settings(task: str, **extra: object) -> dict:
 
 
 EMBED_CONTEXT = settings("embed", max_batch_size=32, max_queue_delay_us=1000)
-GENERATE_CONTEXT = settings("generate", instance_kind="KIND_GPU", instance_count=1)
+GENERATE_CONTEXT = settings("generate", instance_kind="KIND_GPU", instance_count=1,
+                            report_custom_metrics=True)
 CLASSIFY_CONTEXT = settings("classify", max_batch_size=16, max_queue_delay_us=1000,
                             labels=["negative", "neutral", "positive"])
 CONTEXTS = {"embed": EMBED_CONTEXT, "generate": GENERATE_CONTEXT, "classify": CLASSIFY_CONTEXT}
