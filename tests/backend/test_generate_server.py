@@ -51,7 +51,8 @@ def context(model_path: str, **engine: Any) -> dict[str, Any]:
         "task": "generate", "source": model_path, "instance_count": 2,
         # The same tests run on the H100: there the engine step takes the GPU path.
         "instance_kind": "KIND_GPU" if torch.cuda.is_available() else "KIND_CPU",
-        "tokenizer_instance_count": 2, "engine": settings | engine,
+        "tokenizer_instance_count": 2, "report_custom_metrics": True,
+        "engine": settings | engine,
     }}
 
 
