@@ -11,16 +11,16 @@ tokens for a while (queued, non-streaming) send keepalive responses, which carry
 `request_ref`: this step swallows them unless they carry a cancellation.
 
 Throughput: this step sees every response of every stream, in one instance (ordering, see
-its config), so its per-response cost caps the server. On the H100, perf_analyzer got 0.42x of the
-engine alone at 16 streams (a response per token) and topped out near 2,200 responses/s at
-every concurrency, while execute() did an is_cancelled() and a send (a round trip to Triton
-each) per request in turn. Now execute()
-only reads the inputs and builds the response, and a ResponseWriter's threads check and
-send, a stream's responses in order on one thread, the round trips of different streams in
-parallel (GIL released while they wait). Every response is still checked before it goes
-out: a data response sent to a request that is already cancelled leaves that request in
-flight for good (its model never unloads; seen with tritonserver 2.51 when checks were
-spaced 50 ms apart per stream).
+its config), so its per-response cost can cap the server. On the H100, perf_analyzer got
+0.42x of the engine alone at 16 streams (a response per token) and topped out near 2,200
+responses/s at every concurrency while execute() did an is_cancelled() and a send (a round
+trip to Triton each) per request in turn: the likely cap, not yet confirmed on a GPU. Now
+execute() only reads the inputs and builds the response; a ResponseWriter's threads check
+and send, a stream's responses in order on one thread, the round trips of different
+streams in parallel (GIL released while they wait). Every response is still checked before
+it goes out: a data response sent to a request that is already cancelled leaves that
+request in flight for good (its model never unloads; seen with tritonserver 2.51 when
+checks were spaced 50 ms apart per stream).
 
 Decoupled, so a keepalive gets no response at all (only the FINAL flag); a data response
 goes out as it came, with the FINAL flag that ends this step's request.

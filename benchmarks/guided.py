@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         llm.generate(prompts[:8], params[:8])  # warm-up
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        stats = llm.engine._guided.stats if llm.engine._guided is not None else None
+        stats = llm.engine.guided_stats
         before = dataclasses.replace(stats) if stats is not None else None
         started = time.perf_counter()
         outs = llm.generate(prompts, params)

@@ -13,9 +13,10 @@ Design (vLLM V1's structured-output manager is the model):
   outputs, schedules the next step, builds its inputs and launches its forward. The next
   step takes the rows it needs (`masks`), computing only those not prepared (a request just
   out of prefill, one back from preemption). The sampler masks those rows on the device
-  (kernels/token_bitmask.py), batched with the free rows. Measured on the H100 at C=64:
-  fed at once it cost a quarter of the throughput; fed and filled while the forward ran,
-  17.9%, because 64 masks took the host about as long as the GPU's decode step.
+  (kernels/token_bitmask.py), batched with the free rows. Measured on H100s at C=64 with
+  a JSON schema: fed at once it cost a quarter of the throughput; fed and filled while the
+  forward ran, 17.9% (64 masks took the host about as long as the decode step); ahead, in
+  this thread, -0.6% in one run (BENCHMARKS.md).
 - The end of the grammar is an EOS: once a matcher accepts, its mask allows the model's EOS
   ids, and when nothing but EOS is left it allows only those, so the engine's ordinary
   EOS stop ends the completion.

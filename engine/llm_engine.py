@@ -24,7 +24,7 @@ from tritonforge.engine import stop_checker
 from tritonforge.engine.block_manager import BlockManager
 from tritonforge.engine.config import EngineConfig
 from tritonforge.engine.detokenizer import IncrementalDetokenizer
-from tritonforge.engine.guided_decoding import GuidedDecoding
+from tritonforge.engine.guided_decoding import GuidedDecoding, GuidedStats
 from tritonforge.engine.model_runner import ModelRunner
 from tritonforge.engine.multimodal import MultiModalData
 from tritonforge.engine.outputs import CompletionOutput, RequestOutput, Snapshot
@@ -307,6 +307,11 @@ class LLMEngine:
     @property
     def num_requests(self) -> int:
         return len(self._requests)
+
+    @property
+    def guided_stats(self) -> GuidedStats | None:
+        """The grammar thread's host time (None until a structured request arrived)."""
+        return self._guided.stats if self._guided is not None else None
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

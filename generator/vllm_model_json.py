@@ -101,7 +101,7 @@ def read_vllm_model(path: Path) -> VllmModel:
                             f"{build['dtype']!r}")
         build["dtype"] = DTYPES[build["dtype"]]
     model = build["model"]
-    if model.startswith((".", "/")) or Path(model).is_absolute():
+    if model.startswith(".") or Path(model).is_absolute():
         # vllm_backend reads a relative path from Triton's working directory; here it is
         # taken relative to the model.json that names it, then made absolute.
         candidate = (found.parent / model).resolve()

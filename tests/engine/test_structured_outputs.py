@@ -273,7 +273,7 @@ def test_a_steady_guided_batch_fills_every_mask_ahead_of_its_step(llm, monkeypat
     params = [SamplingParams(guided_regex="[a-z]{40}", temperature=1.0, seed=i,
                              max_tokens=40) for i in range(8)]
     llm.generate(["Spell: "] * 8, params)  # the grammar engine exists from here on
-    stats = llm.engine._guided.stats
+    stats = llm.engine.guided_stats
     before = stats.late_rows
     masked_rows = []
     sampler = llm.engine.sampler
