@@ -33,6 +33,12 @@ from tritonforge.kernels.activation import (
     silu_and_mul_ref,
 )
 from tritonforge.kernels.encoder_attention import encoder_attention, encoder_attention_ref
+from tritonforge.kernels.fused_moe import (
+    MoeLaunchConfig,
+    fused_moe,
+    fused_moe_ref,
+    moe_align,
+)
 from tritonforge.kernels.kv_cache import store_kv, store_kv_ref
 from tritonforge.kernels.paged_attention import (
     AttentionLaunchConfig,
@@ -300,6 +306,89 @@ def test_silu_and_gelu_and_mul_match_refs(dtype, shape, act) -> None:
     _assert_close(out, ref, dtype)
 
 
+# --- fused mixture-of-experts MLP ----------------------------------------------------------------
+def _moe_inputs(tokens, experts, top_k, hidden, inter, dtype, seed, skewed=False):
+    gen = _gen(seed)
+    x = _randn(tokens, hidden, gen=gen, dtype=dtype)
+    gate_up = _randn(experts, 2 * inter, hidden, gen=gen, dtype=dtype) * hidden**-0.5
+    down = _randn(experts, hidden, inter, gen=gen, dtype=dtype) * inter**-0.5
+    logits = _randn(tokens, experts, gen=gen)
+    if skewed:  # most tokens pick the same experts: long runs, several blocks per expert
+        logits[:, :top_k] += 4.0
+    weights, ids = torch.softmax(logits, -1).topk(top_k, dim=-1)
+    return x, gate_up, down, weights, ids
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("tokens,experts,top_k,hidden,inter,skewed", [
+    (1, 5, 2, 96, 80, False),  # one decode token
+    (7, 8, 3, 96, 80, False),
+    (37, 5, 2, 100, 72, False),  # hidden and width not multiples of any block
+    (130, 6, 1, 64, 48, True),  # several 16/64-row blocks for one expert, some experts idle
+])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_fused_moe_matches_ref(dtype, tokens, experts, top_k, hidden, inter, skewed,
+                               activation) -> None:
+    inputs = _moe_inputs(tokens, experts, top_k, hidden, inter, dtype, tokens, skewed)
+    out = fused_moe(*inputs, activation)
+    if INTERPRETED and dtype == BF16:
+        # The interpreter truncates float32 -> bfloat16 (see _assert_same_rounding) at each of
+        # the three roundings here (gate_up, activation, output), about twice the error of the
+        # reference's round-to-nearest: both are held to the float32 result instead.
+        x, gate_up, down, weights, ids = inputs
+        truth = fused_moe_ref(x.float(), gate_up.float(), down.float(), weights, ids, activation)
+        for got in (out, fused_moe_ref(*inputs, activation)):
+            rel = ((got.float() - truth).norm() / truth.norm()).item()
+            assert rel < 1.5e-2, f"relative norm error {rel:.2e}"
+            torch.testing.assert_close(got.float(), truth, atol=4e-2, rtol=4e-2)
+    else:
+        _assert_close(out, fused_moe_ref(*inputs, activation), dtype)
+
+
+@kernel_test
+@pytest.mark.parametrize("config", [MoeLaunchConfig(16, 32, 16), MoeLaunchConfig(32, 64, 64),
+                                    MoeLaunchConfig(64, 16, 32, num_warps=2)])
+def test_fused_moe_is_correct_for_any_tile_config(config) -> None:
+    inputs = _moe_inputs(45, 7, 2, 80, 56, F32, 3, skewed=True)
+    _assert_close(fused_moe(*inputs, config=config), fused_moe_ref(*inputs), F32)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 4, 2, 16), (50, 6, 3, 16),
+                                                          (300, 8, 2, 64), (0, 4, 2, 16)])
+def test_fused_moe_align_puts_every_row_once_in_a_block_of_its_expert(tokens, experts, top_k,
+                                                                      block_m) -> None:
+    ids = torch.randint(0, experts, (tokens, top_k), generator=_gen(tokens))
+    ids[: tokens // 2, 0] = 1  # a long run for one expert
+    sorted_ids, expert_ids = moe_align(ids, experts, block_m)
+    rows = tokens * top_k
+    assert sorted_ids.numel() == expert_ids.numel() * block_m
+    assert sorted_ids.numel() >= rows + experts * (block_m - 1) - block_m + 1  # the bound
+    real = sorted_ids[sorted_ids < rows]
+    assert sorted(real.tolist()) == list(range(rows))  # each routed row exactly once
+    block_of = torch.arange(sorted_ids.numel()) // block_m
+    flat = ids.reshape(-1)
+    for position in torch.nonzero(sorted_ids < rows).flatten().tolist():
+        assert expert_ids[block_of[position]] == flat[sorted_ids[position]]
+    used = expert_ids[expert_ids < experts]
+    assert torch.equal(used, used.sort().values)  # experts in order, padding blocks last
+    assert (expert_ids[len(used):] == experts).all()
+
+
+@pytest.mark.parametrize("bad", ["activation", "shapes", "topk"])
+def test_fused_moe_refuses_bad_arguments_naming_them(bad) -> None:
+    x, gate_up, down, weights, ids = _moe_inputs(3, 4, 2, 32, 16, F32, 0)
+    if bad == "activation":
+        with pytest.raises(ValueError, match="activation must be one of"):
+            fused_moe_ref(x, gate_up, down, weights, ids, "relu")
+    elif bad == "shapes":
+        with pytest.raises(ValueError, match="shapes disagree"):
+            fused_moe_ref(x, gate_up, down[:, :, :8], weights, ids)
+    else:
+        with pytest.raises(ValueError, match="topk_ids"):
+            fused_moe_ref(x, gate_up, down, weights[:, :1], ids)
+
+
 # --- token bitmask (structured outputs) ----------------------------------------------------------
 @kernel_test
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -349,6 +438,7 @@ GROUPS = {  # group -> the -k expression selecting its tests in this file
     "rms_norm": "rms_norm",
     "rotary": "rotary",
     "activation": "and_mul",
+    "fused_moe": "fused_moe_matches or fused_moe_is_correct",
     "token_bitmask": "token_bitmask",
 }
 
