@@ -40,7 +40,8 @@ UNSUPPORTED = "unsupported"
 # Decoders with a native implementation in tritonforge.models (MODEL_REGISTRY).
 NATIVE_GENERATE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                    "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                   "Phi3ForCausalLM")
+                   "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
+                   "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 # Vision-language models generated through the Transformers backend (models/registry.py
 # VISION_LANGUAGE_ARCHITECTURES): images in, text out; no other task.
 VISION_LANGUAGE = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",

@@ -26,12 +26,16 @@ from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.gemma2 import Gemma2ForCausalLM
 from tritonforge.models.gemma3 import Gemma3ForCausalLM
 from tritonforge.models.layers.attention import Attention, bind_kv_cache
+from tritonforge.models.layers.fused_moe import load_expert_weights
 from tritonforge.models.layers.linear import ReplicatedLinear
 from tritonforge.models.llama import LlamaForCausalLM, LlamaModel, MistralForCausalLM
+from tritonforge.models.mixtral import MixtralForCausalLM
+from tritonforge.models.olmoe import OlmoeForCausalLM
 from tritonforge.models.phi3 import Phi3ForCausalLM
 from tritonforge.models.qwen2 import Qwen2ForCausalLM
 from tritonforge.models.qwen3 import Qwen3ForCausalLM
-from tritonforge.models.weight_utils import load_weights
+from tritonforge.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from tritonforge.models.weight_utils import load_weights, renamed
 
 SCRATCH_BLOCK_SIZE = 16
 
@@ -46,7 +50,8 @@ class DecoderPoolingModel(nn.Module):
         super().__init__()
         self.config = config
         self.hidden_size: int = config.hidden_size
-        self.model = LlamaModel(config, self.causal_lm.decoder_options(config), dtype)
+        self.model = LlamaModel(config, self.causal_lm.decoder_options(config), dtype,
+                                self.causal_lm.mlp_factory)
         self._attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -69,8 +74,12 @@ class DecoderPoolingModel(nn.Module):
                 layer.kv_cache = None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_weights(self, self._with_model_prefix(weights),
-                            self.causal_lm.packed_modules_mapping, self.skip_weights)
+        # MoE families: the per-expert tensors fold into their fused parameters first.
+        experts: set[str] = set()
+        weights = renamed(self._with_model_prefix(weights), self.causal_lm.checkpoint_renames)
+        rest = load_expert_weights(self, weights, experts)
+        return load_weights(self, rest, self.causal_lm.packed_modules_mapping,
+                            self.skip_weights) | experts
 
     @staticmethod
     def _with_model_prefix(weights: Iterable[tuple[str, torch.Tensor]]
@@ -127,6 +136,22 @@ class Gemma3EmbeddingModel(DecoderPoolingModel):
 
 class Phi3EmbeddingModel(DecoderPoolingModel):
     causal_lm = Phi3ForCausalLM
+
+
+class MixtralEmbeddingModel(DecoderPoolingModel):
+    causal_lm = MixtralForCausalLM
+
+
+class Qwen2MoeEmbeddingModel(DecoderPoolingModel):
+    causal_lm = Qwen2MoeForCausalLM
+
+
+class Qwen3MoeEmbeddingModel(DecoderPoolingModel):
+    causal_lm = Qwen3MoeForCausalLM
+
+
+class OlmoeEmbeddingModel(DecoderPoolingModel):
+    causal_lm = OlmoeForCausalLM
 
 
 # ---- sequence classification (HF's class names) -------------------------------------------

@@ -12,7 +12,7 @@ parameters where the config keeps one set per layer type (Gemma3's local/global 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +38,9 @@ class DecoderOptions:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3, Gemma3)
+    # With qk_norm: one RMSNorm over all q heads together and one over all k heads (OLMoE).
+    qk_norm_across_heads: bool = False
+    clip_qkv: float | None = None  # q, k and v clamped to [-clip, clip] (OLMo's clip_qkv)
     norm_weight_offset: float = 0.0  # every RMSNorm scales by (offset + w): Gemma's (1 + w)
     # Gemma: the attention output is normed before it joins the residual stream, and the MLP
     # sits between pre_feedforward_layernorm and post_feedforward_layernorm.
@@ -76,9 +79,10 @@ def sliding_window_of(config: PretrainedConfig, layer_idx: int) -> int | None:
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, options: DecoderOptions, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, options: DecoderOptions, dtype: torch.dtype,
+                 intermediate_size: int | None = None):
         super().__init__()
-        hidden, inter = config.hidden_size, config.intermediate_size
+        hidden, inter = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], options.mlp_bias,
                                                        dtype)
         self.down_proj = RowParallelLinear(inter, hidden, options.mlp_bias, dtype)
@@ -101,9 +105,13 @@ class LlamaAttention(nn.Module):
                                         dtype)
         if options.qk_norm:
             offset = options.norm_weight_offset
-            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, offset, params_dtype=dtype)
-            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, offset, params_dtype=dtype)
-        self.qk_norm = options.qk_norm
+            across = options.qk_norm_across_heads
+            q_size, k_size = (num_heads * head_dim, num_kv_heads * head_dim) if across else (
+                head_dim, head_dim)
+            self.q_norm = RMSNorm(q_size, config.rms_norm_eps, offset, params_dtype=dtype)
+            self.k_norm = RMSNorm(k_size, config.rms_norm_eps, offset, params_dtype=dtype)
+        self.qk_norm, self.qk_norm_across_heads = options.qk_norm, options.qk_norm_across_heads
+        self.clip_qkv = options.clip_qkv
         # Shared by all layers (of one type): one cos/sin cache per model (per layer type).
         self.rotary_emb = rotary_emb
         scale = options.attn_scale if options.attn_scale is not None else head_dim**-0.5
@@ -115,20 +123,34 @@ class LlamaAttention(nn.Module):
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         # hidden_states: [N, H] -> [N, H]
         q, k, v = self.qkv_proj(hidden_states).split(self.qkv_proj.output_sizes, dim=-1)
-        if self.qk_norm:  # the norm's weight is per head dim: normalise each head alone
+        if self.qk_norm and self.qk_norm_across_heads:
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
+        elif self.qk_norm:  # the norm's weight is per head dim: normalise each head alone
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        if self.clip_qkv is not None:  # after the norms, as OLMoE clamps
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k = self.rotary_emb(positions, q, k, attn_metadata)
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 
 
+def dense_mlp(config: PretrainedConfig, layer_idx: int, options: DecoderOptions,
+              dtype: torch.dtype) -> nn.Module:
+    """The MLP of every layer of a dense decoder (MoE families pass their own factory)."""
+    return LlamaMLP(config, options, dtype)
+
+
+MlpFactory = Callable[[PretrainedConfig, int, DecoderOptions, torch.dtype], nn.Module]
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_idx: int, options: DecoderOptions,
-                 rotary_emb: RotaryEmbedding, dtype: torch.dtype):
+                 rotary_emb: RotaryEmbedding, dtype: torch.dtype,
+                 mlp_factory: MlpFactory = dense_mlp):
         super().__init__()
         eps, offset, hidden = config.rms_norm_eps, options.norm_weight_offset, config.hidden_size
         self.self_attn = LlamaAttention(config, layer_idx, options, rotary_emb, dtype)
-        self.mlp = LlamaMLP(config, options, dtype)
+        self.mlp = mlp_factory(config, layer_idx, options, dtype)
         self.input_layernorm = RMSNorm(hidden, eps, offset, params_dtype=dtype)
         self.post_attention_layernorm = RMSNorm(hidden, eps, offset, params_dtype=dtype)
         self.sandwich_norms = options.sandwich_norms
@@ -153,7 +175,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, options: DecoderOptions, dtype: torch.dtype):
+    def __init__(self, config: PretrainedConfig, options: DecoderOptions, dtype: torch.dtype,
+                 mlp_factory: MlpFactory = dense_mlp):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
         # Rounded to the parameter dtype first, as transformers does (sqrt(3072) is 55.5 in bf16).
@@ -164,7 +187,7 @@ class LlamaModel(nn.Module):
                  for key in dict.fromkeys(rope_types)}
         self.rotary_emb = ropes[None] if None in ropes else nn.ModuleDict(ropes)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, options, ropes[rope_types[i]], dtype)
+            LlamaDecoderLayer(config, i, options, ropes[rope_types[i]], dtype, mlp_factory)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.norm_weight_offset,
@@ -193,11 +216,17 @@ class LlamaForCausalLM(nn.Module):
         return DecoderOptions(qkv_bias=attention_bias, o_bias=attention_bias,
                               mlp_bias=getattr(config, "mlp_bias", False))
 
+    # The MLP of layer i; the MoE families (models/moe_decoder.py) build sparse blocks.
+    mlp_factory: MlpFactory = staticmethod(dense_mlp)
+    # Checkpoint name substrings -> ours, for families whose Hub names predate transformers
+    # 5's modules (which transformers itself renames on load).
+    checkpoint_renames: dict[str, str] = {}
+
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = config
         self.options = self.decoder_options(config)
-        self.model = LlamaModel(config, self.options, dtype)
+        self.model = LlamaModel(config, self.options, dtype, self.mlp_factory)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)

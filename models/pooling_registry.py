@@ -41,6 +41,10 @@ EMBEDDING_REGISTRY: dict[str, type] = {
     "Gemma2ForCausalLM": dec.Gemma2EmbeddingModel,
     "Gemma3ForCausalLM": dec.Gemma3EmbeddingModel,
     "Phi3ForCausalLM": dec.Phi3EmbeddingModel,
+    "MixtralForCausalLM": dec.MixtralEmbeddingModel,
+    "Qwen2MoeForCausalLM": dec.Qwen2MoeEmbeddingModel,
+    "Qwen3MoeForCausalLM": dec.Qwen3MoeEmbeddingModel,
+    "OlmoeForCausalLM": dec.OlmoeEmbeddingModel,
     # The same decoders saved as HF base models (sentence-transformers exports, e.g.
     # e5-mistral's MistralModel): the checkpoint names lack the `model.` prefix.
     "LlamaModel": dec.LlamaEmbeddingModel,

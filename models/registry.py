@@ -12,9 +12,12 @@ from typing import Any
 from tritonforge.models.gemma2 import Gemma2ForCausalLM
 from tritonforge.models.gemma3 import Gemma3ForCausalLM
 from tritonforge.models.llama import LlamaForCausalLM, MistralForCausalLM
+from tritonforge.models.mixtral import MixtralForCausalLM
+from tritonforge.models.olmoe import OlmoeForCausalLM
 from tritonforge.models.phi3 import Phi3ForCausalLM
 from tritonforge.models.qwen2 import Qwen2ForCausalLM
 from tritonforge.models.qwen3 import Qwen3ForCausalLM
+from tritonforge.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
@@ -22,8 +25,12 @@ MODEL_REGISTRY: dict[str, type] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "OlmoeForCausalLM": OlmoeForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 MODEL_IMPLS = ("auto", "native", "transformers")
 # Vision-language models the Transformers backend serves (models/transformers_multimodal.py),

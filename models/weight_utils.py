@@ -188,6 +188,16 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> N
     param.data.copy_(loaded_weight)
 
 
+def renamed(weights: Iterable[tuple[str, torch.Tensor]],
+            renames: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`weights` with each `old` substring of a name replaced by `new` (a family's older
+    module names mapped to the ones its model class uses)."""
+    for name, tensor in weights:
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        yield name, tensor
+
+
 def load_weights(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],

@@ -16,7 +16,10 @@ ATOL = 1e-4
 PROMPT_LENS = [37, 1, 100, 5, 16]  # 100 > the sliding windows of Mistral (64) and Gemma (32)
 ENCODERS = ["BertModel", "RobertaModel", "XLMRobertaModel"]
 DECODERS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-            "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"]
+            "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+            # MoE decoders pool too: their experts fold into fused parameters as in generation.
+            "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+            "OlmoeForCausalLM"]
 CLASSIFIERS = sorted(CLASSIFIER_REGISTRY)
 
 

@@ -1,0 +1,128 @@
+"""The experts of a mixture-of-experts MLP as two fused parameters, and the block around them.
+
+Design: `FusedMoE` holds every expert of a layer in transformers 5's fused layout, so a
+checkpoint saved fused loads as is, and the kernel reads one tensor per projection:
+`gate_up_proj` [E, 2I, H] (each expert's gate rows, then its up rows) and `down_proj`
+[E, H, I]. Hub checkpoints store one tensor per expert and projection
+(`experts.3.gate_proj.weight`, Mixtral's `experts.3.w1.weight`); `load_expert_weights` folds
+those into the fused parameters at load, and says a fused parameter is loaded only once every
+expert's slice arrived. Forward runs `fused_moe` on CUDA tensors, its reference elsewhere.
+
+`SparseMoeBlock` is the MLP of an MoE layer: a router (`gate`, a bias-free [E, H] linear),
+`select_experts`, the experts, and optionally a shared expert that every token uses, scaled by
+a sigmoid gate where the family has one (Qwen2-MoE's `shared_expert_gate`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from tritonforge.kernels.dispatch import use_triton
+from tritonforge.kernels.fused_moe import fused_moe, fused_moe_ref
+from tritonforge.models.layers.linear import ReplicatedLinear
+from tritonforge.models.layers.moe_routing import Routing, select_experts
+
+# Checkpoint names of an expert's three matrices -> (fused parameter, shard): shard 0/1 are the
+# gate/up halves of gate_up_proj. Mixtral names them w1 (gate), w3 (up), w2 (down).
+EXPERT_PROJECTIONS = {
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", None),
+    "w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", None),
+}
+_EXPERT_TENSOR = re.compile(r"^(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_new": "gelu_tanh", "gelu": "gelu"}
+
+
+class FusedMoE(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 hidden_act: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        if hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {hidden_act!r} is not supported for MoE experts; "
+                             f"supported: {sorted(_ACTIVATIONS)}")
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.activation = _ACTIVATIONS[hidden_act]
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype),
+            requires_grad=False)
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype),
+            requires_grad=False)
+
+    def load_expert(self, expert: int, projection: str, loaded: torch.Tensor) -> str:
+        """Copies one expert's checkpoint matrix into its slice; returns the parameter name."""
+        if projection not in EXPERT_PROJECTIONS:
+            raise ValueError(f"unknown expert projection {projection!r}; expected one of "
+                             f"{sorted(EXPERT_PROJECTIONS)}")
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} is out of range (num_experts {self.num_experts})")
+        name, shard = EXPERT_PROJECTIONS[projection]
+        target = getattr(self, name)[expert]
+        if shard is not None:
+            inter = self.intermediate_size
+            target = target[shard * inter:(shard + 1) * inter]
+        if target.shape != loaded.shape:
+            raise ValueError(f"expected shape {tuple(target.shape)}, got {tuple(loaded.shape)}")
+        target.copy_(loaded)
+        return name
+
+    def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+        # hidden_states: [T, H], topk_*: [T, k] -> [T, H]
+        moe = fused_moe if use_triton(hidden_states) else fused_moe_ref
+        return moe(hidden_states, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
+                   self.activation)
+
+
+def load_expert_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                        loaded: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Passes every tensor through except per-expert ones, which it loads into their FusedMoE;
+    adds `<module>.gate_up_proj` / `.down_proj` to `loaded` once every expert's slices came."""
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, FusedMoE)}
+    seen: dict[str, set[tuple[int, int | None]]] = {}
+    for name, tensor in weights:
+        match = _EXPERT_TENSOR.match(name)
+        module = modules.get(match["module"]) if match else None
+        if module is None:
+            yield name, tensor
+            continue
+        expert, projection = int(match["expert"]), match["proj"]
+        try:
+            param = module.load_expert(expert, projection, tensor)
+        except ValueError as err:
+            raise ValueError(f"checkpoint tensor {name!r}: {err}") from err
+        full = f"{match['module']}.{param}"
+        shards = seen.setdefault(full, set())
+        shards.add((expert, EXPERT_PROJECTIONS[projection][1]))
+        if len(shards) == module.num_experts * (2 if param == "gate_up_proj" else 1):
+            loaded.add(full)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, hidden_size: int, routing: Routing, intermediate_size: int,
+                 hidden_act: str, dtype: torch.dtype, shared_expert: nn.Module | None = None,
+                 shared_expert_gate: bool = False) -> None:
+        super().__init__()
+        self.routing = routing
+        self.gate = ReplicatedLinear(hidden_size, routing.num_experts, bias=False,
+                                     params_dtype=dtype)
+        self.experts = FusedMoE(routing.num_experts, hidden_size, intermediate_size, hidden_act,
+                                dtype)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = (ReplicatedLinear(hidden_size, 1, bias=False, params_dtype=dtype)
+                                   if shared_expert_gate else None)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # hidden_states: [T, H] -> [T, H]
+        topk_weights, topk_ids = select_experts(self.gate(hidden_states), self.routing)
+        out = self.experts(hidden_states, topk_weights, topk_ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(hidden_states)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
+            out = out + shared
+        return out
