@@ -77,6 +77,9 @@ class ModelInfo:
     auto_map: bool  # the config asks for remote code
     dtype: str  # the dtype memory numbers are for
     num_params: int | None
+    # MoE: the parameters one token uses (the routed experts it picks, everything else);
+    # None for dense models and where the model was not built on the meta device.
+    num_active_params: int | None
     params_source: str  # "safetensors headers", "gguf tensors", "meta-device build (...)", ...
     weight_bytes: int | None
     kv_cache_bytes_per_token: int  # when generating; 0 where the model cannot generate
@@ -182,6 +185,10 @@ def describe(folder: Path, model: str, source: str, dtype: str = "auto",
     elif num_params is None:
         num_params = estimate_params(text, architecture)
         params_source = f"estimate from config ({why_not})"
+    num_active_params = None
+    if measured and measured.get("expert_params") and num_params is not None:
+        num_active_params = (num_params - measured["expert_params"]
+                             + measured["active_expert_params"])
     dtype_name = _resolve_dtype(dtype, config)
     width = DTYPE_BYTES[dtype_name]
     kv_layers = (measured or {}).get("kv_layers") or layers
@@ -207,6 +214,7 @@ def describe(folder: Path, model: str, source: str, dtype: str = "auto",
         has_chat_template=bool((tok or {}).get("chat_template") or config.get("chat_template")
                                or (folder.is_dir() and (folder / "chat_template.jinja").exists())),
         auto_map=bool(config.get("auto_map")), dtype=dtype_name, num_params=num_params,
+        num_active_params=num_active_params,
         params_source=params_source,
         weight_bytes=num_params * width if num_params is not None else None,
         kv_cache_bytes_per_token=kv,

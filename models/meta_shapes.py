@@ -39,6 +39,7 @@ def measure(folder: str | Path) -> dict[str, Any]:
     # parameters() yields a tied (shared) tensor once: the memory the weights really take.
     num_params = sum(p.numel() for p in model.parameters())
     text = config.get_text_config()
+    expert_params, active_expert_params = _expert_params(model, text)
     from tritonforge.models.registry import kv_cache_shape
 
     try:
@@ -50,6 +51,8 @@ def measure(folder: str | Path) -> dict[str, Any]:
         "architecture": architecture,
         "module_class": module_class.__name__,
         "num_params": int(num_params),
+        "expert_params": expert_params,
+        "active_expert_params": active_expert_params,
         "num_hidden_layers": getattr(text, "num_hidden_layers", None),
         "hidden_size": getattr(text, "hidden_size", None),
         "num_attention_heads": getattr(text, "num_attention_heads", None),
@@ -60,6 +63,26 @@ def measure(folder: str | Path) -> dict[str, Any]:
         "max_position_embeddings": max_positions if isinstance(max_positions, int) else None,
         "pad_token_id": getattr(text, "pad_token_id", None),
     }
+
+
+def _expert_params(model: torch.nn.Module, text: Any) -> tuple[int, int]:
+    """(parameters of all routed experts, those a token uses: num_experts_per_tok of each
+    layer's E). Experts are the modules named `experts`: transformers 5 fuses them into
+    [E, ...] tensors (E = the leading dim), older layouts keep a ModuleList of E experts.
+    Shared experts are separate modules, counted as always active. (0, 0) for dense models."""
+    top_k = getattr(text, "num_experts_per_tok", None)
+    total = active = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] != "experts" or not isinstance(top_k, int):
+            continue
+        params = list(module.parameters())
+        if not params:
+            continue
+        count = len(module) if isinstance(module, torch.nn.ModuleList) else params[0].shape[0]
+        size = sum(p.numel() for p in params)
+        total += size
+        active += size * min(top_k, count) // count
+    return int(total), int(active)
 
 
 def _module_class(transformers: Any, architecture: str, config: Any) -> type:

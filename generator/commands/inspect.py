@@ -101,6 +101,11 @@ def info_table(info: ModelInfo) -> Table:
         ("weight memory", f"{human_bytes(info.weight_bytes)} ({info.dtype})"),
         ("KV cache", kv),
     ]
+    if info.num_active_params is not None:
+        after = [key for key, _ in rows].index("parameters") + 1
+        rows.insert(after, (
+            "active parameters", f"{human_count(info.num_active_params)} per token "
+                                 "(the routed experts it picks and every other weight)"))
     if info.model_kind:
         rows.insert(2, ("kind", info.model_kind))
     if info.auto_map:

@@ -28,7 +28,8 @@ JSON_FIELDS = {
     "pooling": (str, type(None)), "normalize": (bool, type(None)), "labels": list,
     "num_layers": int, "hidden_size": int, "num_attention_heads": int, "num_kv_heads": int,
     "head_dim": int, "vocab_size": int, "max_model_len": int, "has_chat_template": bool,
-    "auto_map": bool, "dtype": str, "num_params": int, "params_source": str,
+    "auto_map": bool, "dtype": str, "num_params": int,
+    "num_active_params": (int, type(None)), "params_source": str,
     "weight_bytes": int, "kv_cache_bytes_per_token": int,
 }  # fmt: skip
 
@@ -413,3 +414,179 @@ def write_sentence_transformers(folder, mode: str) -> None:
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({mode: True}))
+
+
+# ---- mixture-of-experts models: all parameters and those one token uses ------------------------
+# Published config.json files (the keys that shape the model; gpt-oss's layer_types are its
+# alternation of sliding and full attention, rebuilt below). Totals and active counts from the
+# model cards. Cards differ on whether "active" includes the input embedding table (a token
+# reads one row of it): Mixtral's and Qwen3's include it, DeepSeek's and gpt-oss's do not, so
+# for those two the table is added to the card's figure; our count includes it.
+_GPT_OSS_LAYERS = ["sliding_attention", "full_attention"] * 12
+PUBLISHED_MOE = {
+    "mistralai/Mixtral-8x7B-v0.1": (
+        {"architectures": ["MixtralForCausalLM"],
+         "attention_dropout": 0.0,
+         "bos_token_id": 1,
+         "eos_token_id": 2,
+         "hidden_act": "silu",
+         "hidden_size": 4096,
+         "initializer_range": 0.02,
+         "intermediate_size": 14336,
+         "max_position_embeddings": 32768,
+         "model_type": "mixtral",
+         "num_attention_heads": 32,
+         "num_experts_per_tok": 2,
+         "num_hidden_layers": 32,
+         "num_key_value_heads": 8,
+         "num_local_experts": 8,
+         "output_router_logits": False,
+         "rms_norm_eps": 1e-05,
+         "rope_theta": 1000000.0,
+         "router_aux_loss_coef": 0.02,
+         "sliding_window": None,
+         "tie_word_embeddings": False,
+         "torch_dtype": "bfloat16",
+         "use_cache": True,
+         "vocab_size": 32000},
+        46.7e9, 12.9e9),
+    "Qwen/Qwen3-30B-A3B": (
+        {"architectures": ["Qwen3MoeForCausalLM"],
+         "attention_bias": False,
+         "attention_dropout": 0.0,
+         "bos_token_id": 151643,
+         "decoder_sparse_step": 1,
+         "eos_token_id": 151645,
+         "head_dim": 128,
+         "hidden_act": "silu",
+         "hidden_size": 2048,
+         "initializer_range": 0.02,
+         "intermediate_size": 6144,
+         "max_position_embeddings": 40960,
+         "max_window_layers": 48,
+         "mlp_only_layers": [],
+         "model_type": "qwen3_moe",
+         "moe_intermediate_size": 768,
+         "norm_topk_prob": True,
+         "num_attention_heads": 32,
+         "num_experts": 128,
+         "num_experts_per_tok": 8,
+         "num_hidden_layers": 48,
+         "num_key_value_heads": 4,
+         "output_router_logits": False,
+         "rms_norm_eps": 1e-06,
+         "rope_scaling": None,
+         "rope_theta": 1000000.0,
+         "router_aux_loss_coef": 0.001,
+         "sliding_window": None,
+         "tie_word_embeddings": False,
+         "torch_dtype": "bfloat16",
+         "use_cache": True,
+         "use_sliding_window": False,
+         "vocab_size": 151936},
+        30.5e9, 3.3e9),
+    "deepseek-ai/DeepSeek-V2-Lite": (
+        {"architectures": ["DeepseekV2ForCausalLM"],
+         "attention_bias": False,
+         "attention_dropout": 0.0,
+         "aux_loss_alpha": 0.001,
+         "bos_token_id": 100000,
+         "eos_token_id": 100001,
+         "first_k_dense_replace": 1,
+         "hidden_act": "silu",
+         "hidden_size": 2048,
+         "initializer_range": 0.02,
+         "intermediate_size": 10944,
+         "kv_lora_rank": 512,
+         "max_position_embeddings": 163840,
+         "model_type": "deepseek_v2",
+         "moe_intermediate_size": 1408,
+         "moe_layer_freq": 1,
+         "n_group": 1,
+         "n_routed_experts": 64,
+         "n_shared_experts": 2,
+         "norm_topk_prob": False,
+         "num_attention_heads": 16,
+         "num_experts_per_tok": 6,
+         "num_hidden_layers": 27,
+         "num_key_value_heads": 16,
+         "q_lora_rank": None,
+         "qk_nope_head_dim": 128,
+         "qk_rope_head_dim": 64,
+         "rms_norm_eps": 1e-06,
+         "rope_scaling": {"beta_fast": 32,
+                          "beta_slow": 1,
+                          "factor": 40,
+                          "mscale": 0.707,
+                          "mscale_all_dim": 0.707,
+                          "original_max_position_embeddings": 4096,
+                          "type": "yarn"},
+         "rope_theta": 10000,
+         "routed_scaling_factor": 1.0,
+         "scoring_func": "softmax",
+         "seq_aux": True,
+         "tie_word_embeddings": False,
+         "topk_group": 1,
+         "topk_method": "greedy",
+         "torch_dtype": "bfloat16",
+         "use_cache": True,
+         "v_head_dim": 128,
+         "vocab_size": 102400},
+        15.7e9, 2.4e9 + 102400 * 2048),
+    "openai/gpt-oss-20b": (
+        {**{"architectures": ["GptOssForCausalLM"],
+            "attention_bias": True,
+            "attention_dropout": 0.0,
+            "eos_token_id": 200002,
+            "experts_per_token": 4,
+            "head_dim": 64,
+            "hidden_act": "silu",
+            "hidden_size": 2880,
+            "initial_context_length": 4096,
+            "initializer_range": 0.02,
+            "intermediate_size": 2880,
+            "max_position_embeddings": 131072,
+            "model_type": "gpt_oss",
+            "num_attention_heads": 64,
+            "num_experts_per_tok": 4,
+            "num_hidden_layers": 24,
+            "num_key_value_heads": 8,
+            "num_local_experts": 32,
+            "output_router_logits": False,
+            "pad_token_id": 199999,
+            "rms_norm_eps": 1e-05,
+            "rope_scaling": {"beta_fast": 32.0,
+                             "beta_slow": 1.0,
+                             "factor": 32.0,
+                             "original_max_position_embeddings": 4096,
+                             "rope_type": "yarn",
+                             "truncate": False},
+            "rope_theta": 150000,
+            "router_aux_loss_coef": 0.9,
+            "sliding_window": 128,
+            "swiglu_limit": 7.0,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "vocab_size": 201088},
+         "layer_types": _GPT_OSS_LAYERS},
+        20.9e9, 3.6e9 + 201088 * 2880),
+}
+
+
+@pytest.mark.parametrize("model", list(PUBLISHED_MOE))
+def test_inspect_counts_moe_models_total_and_active_parameters(tmp_path, capsys, monkeypatch,
+                                                                model):
+    config, total, active = PUBLISHED_MOE[model]
+    folder = write_config(tmp_path / "m", config)
+    info = inspect_json(capsys, folder)
+    assert info["params_source"].startswith("meta-device build"), info["params_source"]
+    assert abs(info["num_params"] - total) / total < 0.02, info["num_params"]
+    assert abs(info["num_active_params"] - active) / active < 0.03, info["num_active_params"]
+    monkeypatch.setenv("COLUMNS", "200")
+    assert cli.main(["inspect", str(folder)]) == 0
+    assert "active parameters" in capsys.readouterr().out
+
+
+def test_a_dense_model_has_no_active_parameter_count(tmp_path, capsys):
+    info = inspect_json(capsys, write_config(tmp_path / "m", PUBLISHED["Qwen/Qwen3-0.6B"][0]))
+    assert info["num_active_params"] is None
