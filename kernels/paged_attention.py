@@ -63,7 +63,7 @@ def _tanh(x):
 @triton.jit
 def paged_attention_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    part_m_ptr, part_l_ptr, part_acc_ptr,
+    part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     scale, softcap, sliding_window, num_seqs, num_heads,
     stride_qt, stride_qh, stride_qd,
@@ -75,7 +75,7 @@ def paged_attention_kernel(
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_SINKS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -160,6 +160,13 @@ def paged_attention_kernel(
     token = (q_start + q_idx).to(tl.int64)
     mask_out = mask_m[:, None] & mask_d[None, :]
     if NUM_SPLITS == 1:
+        if USE_SINKS:  # one more logit per head in the softmax's sum, with no value
+            sink = tl.load(sinks_ptr + head, mask=mask_m, other=0.0).to(tl.float32)
+            sink = sink * 1.4426950408889634
+            m_fin = tl.maximum(m_i, sink)
+            alpha = tl.exp2(m_i - m_fin)
+            l_i = l_i * alpha + tl.exp2(sink - m_fin)
+            acc = acc * alpha[:, None]
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh
                  + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=mask_out)
@@ -175,11 +182,11 @@ def paged_attention_kernel(
 
 @triton.jit
 def paged_attention_reduce_kernel(
-    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr,
     num_heads,
     stride_ot, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PADDED: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PADDED: tl.constexpr, USE_SINKS: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -192,8 +199,13 @@ def paged_attention_reduce_kernel(
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM_PADDED + offs_d[None, :],
                   mask=mask_s[:, None], other=0.0)
     m_max = tl.max(m, 0)
+    if USE_SINKS:  # the sink joins the softmax's sum once, here, not in every split
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        m_max = tl.maximum(m_max, sink)
     weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty splits: 0
     total = tl.sum(weight * l_, 0)
+    if USE_SINKS:
+        total += tl.exp2(sink - m_max)
     out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
@@ -285,6 +297,7 @@ def paged_attention(
     num_splits: int | None = None,
     config: AttentionLaunchConfig | None = None,
     out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton `paged_attention_ref` for a mixed prefill/decode batch; returns [N, Hq, D].
 
@@ -311,6 +324,8 @@ def paged_attention(
         raise ValueError(f"query dtype must be float16, bfloat16 or float32, got {query.dtype}")
     if k_cache.dtype != query.dtype or v_cache.dtype != query.dtype:
         raise ValueError(f"cache dtype {k_cache.dtype} differs from the query's {query.dtype}")
+    if sinks is not None and sinks.shape != (num_heads,):
+        raise ValueError(f"sinks must be [Hq] = [{num_heads}], got {tuple(sinks.shape)}")
     if query_start_loc.shape != (num_seqs + 1,) or block_tables.dim() != 2 \
             or block_tables.shape[0] != num_seqs:
         raise ValueError(f"query_start_loc must be [B + 1] and block_tables [B, *] for B = "
@@ -347,7 +362,7 @@ def paged_attention(
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
     paged_attention_kernel[grid](
         query, k_cache, v_cache, out, part_m, part_l, part_acc,
-        query_start_loc, seq_lens, block_tables,
+        sinks if sinks is not None else out, query_start_loc, seq_lens, block_tables,
         float(scale), float(logits_soft_cap or 0.0), int(sliding_window or 0), num_seqs, num_heads,
         *query.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         block_tables.stride(0),
@@ -355,7 +370,7 @@ def paged_attention(
         BLOCK_N=config.block_n, BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
         USE_SOFTCAP=logits_soft_cap is not None, USE_WINDOW=sliding_window is not None,
-        NUM_SPLITS=splits,
+        NUM_SPLITS=splits, USE_SINKS=sinks is not None,
         # The interpreter (CPU tensors) multiplies bf16 as raw integer bits (triton 3.8), so
         # it computes its dots in float32. float32 inputs on the GPU use 3xTF32: float32
         # accuracy on tensor cores (plain tf32 is ~1e-3 off; IEEE FMA dots spill registers).
@@ -365,9 +380,10 @@ def paged_attention(
     )
     if splits > 1:
         paged_attention_reduce_kernel[(num_tokens, num_heads)](
-            out, part_m, part_l, part_acc, num_heads, *out.stride(),
-            HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
+            out, part_m, part_l, part_acc, sinks if sinks is not None else out, num_heads,
+            *out.stride(), HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
             NUM_SPLITS=splits, SPLITS_PADDED=next_power_of_2(splits),
+            USE_SINKS=sinks is not None,
             num_warps=4 if head_dim_padded * next_power_of_2(splits) >= 4096 else 2,
         )
     return out
@@ -383,8 +399,12 @@ def paged_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of every query row over its sequence's cached keys; returns [N, Hq, D]."""
+    """Attention of every query row over its sequence's cached keys; returns [N, Hq, D].
+
+    sinks [Hq] (gpt-oss): one extra logit per head in the softmax's denominator, attached to
+    no value, so a head may attend to "nothing" (the probabilities sum to less than 1)."""
     # query: [N, Hq, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]
     # query_start_loc: [B + 1]; seq_lens: [B]; block_tables: [B, max_blocks_per_seq]
     num_tokens, num_heads, head_dim = query.shape
@@ -416,7 +436,11 @@ def paged_attention_ref(
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window
         scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        if sinks is not None:  # [Hq] -> a last column per (KV head, group) row
+            sink = sinks.float().view(num_kv_heads, group, 1, 1).expand(-1, -1, query_len, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
         o = probs @ v  # [Hkv, group, query_len, D]
         out[start:end] = o.permute(2, 0, 1, 3).reshape(query_len, num_heads, head_dim).to(out.dtype)
     return out

@@ -37,6 +37,8 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.scale = scale
         self.sliding_window, self.logits_soft_cap = sliding_window, logits_soft_cap
+        # [Hq] per-head sink logits (gpt-oss): set by the model, e.g. per call from HF's s_aux.
+        self.sinks: torch.Tensor | None = None
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
@@ -57,12 +59,12 @@ class Attention(nn.Module):
             out = paged_attention(
                 q, k_cache, v_cache, *batch, self.scale, self.sliding_window,
                 self.logits_soft_cap, max_query_len=attn_metadata.max_query_len,
-                max_seq_len=attn_metadata.max_seq_len,
+                max_seq_len=attn_metadata.max_seq_len, sinks=self.sinks,
             )
         else:
             store_kv_ref(k, v, k_cache, v_cache, attn_metadata.slot_mapping)
             out = paged_attention_ref(q, k_cache, v_cache, *batch, self.scale,
-                                      self.sliding_window, self.logits_soft_cap)
+                                      self.sliding_window, self.logits_soft_cap, self.sinks)
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:

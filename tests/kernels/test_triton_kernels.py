@@ -149,12 +149,14 @@ def _paged_inputs(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, se
 
 
 def _check_paged(seqs, num_heads, num_kv_heads, head_dim, block_size, window, soft_cap, dtype,
-                 seed=0, **launch):
+                 seed=0, with_sinks=False, **launch):
     inputs = _paged_inputs(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed)
     scale = head_dim**-0.5
+    # Sinks around the scores' scale, so they take a real share of each softmax.
+    sinks = _randn(num_heads, gen=_gen(seed + 7), dtype=dtype) * 2 if with_sinks else None
     out = torch.full_like(inputs[0], float("nan"))
-    paged_attention(*inputs, scale, window, soft_cap, out=out, **launch)
-    _assert_close(out, paged_attention_ref(*inputs, scale, window, soft_cap), dtype)
+    paged_attention(*inputs, scale, window, soft_cap, out=out, sinks=sinks, **launch)
+    _assert_close(out, paged_attention_ref(*inputs, scale, window, soft_cap, sinks), dtype)
 
 
 PAGED_CASES = [  # num_heads, num_kv_heads, head_dim, block_size, sliding_window, soft_cap
@@ -203,6 +205,30 @@ def test_paged_attention_split_k_path_matches_ref(dtype, num_splits, case) -> No
 def test_paged_attention_is_correct_for_any_tile_config(config) -> None:
     # The engine picks tiles from max_query_len; correctness must not depend on that choice.
     _check_paged(MIXED_BATCH, 4, 2, 64, 16, 45, None, F32, seed=3, config=config)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("num_splits,case", [
+    (1, (4, 2, 64, 16, None, None)),
+    (1, (8, 2, 64, 16, 7, None)),  # gpt-oss: sinks on sliding-window layers too
+    (3, (4, 2, 64, 16, 40, None)),  # split-K: the sink joins the sum once, in the reduce
+])
+def test_paged_attention_with_sinks_matches_ref(dtype, num_splits, case) -> None:
+    batch = SPLIT_BATCH if num_splits > 1 else MIXED_BATCH
+    _check_paged(batch, *case, dtype, seed=11 + num_splits, with_sinks=True,
+                 num_splits=num_splits)
+
+
+def test_sinks_take_probability_from_the_keys_and_vanish_when_very_negative() -> None:
+    inputs = _paged_inputs(MIXED_BATCH, 4, 2, 32, 16, F32, seed=5, device="cpu")
+    plain = paged_attention_ref(*inputs, 32**-0.5)
+    gone = paged_attention_ref(*inputs, 32**-0.5, sinks=torch.full((4,), -1e4))
+    torch.testing.assert_close(gone, plain, atol=1e-6, rtol=0)
+    # A huge sink takes (almost) all probability: the heads output (almost) nothing.
+    assert paged_attention_ref(*inputs, 32**-0.5, sinks=torch.full((4,), 30.0)).abs().max() < 1e-6
+    with pytest.raises(ValueError, match=r"sinks must be \[Hq\]"):
+        paged_attention(*inputs, 32**-0.5, sinks=torch.zeros(3))
 
 
 @kernel_test
