@@ -42,6 +42,16 @@ NATIVE_GENERATE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                    "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
                    "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
                    "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+# Causal LMs the engine refuses (models/registry.py NOT_SERVED, the same reasons; a test
+# keeps the two equal): a build must not say they are served.
+_MLA = ("Multi-head Latent Attention (a compressed KV latent; keys and values of different "
+        "head sizes), which the paged KV cache does not hold yet")
+NOT_SERVED = {
+    "FalconForCausalLM": "it computes attention itself, outside transformers' attention "
+                         "interface, so it cannot run on the paged KV cache",
+    "DeepseekV2ForCausalLM": _MLA,
+    "DeepseekV3ForCausalLM": _MLA,
+}
 # Vision-language models generated through the Transformers backend (models/registry.py
 # VISION_LANGUAGE_ARCHITECTURES): images in, text out; no other task.
 VISION_LANGUAGE = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
@@ -120,6 +130,8 @@ def support(architecture: str) -> Support:
     """The Support of `architecture`, by name alone (an unknown one supports no task).
     Order of `tasks`: the task the architecture's head is for comes first."""
     impl: dict[str, str] = {}
+    if architecture in NOT_SERVED:
+        return Support(architecture, (), impl)
     if architecture in VISION_LANGUAGE:
         return Support(architecture, ("generate",), {"generate": TRANSFORMERS})
     if _CLASSIFIER_RE.match(architecture):
@@ -181,6 +193,10 @@ _ALLOWED = {
 def unsupported_reason(architecture: str, task: str, what: str | None = None) -> str:
     """One line saying why `architecture` (`what`: what_it_is) cannot be built for `task`,
     and what can."""
+    if architecture in NOT_SERVED:
+        return (f"architecture {architecture!r} cannot do --task {task}: it has no native "
+                f"implementation yet and the Transformers backend cannot serve it: "
+                f"{NOT_SERVED[architecture]}")
     found = support(architecture)
     can = f"it supports: {', '.join(found.tasks)}" if found.tasks else "it supports no task"
     return (f"architecture {architecture!r}{f' ({what})' if what else ''} cannot do --task "
@@ -230,6 +246,9 @@ def no_task_reason(architecture: str, config: dict[str, Any]) -> str:
     found = support(architecture)
     what = what_it_is(architecture, config)
     head = f"{architecture!r} is {what}" if what else f"{architecture!r}"
+    if architecture in NOT_SERVED:
+        return (f"{architecture!r} has no native implementation yet and the Transformers "
+                f"backend cannot serve it: {NOT_SERVED[architecture]}")
     if "embed" in found.tasks:
         return (f"{head}, which is not a task here; pass --task embed to serve its encoder's "
                 "token states pooled as embeddings (meaningful only if it was trained for "

@@ -42,6 +42,17 @@ VISION_LANGUAGE_ARCHITECTURES = (
     "Qwen2_5_VLForConditionalGeneration", "Gemma3ForConditionalGeneration",
     "Mistral3ForConditionalGeneration",
 )
+# Causal LMs without a native implementation that the Transformers backend cannot serve
+# (its own checks refuse them at construction too); generator/architectures.NOT_SERVED
+# mirrors this, so a build never claims them.
+_MLA = ("Multi-head Latent Attention (a compressed KV latent; keys and values of different "
+        "head sizes), which the paged KV cache does not hold yet")
+NOT_SERVED = {
+    "FalconForCausalLM": "it computes attention itself, outside transformers' attention "
+                         "interface, so it cannot run on the paged KV cache",
+    "DeepseekV2ForCausalLM": _MLA,
+    "DeepseekV3ForCausalLM": _MLA,
+}
 
 
 def _is_causal_lm(architecture: str) -> bool:
@@ -68,6 +79,9 @@ def resolve_model_class(architecture: str, model_impl: str = "auto") -> type:
         raise ValueError(f"architecture {architecture!r} has no native implementation "
                          f"(supported: {supported}); the Transformers backend may serve it "
                          "(model_impl='transformers')")
+    if architecture in NOT_SERVED:
+        raise ValueError(f"architecture {architecture!r} has no native implementation yet and "
+                         f"the Transformers backend cannot serve it: {NOT_SERVED[architecture]}")
     if architecture in VISION_LANGUAGE_ARCHITECTURES:
         from tritonforge.models.transformers_multimodal import TransformersForImageTextToText
 

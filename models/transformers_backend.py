@@ -43,11 +43,22 @@ import transformers
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from tritonforge.kernels.dispatch import use_triton
+from tritonforge.kernels.fused_moe import fused_moe, fused_moe_ref
 from tritonforge.kernels.rms_norm import rms_norm
 from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.layers.attention import Attention
 
 ATTN_IMPLEMENTATION = "tritonforge_paged"
+# Keywords HF attention modules pass to the attention function that our paged attention
+# honours or that do not change the math (flash-attn varlen hints, dropout at eval, flags).
+# `s_aux` is gpt-oss's attention sinks, which the kernel applies. Any other (T5's
+# `position_bias`, DeepSeek-V3.2's sparse `indices`, Inkling's `sinks`) would be dropped, a
+# silent change of the model's output: the model is refused.
+HONOURED_KEYWORDS = frozenset({
+    "scaling", "dropout", "sliding_window", "softcap", "attention_mask", "query", "key",
+    "value", "is_causal", "position_ids", "use_cache", "output_attentions", "cu_seq_lens_q",
+    "cu_seq_lens_k", "max_length_q", "max_length_k", "deterministic", "s_aux",
+})
 # Checkpoint tensors that are not parameters of current HF modules (old buffers).
 _SKIP = ("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias", ".attn.bias",
          ".attn.masked_bias")
@@ -85,6 +96,12 @@ def paged_attention_forward(
     query [1, Hq, N, D], key/value [1, Hkv, N, D] (one flat sequence: the whole step) ->
     (output [1, N, Hq, D], None).
     """
+    dropped = sorted(k for k, v in kwargs.items()
+                     if k not in HONOURED_KEYWORDS and v is not None and v is not False)
+    if dropped or kwargs.get("is_causal") is False:
+        raise ValueError(f"{type(module).__name__} passes {', '.join(dropped) or 'is_causal=False'}"
+                         f" to the attention function, which {ATTN_IMPLEMENTATION} does not "
+                         "apply; serving it would silently change the model's output")
     step = _STEP.get()
     if step is None:
         raise RuntimeError(
@@ -108,6 +125,7 @@ def paged_attention_forward(
     attn.scale = head_dim**-0.5 if scaling is None else float(scaling)
     attn.logits_soft_cap = softcap or None
     attn.sliding_window = sliding_window or None
+    attn.sinks = kwargs.get("s_aux")
     q = query[0].transpose(0, 1).reshape(num_tokens, num_heads * head_dim)
     k = key[0].transpose(0, 1).reshape(num_tokens, -1)
     v = value[0].transpose(0, 1).reshape(num_tokens, -1)
@@ -122,6 +140,70 @@ def paged_attention_forward(
 
 
 transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+
+EXPERTS_IMPLEMENTATION = "tritonforge_fused_moe"
+
+
+def _fused_moe_activation(experts: nn.Module) -> str | None:
+    """The fused_moe activation of an HF experts module our kernel computes exactly, or None
+    (biases, transposed or interleaved gate_up, a custom gate such as gpt-oss's clamped
+    SwiGLU, an activation the kernel lacks)."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    plain = (getattr(experts, "has_gate", False) and getattr(experts, "is_concatenated", False)
+             and not getattr(experts, "is_transposed", True)
+             and not getattr(experts, "has_bias", True)
+             and not getattr(experts, "has_post_expert_norm", True)
+             and type(experts)._apply_gate is _default_apply_gate)
+    act = getattr(experts, "act_fn", None)
+    return "silu" if plain and type(act) in (nn.SiLU, transformers.activations.SiLUActivation) \
+        else None
+
+
+def fused_experts_forward(experts: nn.Module, hidden_states: torch.Tensor,
+                          top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts-interface signature run as our fused MoE kernel (one grouped GEMM
+    launch per projection, no host sync: decode steps stay CUDA-graph capturable); experts
+    the kernel does not compute exactly run transformers' own grouped_mm path."""
+    # hidden_states: [T, H], top_k_*: [T, k] -> [T, H]
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    activation = _fused_moe_activation(experts)
+    if activation is None:
+        return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    moe = fused_moe if use_triton(hidden_states) else fused_moe_ref
+    return moe(hidden_states, experts.gate_up_proj, experts.down_proj, top_k_weights,
+               top_k_index, activation)
+
+
+transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION,
+                                                             fused_experts_forward)
+
+
+def unhonoured_attention_keywords(model: nn.Module) -> dict[str, list[str]]:
+    """{attention class: keywords its forward passes to the attention function that
+    HONOURED_KEYWORDS lacks}, for the modules that attend through our implementation; read
+    from each class's source, so a model is refused at load, before any request."""
+    import ast
+    import inspect
+    import textwrap
+
+    found: dict[str, list[str]] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        name = type(module).__name__
+        if name in found or getattr(config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        keywords = {kw.arg for node in ast.walk(tree) if isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Name) and node.func.id == "attention_interface"
+                    for kw in node.keywords if kw.arg}
+        if keywords - HONOURED_KEYWORDS:
+            found[name] = sorted(keywords - HONOURED_KEYWORDS)
+    return found
 
 
 def _code_key(function: Any) -> tuple[Any, ...] | None:
@@ -230,15 +312,30 @@ class TransformersForCausalLM(nn.Module):
                 f"{architecture} ({hf_class.__name__}) does not route its attention through "
                 "transformers' attention interface, so the Transformers backend cannot put it on "
                 "the paged KV cache; it needs a native implementation")
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "kv_lora_rank", None):  # DeepSeek-V2/V3, Kimi-K2, GLM-4.5-MoE-Lite
+            raise ValueError(
+                f"{architecture} uses Multi-head Latent Attention (a compressed KV latent; "
+                f"queries and keys of {getattr(text, 'qk_head_dim', '?')} dims, values of "
+                f"{getattr(text, 'v_head_dim', '?')}), which the paged KV cache does not hold "
+                "yet; it needs a native implementation")
         self.config = config
         self.architecture = architecture
         hf_config = copy.deepcopy(config)
         hf_config.use_cache = False
         with no_init_weights():  # every parameter is overwritten by the checkpoint
             self.model = self._auto_class.from_config(
-                hf_config, dtype=dtype, attn_implementation=self._attn_implementation(config))
+                hf_config, dtype=dtype, attn_implementation=self._attn_implementation(config),
+                experts_implementation=EXPERTS_IMPLEMENTATION)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.model.tie_weights()  # no_init_weights skips post_init's tying
+        if unhonoured := unhonoured_attention_keywords(self.model):
+            details = "; ".join(f"{cls} passes {', '.join(kws)}" for cls, kws in unhonoured.items())
+            raise ValueError(
+                f"{architecture}: {details} to its attention function, which the Transformers "
+                "backend's paged attention does not apply (position biases, sparse indices, "
+                "...); serving it would silently change the model's output, so it "
+                "needs a native implementation")
         self.num_fused_norms = fuse_rms_norms(self.model)
         self.model.eval()
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -288,41 +385,66 @@ class TransformersForCausalLM(nn.Module):
         """Loads HF-named tensors (the HF model's own state-dict names) into `self.model`;
         returns the loaded parameter names as `named_parameters()` of this module gives them."""
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
+        from transformers.core_model_loading import (
+            WeightConverter,
+            dot_natural_key,
+            rename_source_key,
+        )
 
         # HF's own key renamings (checkpoints saved by older transformers, legacy gamma/beta,
-        # GPT-NeoX's embed_out -> lm_head), as from_pretrained applies them.
+        # GPT-NeoX's embed_out -> lm_head) and weight conversions (the Hub's per-expert MoE
+        # tensors fused into one [E, ...] parameter), as from_pretrained applies them.
         transforms = get_model_conversion_mapping(self.model)
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
         meta_state_dict = self.model.state_dict()
         base_prefix = self.model.base_model_prefix or None
-        prefix = "model."
-        canonical = {id(p): prefix + n for n, p in self.model.named_parameters()}
         params = dict(self.model.named_parameters(remove_duplicate=False))
         buffers = dict(self.model.named_buffers(remove_duplicate=False))
+        canonical = {id(p): "model." + n for n, p in self.model.named_parameters()}
         loaded: set[str] = set()
-        unexpected: list[str] = []
-        for checkpoint_name, tensor in weights:
-            name, converter = rename_source_key(checkpoint_name, renamings, converters,
-                                                base_prefix, meta_state_dict)
-            if converter is not None:
-                raise ValueError(
-                    f"{self.architecture}: checkpoint tensor {checkpoint_name!r} needs "
-                    f"transformers' weight conversion {converter!r} (tensors fused on load), "
-                    "which the Transformers backend does not apply yet")
+
+        def load_one(name: str, tensor: torch.Tensor) -> bool:
+            """Copies one HF-named tensor into its parameter or buffer; False if none."""
             param = params.get(name)
             if param is None:
                 if name in buffers:
                     _copy(buffers[name], tensor, name)
-                elif not any(pattern in name for pattern in _SKIP):
-                    unexpected.append(name)
-                continue
-            full = prefix + name
-            if canonical[id(param)] != full and canonical[id(param)] in loaded:
-                continue  # a tied alias (lm_head of a tied model): the embedding wins
+                    return True
+                return any(pattern in name for pattern in _SKIP)
+            if canonical[id(param)] != "model." + name and canonical[id(param)] in loaded:
+                return True  # a tied alias (lm_head of a tied model): the embedding wins
             _copy(param, tensor, name)
             loaded.add(canonical[id(param)])
+            return True
+
+        unexpected: list[str] = []
+        # target parameter -> its (checkpoint name, source pattern, tensor): converted once
+        # the whole checkpoint was read (a target's sources may sit in any shard), so the
+        # expert tensors wait in host memory until then.
+        pending: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
+        for checkpoint_name, tensor in weights:
+            name, pattern = rename_source_key(checkpoint_name, renamings, converters,
+                                              base_prefix, meta_state_dict)
+            if pattern is not None and name in meta_state_dict:
+                pending.setdefault(name, []).append((checkpoint_name, pattern, tensor))
+            elif not load_one(name, tensor):
+                unexpected.append(checkpoint_name if pattern is not None else name)
+        for target, sources in pending.items():
+            converter = copy.deepcopy(by_pattern[sources[0][1]])
+            # In expert order (experts.2 before experts.10), as from_pretrained sorts them.
+            for checkpoint_name, pattern, tensor in sorted(
+                    sources, key=lambda source: dot_natural_key(source[0])):
+                converter.add_tensor(target, checkpoint_name, pattern, tensor)
+            try:
+                converted = converter.convert(target, model=self.model, config=self.model.config)
+            except Exception as err:  # the ops raise anything from shape errors to KeyError
+                raise ValueError(f"{self.architecture}: transformers' weight conversion into "
+                                 f"{target!r} failed ({err})") from err
+            for name, value in converted.items():
+                if not load_one(name, value[0] if isinstance(value, list) else value):
+                    unexpected.append(name)
         if unexpected:
             raise ValueError(f"{type(self).__name__} ({self.architecture}) has no parameter for "
                              f"checkpoint tensor(s): {', '.join(sorted(unexpected)[:10])}")

@@ -278,6 +278,23 @@ def test_an_architecture_no_task_supports_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("architecture,reason", [
+    ("DeepseekV3ForCausalLM", "Multi-head Latent Attention"),
+    ("FalconForCausalLM", "outside transformers' attention interface"),
+])
+def test_a_causal_lm_the_engine_refuses_at_load_does_not_build(tmp_path, capsys, architecture,
+                                                               reason):
+    # The engine would refuse it at load (tests/models/test_transformers_backend.py), so the
+    # build must not claim the Transformers backend serves it.
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    assert generator("build", model, "-o", tmp_path / "r", "--task", "generate") == 1
+    err = capsys.readouterr().err
+    assert architecture in err and reason in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_an_existing_model_is_not_touched_without_force(tmp_path, tiny, capsys):
     repo = tmp_path / "repo"
     (repo / "m").mkdir(parents=True)

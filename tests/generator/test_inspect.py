@@ -65,11 +65,14 @@ def engine_tasks(architecture: str) -> dict[str, str]:
     from tritonforge.models.pooling_registry import pooling_task, resolve_pooling_model_class
     from tritonforge.models.registry import (
         MODEL_REGISTRY,
+        NOT_SERVED,
         VISION_LANGUAGE_ARCHITECTURES,
         _is_causal_lm,
     )
 
     found = {}
+    if architecture in NOT_SERVED:  # refused by the registry, whatever the task
+        return found
     task = pooling_task(architecture)
     if task == "classify":
         native = resolve_pooling_model_class(architecture, "auto") is not None

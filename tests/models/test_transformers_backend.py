@@ -12,14 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from tritonforge.engine import LLM, SamplingParams
+from tritonforge.kernels.fused_moe import moe_align
+from tritonforge.models import transformers_backend
 from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.layers.attention import Attention
 from tritonforge.models.registry import MODEL_REGISTRY, kv_cache_shape, resolve_model_class
 from tritonforge.models.transformers_backend import (
     ATTN_IMPLEMENTATION,
+    EXPERTS_IMPLEMENTATION,
     FusedRMSNorm,
     TransformersForCausalLM,
+    _fused_moe_activation,
+    unhonoured_attention_keywords,
 )
 from tritonforge.models.weight_utils import load_config, load_model
 
@@ -33,7 +40,10 @@ from tests.models.paged_harness import (
     run_prompts,
 )
 
-ARCHITECTURES = ["GPTNeoXForCausalLM", "OPTForCausalLM", "Gemma2ForCausalLM", "LlamaForCausalLM"]
+# Mixtral's per-expert checkpoint needs transformers' weight conversion (fused experts); gpt-oss
+# adds attention sinks on alternating sliding/full layers and biased, clamped experts.
+ARCHITECTURES = ["GPTNeoXForCausalLM", "OPTForCausalLM", "Gemma2ForCausalLM", "LlamaForCausalLM",
+                 "MixtralForCausalLM", "GptOssForCausalLM"]
 PROMPT_LENS = [100, 37, 5, 1, 16]  # 100 > Gemma2's sliding window of 32
 PROMPTS = ["The quick brown fox", "Once upon a time, in a small village",
            "User: What is the capital of France? Assistant:"]
@@ -91,11 +101,21 @@ def test_decode_forward_has_no_host_sync_so_cuda_graphs_can_capture_it(models, m
     # .tolist(), nonzero): exactly what a meta tensor cannot answer. So a decode step that
     # runs on meta tensors, our paged attention stubbed (its Triton path is captured for
     # native models already), is one the runner's DecodeGraphs can capture and replay.
+    # MoE experts run our fused kernel on CUDA: its routing prologue (moe_align) runs here on
+    # meta tensors, the grouped GEMMs (Triton launches, no host reads) are stubbed like attention.
     _, ours, _, config = models
     with pytest.raises(Exception, match="meta"):
         torch.zeros(1, device="meta").item()  # the premise: meta refuses host reads
-    model = copy.deepcopy(ours).to("meta")
+    # bfloat16, as served on the GPU (torch's grouped_mm, which gpt-oss's biased experts use,
+    # takes no float32 on meta or CUDA).
+    model = copy.deepcopy(ours).to(device="meta", dtype=torch.bfloat16)
     monkeypatch.setattr(Attention, "forward", lambda self, q, k, v, metadata: q.clone())
+
+    def fused_moe_on_meta(hidden, gate_up, down, weights, ids, activation):
+        moe_align(ids, gate_up.shape[0], 16)
+        return hidden.clone()
+
+    monkeypatch.setattr(transformers_backend, "fused_moe_ref", fused_moe_on_meta)
     num_seqs, width = 5, 4
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(num_seqs, dtype=torch.int64, device="meta"),
@@ -153,8 +173,68 @@ def test_falcon_is_refused_at_load_naming_the_architecture(tiny_model) -> None:
         load_model(folder, torch.float32, "cpu", model_impl="transformers")
 
 
+def test_plain_experts_run_our_fused_kernel_and_biased_ones_transformers_own(tiny_model) -> None:
+    mixtral, _ = load_model(tiny_model("MixtralForCausalLM"), torch.float32, "cpu",
+                            model_impl="transformers")
+    gpt_oss, _ = load_model(tiny_model("GptOssForCausalLM"), torch.float32, "cpu",
+                            model_impl="transformers")
+    for model, expected in ((mixtral, "silu"), (gpt_oss, None)):
+        experts = [m for n, m in model.model.named_modules() if n.endswith(".experts")]
+        assert experts and model.model.config._experts_implementation == EXPERTS_IMPLEMENTATION
+        assert all(_fused_moe_activation(m) == expected for m in experts)
+    # gpt-oss keeps its sinks: the model's s_aux reaches our attention layers.
+    sinks = [layer.self_attn.sinks for layer in gpt_oss.model.model.layers]
+    assert all(s.abs().sum() > 0 for s in sinks)
+
+
+class _BiasedAttention(nn.Module):
+    """An attention module that hands a position bias to the attention function (T5-style)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config, self.layer_idx = config, 0
+
+    def forward(self, q, k, v):
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, None)
+        return attention_interface(self, q, k, v, None, scaling=1.0, position_bias=q.sum())
+
+
+def test_attention_keywords_the_backend_would_drop_refuse_the_model_at_load() -> None:
+    config = transformers.LlamaConfig()
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    module = nn.Sequential(_BiasedAttention(config))
+    assert unhonoured_attention_keywords(module) == {"_BiasedAttention": ["position_bias"]}
+    q = torch.zeros(1, 4, 3, 8)
+    with pytest.raises(ValueError, match="position_bias .*silently change"):
+        module[0](q, q, q)  # and at call time, should a model pass one its source hides
+
+
+@pytest.mark.parametrize("config_class", ["DeepseekV2Config", "DeepseekV3Config"])
+def test_multi_head_latent_attention_is_refused_at_load(tmp_path, config_class) -> None:
+    config = getattr(transformers, config_class)(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        n_routed_experts=4, num_experts_per_tok=2,
+        architectures=[config_class.replace("Config", "ForCausalLM")])
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Multi-head Latent Attention"):  # the registry
+        load_model(tmp_path, torch.float32, "cpu", model_impl="transformers")
+    with pytest.raises(ValueError, match="Multi-head Latent Attention"):  # the backend itself
+        TransformersForCausalLM(load_config(tmp_path), torch.float32)
+
+
+def test_the_generator_refuses_exactly_what_the_registry_refuses() -> None:
+    from tritonforge.generator.architectures import NOT_SERVED as GENERATOR_NOT_SERVED
+    from tritonforge.models.registry import NOT_SERVED
+
+    assert GENERATOR_NOT_SERVED == NOT_SERVED
+    assert not set(NOT_SERVED) & set(MODEL_REGISTRY)
+
+
 # --- through the engine ---------------------------------------------------------------------------
-@pytest.mark.parametrize("architecture", ["GPTNeoXForCausalLM", "OPTForCausalLM"])
+@pytest.mark.parametrize("architecture", ["GPTNeoXForCausalLM", "OPTForCausalLM",
+                                          "MixtralForCausalLM", "GptOssForCausalLM"])
 def test_engine_greedy_tokens_equal_transformers_generate(tiny_model, architecture) -> None:
     folder = tiny_model(architecture)
     llm = LLM(model=folder, device="cpu", model_impl="transformers", max_model_len=256)
