@@ -153,7 +153,8 @@ def _fused_moe_activation(experts: nn.Module) -> str | None:
     plain = (getattr(experts, "has_gate", False) and getattr(experts, "is_concatenated", False)
              and not getattr(experts, "is_transposed", True)
              and not getattr(experts, "has_bias", True)
-             and not getattr(experts, "has_post_expert_norm", True)
+             # (older transformers lack the attribute, and the feature)
+             and not getattr(experts, "has_post_expert_norm", False)
              and type(experts)._apply_gate is _default_apply_gate)
     act = getattr(experts, "act_fn", None)
     return "silu" if plain and type(act) in (nn.SiLU, transformers.activations.SiLUActivation) \
