@@ -66,7 +66,29 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 8192},
     },
+    # Issue 17's MoE target: 48 layers of 128 experts (8 per token, 768 wide), 30.5B in all,
+    # 3.3B active. 61 GB of bf16 weights: run with --load-format dummy (no file is written).
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "vocab_size": 151936, "tie_word_embeddings": False, "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    },
     # CI only: exercises the benchmark code paths on CPU in a second.
+    "tiny-moe": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
+        "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "vocab_size": 1000, "tie_word_embeddings": False, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    },
     "tiny": {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
         "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -306,8 +328,9 @@ def _hf_config(config_name: str) -> Any:
 
 
 def random_model(config_name: str, out_dir: str | Path, device: str | None = None,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, weights: bool = True) -> Path:
     """`out_dir/<config_name>`: config.json, random bf16 safetensors, tokenizer files.
+    weights=False writes no safetensors (for engines that load with load_format="dummy").
 
     Reused when it exists with the same config (a `.complete` marker says the write finished).
     Weights are drawn on `device` (CUDA when available: an 8B model in seconds, not minutes):
@@ -315,7 +338,7 @@ def random_model(config_name: str, out_dir: str | Path, device: str | None = Non
     """
     import transformers
 
-    folder = Path(out_dir) / config_name
+    folder = Path(out_dir) / (config_name if weights else f"{config_name}-config-only")
     wanted = model_config(config_name)
     marker = folder / ".complete"
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
@@ -326,6 +349,14 @@ def random_model(config_name: str, out_dir: str | Path, device: str | None = Non
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.manual_seed(seed)
+    if not weights:
+        config.architectures = wanted["architectures"]
+        config.save_pretrained(tmp)
+        build_tokenizer(config.vocab_size).save_pretrained(tmp)
+        (tmp / ".complete").write_text(json.dumps(wanted))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        return folder
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():

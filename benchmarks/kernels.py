@@ -11,7 +11,10 @@ encoder attention: causal FLOPs counted once), and that as % of the ceiling:
   (unpaged) KV as a reference point;
 - prefill: causal varlen 8 x 2048 through the paged kernel vs torch SDPA (flash) and
   flex_attention; a chunked prefill over cached prefixes; encoder attention vs SDPA;
-- rms_norm (fused residual), rotary, silu_and_mul, store_kv vs their PyTorch references.
+- rms_norm (fused residual), rotary, silu_and_mul, store_kv vs their PyTorch references;
+- fused MoE (Qwen3-30B-A3B's layer: 128 experts of 768, top-8, hidden 2048) at decode batches
+  (bytes: the distinct experts the batch routes to, read once) and a prefill chunk (TFLOP/s),
+  against transformers' grouped_mm experts path.
 
 A failing variant becomes an error row and the rest go on. The attention rows using the
 default configuration are checked against the PyTorch reference before they are timed.
@@ -46,6 +49,7 @@ except ModuleNotFoundError:  # a bare checkout: the folders are tritonforge's su
 import triton  # noqa: E402
 from tritonforge.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from tritonforge.kernels.encoder_attention import encoder_attention  # noqa: E402
+from tritonforge.kernels.fused_moe import fused_moe, fused_moe_ref  # noqa: E402
 from tritonforge.kernels.kv_cache import store_kv, store_kv_ref  # noqa: E402
 from tritonforge.kernels.paged_attention import (  # noqa: E402
     AttentionLaunchConfig,
@@ -350,6 +354,40 @@ def bench_silu_and_mul(bench: Bench) -> None:
         bench.run(f"silu_and_mul {n}x{inter}", name, lambda f=fn: (lambda: f(gate_up), nbytes))
 
 
+def bench_fused_moe(bench: Bench, quick: bool) -> None:
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    experts, top_k, hidden, inter = 128, 8, 2048, 768
+    gate_up = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=BF16) * 0.02
+    down = torch.randn(experts, hidden, inter, device="cuda", dtype=BF16) * 0.02
+    hf = torch.nn.Module()  # what transformers' experts forward reads from its module
+    hf.gate_up_proj, hf.down_proj, hf.num_experts = gate_up, down, experts
+    hf.has_gate, hf.has_bias, hf.is_transposed, hf.is_concatenated = True, False, False, True
+    hf.has_post_expert_norm, hf._is_expert_parallel = False, False
+    hf.act_fn = torch.nn.SiLU()
+    hf._apply_gate = lambda x: F.silu(x[..., :inter]) * x[..., inter:]
+    for tokens in ([1, 64] if quick else [1, 16, 64, 256, 2048]):
+        _bench_moe_batch(bench, tokens, gate_up, down, hf, top_k, grouped_mm_experts_forward)
+
+
+def _bench_moe_batch(bench: Bench, tokens: int, gate_up: torch.Tensor, down: torch.Tensor,
+                     hf: torch.nn.Module, top_k: int, hf_forward: Callable) -> None:
+    experts, two_inter, hidden = gate_up.shape
+    x = torch.randn(tokens, hidden, device="cuda", dtype=BF16)
+    weights, ids = torch.randn(tokens, experts, device="cuda").softmax(-1).topk(top_k)
+    touched = int(torch.unique(ids).numel())
+    nbytes = touched * 3 * hidden * (two_inter // 2) * 2 + 2 * tokens * hidden * 2
+    flops = 2 * tokens * top_k * 3 * hidden * (two_inter // 2)
+    amount, kind = (nbytes, "GB/s") if tokens <= 256 else (flops, "TFLOP/s")
+    op = f"fused_moe {tokens} tok E{experts} k{top_k}"
+    note = _check(fused_moe(x, gate_up, down, weights, ids),
+                  fused_moe_ref(x, gate_up, down, weights, ids), "fused_moe")
+    bench.run(op, "triton", lambda: (lambda: fused_moe(x, gate_up, down, weights, ids),
+                                     amount, f"{touched} experts read", note), kind)
+    bench.run(op, "transformers grouped_mm",
+              lambda: (lambda: hf_forward(hf, x, ids, weights), amount), kind)
+
+
 def bench_store_kv(bench: Bench) -> None:
     n, kv_heads, head_dim = N_TOKENS, 8, 128
     k = torch.randn(n, kv_heads, head_dim, device="cuda", dtype=BF16)
@@ -434,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         ("rotary", lambda: bench_rotary(bench)),
         ("silu_and_mul", lambda: bench_silu_and_mul(bench)),
         ("store_kv", lambda: bench_store_kv(bench)),
+        ("fused_moe", lambda: bench_fused_moe(bench, args.quick)),
         ("sampling", lambda: bench_sampling(bench)),
     ]
     if not args.quick:

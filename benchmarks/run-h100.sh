@@ -8,7 +8,8 @@
 # embeddings (carry build/all-minilm-l6-v2, MiniLM's real weights in float16, 45 MB, written by
 # `python -m benchmarks embeddings --export-minilm build/all-minilm-l6-v2`; without it MiniLM's
 # config runs with random weights and the JSON says so), kernels, guided (carry .whl with
-# llguidance's wheel when the host lacks it), vision (Qwen2.5-VL-7B config vs transformers).
+# llguidance's wheel when the host lacks it), vision (Qwen2.5-VL-7B config vs transformers),
+# moe (Qwen3-30B-A3B config, random weights drawn on the GPU: nothing written, vs hf-static).
 # Each is bounded to finish within 8 minutes (LIMIT_S=... for less, to run two in one call);
 # JSON and the log land in $OUT (default ./results-h100). The host has no network:
 # everything comes from the repository copy.
@@ -55,6 +56,10 @@ case "$workload" in
     $py -c "import llguidance" 2>/dev/null || $py -m pip install -q --no-index --no-deps .whl/llguidance-*.whl
     $limit $py -m benchmarks guided --model qwen3-0.6b --concurrency 64 --output-len 512 \
       --num-checks 100 --out "$out/guided-qwen3-0.6b-$day.json" ;;
+  moe)
+    $limit $py -m benchmarks throughput --model qwen3-30b-a3b --load-format dummy \
+      --peers hf-static --max-seconds 90 --time-budget 440 \
+      --out "$out/throughput-qwen3-30b-a3b-$day.json" ;;
   vision)
     $limit $py -m benchmarks vision --model qwen2.5-vl-7b --concurrency 32 \
       --out "$out/vision-qwen2.5-vl-7b-$day.json" ;;

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
+    INIT_STD,
     add_device_arguments,
     add_worker_arguments,
     environment,
@@ -140,7 +141,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
               max_num_batched_tokens=spec["max_num_batched_tokens"],
               gpu_memory_utilization=spec["gpu_memory_utilization"],
               enforce_eager=spec["enforce_eager"],
-              model_impl=spec.get("model_impl", "auto"))
+              model_impl=spec.get("model_impl", "auto"),
+              load_format=spec.get("load_format", "auto"))
     # Warm-up: the whole request count (another seed) for 128 tokens each, so every kernel
     # specialization the run meets (chunked-prefill shapes, decode batch sizes and context
     # lengths, the sampler) is compiled before the clock starts. With 8 short prompts, Triton
@@ -206,10 +208,21 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ---- transformers peers ---------------------------------------------------------------------
 def _hf_model(spec: dict[str, Any]) -> Any:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    dtype = getattr(torch, spec["dtype"])
+    if spec.get("load_format") == "dummy":  # no weights on disk: random ones, as ours gets
+        config = AutoConfig.from_pretrained(spec["model_dir"])
+        with torch.device(spec["device"]):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation="sdpa")
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, INIT_STD)
+        return model.eval()
     model = AutoModelForCausalLM.from_pretrained(
-        spec["model_dir"], dtype=getattr(torch, spec["dtype"]), attn_implementation="sdpa",
+        spec["model_dir"], dtype=dtype, attn_implementation="sdpa",
     )
     return model.to(spec["device"]).eval()
 
@@ -442,9 +455,26 @@ def run_isolated(name: str, spec: dict[str, Any], timeout_s: float) -> dict[str,
 
 
 # ---- roofline ------------------------------------------------------------------------------
+def _moe_shape(hf_config: dict[str, Any]) -> tuple[int, int, int, int] | None:
+    """(experts, experts per token, expert width, sparse layers) of an MoE config, else None."""
+    experts = hf_config.get("num_experts") or hf_config.get("num_local_experts")
+    if not experts:
+        return None
+    layers, step = hf_config["num_hidden_layers"], hf_config.get("decoder_sparse_step") or 1
+    dense_only = set(hf_config.get("mlp_only_layers") or [])
+    sparse = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
+    width = hf_config.get("moe_intermediate_size") or hf_config["intermediate_size"]
+    return experts, hf_config["num_experts_per_tok"], width, sparse
+
+
 def roofline(hf_config: dict[str, Any], prompt_lens: list[int], output_lens: list[int],
              steps: int, dtype_bytes: int, bandwidth: float, flops: float) -> dict[str, Any]:
-    """The decode-memory + prefill-compute lower bound on wall time for this workload."""
+    """The decode-memory + prefill-compute lower bound on wall time for this workload.
+
+    MoE: a decode step reads only the experts its batch routes to. Counted as the expected
+    number of distinct experts a batch of B tokens picks per layer under uniform routing
+    (random weights route uniformly): E * (1 - (1 - k/E)^B), with B the mean decode batch
+    (output tokens / steps); prefill FLOPs count the k active experts per token."""
     layers, hidden = hf_config["num_hidden_layers"], hf_config["hidden_size"]
     heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
     head_dim = hf_config.get("head_dim") or hidden // heads
@@ -453,24 +483,41 @@ def roofline(hf_config: dict[str, Any], prompt_lens: list[int], output_lens: lis
     # Output token 0 comes from the prefill; decode i (1..out-1) attends over prompt + i tokens.
     kv_tokens = sum((o - 1) * p + (o - 1) * o // 2 for p, o in zip(prompt_lens, output_lens))
     kv_bytes = kv_tokens * kv_bytes_per_token
-    linear_params = layers * (hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-                              + heads * head_dim * hidden + 3 * hidden * inter)
-    weight_bytes = (linear_params + vocab * hidden) * dtype_bytes  # lm_head read every step
-    prefill_flops = sum(2 * linear_params * p + layers * 4 * heads * head_dim * p * (p + 1) / 2
+    attention_params = layers * (hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+                                 + heads * head_dim * hidden)
+    tokens = sum(output_lens)
+    moe = _moe_shape(hf_config)
+    extra: dict[str, Any] = {}
+    if moe is None:
+        read_params = active_params = attention_params + layers * 3 * hidden * inter
+    else:
+        experts, top_k, width, sparse = moe
+        router = sparse * hidden * experts
+        dense = attention_params + (layers - sparse) * 3 * hidden * inter + router
+        per_expert = 3 * hidden * width
+        batch = tokens / max(steps, 1)
+        touched = experts * (1 - (1 - top_k / experts) ** batch)
+        read_params = dense + sparse * touched * per_expert
+        active_params = dense + sparse * top_k * per_expert
+        extra = {"experts_read_per_layer_step": touched, "mean_decode_batch": batch,
+                 "expert_count": (f"{touched:.1f} of {experts} experts per layer per step: the "
+                                  f"expected distinct experts of a {batch:.1f}-token decode "
+                                  f"batch routing top-{top_k} uniformly")}
+    weight_bytes = (read_params + vocab * hidden) * dtype_bytes  # lm_head read every step
+    prefill_flops = sum(2 * active_params * p + layers * 4 * heads * head_dim * p * (p + 1) / 2
                         + 2 * hidden * vocab for p in prompt_lens)
     compute_s = prefill_flops / flops
 
     def bound(num_steps: int) -> float:
         return (kv_bytes + weight_bytes * num_steps) / bandwidth + compute_s
 
-    tokens = sum(output_lens)
     return {
         "kv_bytes": kv_bytes, "weight_bytes_per_step": weight_bytes, "steps": steps,
         "prefill_flops": prefill_flops, "copy_bandwidth_Bps": bandwidth, "matmul_flops": flops,
         "memory_s": bound(steps) - compute_s, "compute_s": compute_s,
         "bound_s": bound(steps), "bound_tok_s": tokens / bound(steps),
         "min_steps": max(output_lens), "bound_s_min_steps": bound(max(output_lens)),
-        "bound_tok_s_min_steps": tokens / bound(max(output_lens)),
+        "bound_tok_s_min_steps": tokens / bound(max(output_lens)), **extra,
     }
 
 
@@ -533,6 +580,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="our per-step token budget (nano-vllm's default)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy: random weights in every engine, no safetensors written (models "
+                        "too large for the disk, e.g. qwen3-30b-a3b)")
     p.add_argument("--hf-batch-size", type=int, default=64)
     add_worker_arguments(p, tuple(ENGINES))
     return p.parse_args(argv)
@@ -550,7 +600,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          f"{', '.join(PEERS)} or 'none'")
     isolate = args.isolate == "yes" or (args.isolate == "auto" and device.startswith("cuda"))
 
-    model_dir = random_model(args.model, args.model_cache, device=device)
+    model_dir = random_model(args.model, args.model_cache, device=device,
+                             weights=args.load_format != "dummy")
     hf_config = json.loads((model_dir / "config.json").read_text())
     workload = Workload(args.num_requests, args.min_len, args.max_len,
                         min(args.token_id_max, hf_config["vocab_size"] - 1), args.seed,
@@ -570,6 +621,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "enforce_eager": args.enforce_eager, "hf_batch_size": args.hf_batch_size,
+        "load_format": args.load_format,
     }
     config = {"model": args.model, "model_config": hf_config, **spec, "model_dir": None,
               "peers": peers, "isolated": isolate, "time_budget": args.time_budget}
@@ -605,9 +657,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rate = row["output_tok_s"]
         row["ratio_to_ours"] = rate / ours_rate if rate and ours_rate else None
         row["ours_speedup"] = ours_rate / rate if rate and ours_rate else None
+    experts_note = f"; {roof['expert_count']}" if "expert_count" in roof else ""
     bound_row = _row(
         "roofline", "bound", sum(outputs), sum(outputs), roof["bound_s"], None,
-        f"ours = {fmt(roof['fraction'] and 100 * roof['fraction'], '.1f')}% of it; "
+        f"ours = {fmt(roof['fraction'] and 100 * roof['fraction'], '.1f')}% of it{experts_note}; "
         f"KV {roof['kv_bytes'] / 1e12:.2f} TB + weights x {steps} steps ({steps_source}) at "
         f"{bandwidth / 1e12:.2f} TB/s + prefill {roof['prefill_flops'] / 1e12:.0f} TFLOP at "
         f"{flops / 1e12:.0f} TFLOP/s; {roof['bound_tok_s_min_steps']:,.0f} tok/s at "

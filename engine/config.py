@@ -15,6 +15,8 @@ MODEL_IMPLS = ("auto", "native", "transformers")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 HUBS = ("hf", "modelscope")  # where a model id (not a local path) is downloaded from
+# "dummy": random weights, no checkpoint read (models/weight_utils.py LOAD_FORMATS).
+LOAD_FORMATS = ("auto", "dummy")
 
 # The CPU path has no memory profiler to size the cache from: by default it takes up to
 # this many bytes, but never more than max_num_seqs full-length sequences need.
@@ -49,6 +51,9 @@ class EngineConfig:
     revision: str | None = None
     tokenizer: str | Path | None = None
     hub: str = "hf"  # hf | modelscope (the LLM edge maps TRITONFORGE_USE_MODELSCOPE=1 here)
+    # "dummy": random weights of the right shapes instead of the checkpoint's, for benchmarks
+    # of models whose weights are too large to write (vLLM's --load-format dummy).
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         def one_of(field: str, allowed: tuple[str, ...]) -> None:
@@ -70,6 +75,7 @@ class EngineConfig:
         one_of("model_impl", MODEL_IMPLS)
         one_of("dtype", DTYPES)
         one_of("hub", HUBS)
+        one_of("load_format", LOAD_FORMATS)
         if not (isinstance(self.device, str) and
                 (self.device in DEVICES or self.device.startswith("cuda:"))):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")

@@ -113,7 +113,7 @@ class LLMEngine:
                                         trust_remote_code=config.trust_remote_code)
         self.model, self.hf_config = load_model(
             config.model, self.dtype, self.device, model_impl=config.model_impl,
-            trust_remote_code=config.trust_remote_code,
+            trust_remote_code=config.trust_remote_code, load_format=config.load_format,
         )
         # The text config: a vision-language config nests the language model's fields.
         self.vocab_size = int(self.hf_config.get_text_config().vocab_size)

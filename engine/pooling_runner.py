@@ -71,6 +71,9 @@ class PoolingRunner:
     each prompt is read once)."""
 
     def __init__(self, engine_config: EngineConfig) -> None:
+        if engine_config.load_format != "auto":
+            raise ValueError(f"load_format {engine_config.load_format!r} is for generation "
+                             "benchmarks; the pooling runner reads the checkpoint (use 'auto')")
         self.engine_config = engine_config
         trust_remote_code = engine_config.trust_remote_code
         max_num_batched_tokens = engine_config.max_num_batched_tokens

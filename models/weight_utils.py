@@ -250,6 +250,30 @@ def load_weights(
     return loaded
 
 
+LOAD_FORMATS = ("auto", "dummy")
+DUMMY_STD = 0.02  # HF's initializer_range: activations stay finite through deep stacks
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> set[str]:
+    """Random weights in place of a checkpoint's: every matrix (and fused expert tensor)
+    ~ N(0, DUMMY_STD), drawn on the parameter's device (a 30B model in seconds on a GPU);
+    norm weights 1 (0 where our RMSNorm scales by offset + w), other vectors (biases, sinks)
+    0. Returns every parameter name. For speed benchmarks only: the outputs are noise."""
+    generators: dict[torch.device, torch.Generator] = {}
+    offset_norms = {id(m.weight) for m in model.modules() if getattr(m, "weight_offset", 0.0)}
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            gen = generators.setdefault(
+                param.device, torch.Generator(device=param.device).manual_seed(seed))
+            param.normal_(0.0, DUMMY_STD, generator=gen)
+        elif "norm" in name.rsplit(".", 2)[-2] and id(param) not in offset_norms:
+            param.fill_(1.0)
+        else:
+            param.zero_()
+    return {name for name, _ in model.named_parameters()}
+
+
 def load_model(
     model_path: str | Path,
     dtype: torch.dtype | str,
@@ -257,6 +281,7 @@ def load_model(
     model_impl: str = "auto",
     trust_remote_code: bool = False,
     model_class: type | None = None,
+    load_format: str = "auto",
 ) -> tuple[nn.Module, Any]:
     """Builds the registered model for a local checkpoint on `device`, loads every parameter.
 
@@ -265,7 +290,10 @@ def load_model(
 
     Parameters are allocated uninitialised on the target device and overwritten by the
     checkpoint; a parameter the checkpoint does not provide is an error naming it.
+    load_format "dummy" reads no weights at all (init_dummy_weights): config.json suffices.
     """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     from tritonforge.models.loader import resolve_architecture, resolve_dtype
     from tritonforge.models.registry import resolve_model_class
 
@@ -278,6 +306,9 @@ def load_model(
         model_class = resolve_model_class(resolve_architecture(config), model_impl)
     with torch.device(device):
         model = model_class(config, dtype)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+        return model.eval(), config
     loaded = model.load_weights(iterate_weights(path, config))
     missing = sorted(set(dict(model.named_parameters())) - loaded)
     if missing:

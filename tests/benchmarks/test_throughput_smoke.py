@@ -48,6 +48,36 @@ def test_main_path_writes_positive_rate_and_expected_keys(model_cache: Path,
     assert "tritonforge" in results["table"] and "roofline" in results["table"]
 
 
+def test_moe_with_dummy_weights_runs_both_engines_and_counts_experts_read(tmp_path: Path) -> None:
+    # The Qwen3-30B-A3B path (issue 17) at tiny size: no safetensors written, both engines on
+    # random weights, the roofline counting the experts a decode step reads.
+    out = tmp_path / "moe.json"
+    args = [a if a != "tiny" else "tiny-moe" for a in TINY_ARGS]
+    throughput.main([*args, "--peers", "hf-static", "--isolate", "no", "--load-format", "dummy",
+                     "--model-cache", str(tmp_path / "cache"), "--out", str(out)])
+    folder = tmp_path / "cache" / "tiny-moe-config-only"
+    assert (folder / "config.json").is_file() and not list(folder.glob("*.safetensors"))
+    results = json.loads(out.read_text())["results"]
+    assert [r["status"] for r in results["engines"]] == ["ok", "ok"]
+    roof = results["roofline"]
+    assert 2 <= roof["experts_read_per_layer_step"] <= 8  # between top-k and all 8 experts
+    assert "experts per layer per step" in results["table"]
+
+
+def test_moe_roofline_reads_every_expert_at_a_large_batch_and_top_k_at_one() -> None:
+    config = model_config("qwen3-30b-a3b")
+    one = throughput.roofline(config, [100], [101], steps=100, dtype_bytes=2, bandwidth=4e12,
+                              flops=800e12)
+    many = throughput.roofline(config, [100] * 64, [101] * 64, steps=100, dtype_bytes=2,
+                               bandwidth=4e12, flops=800e12)
+    assert one["experts_read_per_layer_step"] == pytest.approx(8, rel=0.02)  # batch 1: k
+    assert many["experts_read_per_layer_step"] > 125  # batch 64: ~all 128
+    # All experts read: about the whole 30.5B model (61 GB in bf16) per step.
+    assert many["weight_bytes_per_step"] == pytest.approx(61e9, rel=0.03)
+    # Batch 1: the 3.35B active parameters less the input embedding (one row read per token).
+    assert one["weight_bytes_per_step"] == pytest.approx(2 * (3.35e9 - 151936 * 2048), rel=0.03)
+
+
 def test_model_folder_is_reused_not_rewritten(model_cache: Path) -> None:
     folder = random_model("tiny", model_cache, device="cpu")
     weights = folder / "model.safetensors"

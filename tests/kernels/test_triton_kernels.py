@@ -499,6 +499,15 @@ def test_kernels_match_refs_under_the_interpreter(group, interpreter_runs) -> No
 
 
 # --- large bf16 shapes on the GPU ----------------------------------------------------------------
+@pytest.mark.parametrize("tokens", [1, 64, 1000])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs CUDA")
+def test_fused_moe_matches_ref_at_qwen3_30b_a3b_shapes(tokens) -> None:
+    # One Qwen3-30B-A3B layer: 128 experts of width 768, top-8, hidden 2048.
+    inputs = _moe_inputs(tokens, 128, 8, 2048, 768, BF16, tokens)
+    _assert_close(fused_moe(*inputs), fused_moe_ref(*inputs), BF16)
+
+
 @pytest.mark.parametrize("num_seqs,context_len,num_splits", [
     (64, 4096, None),  # the bandwidth target shape; the heuristic picks the split count
     (64, 4096, 4),

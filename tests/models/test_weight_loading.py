@@ -193,3 +193,44 @@ def test_smollm2_gguf_matches_transformers_own_gguf_load() -> None:
     expected = _hf_logits(folder, ids, gguf_file=gguf_file)
     torch.testing.assert_close(ours, expected, atol=1e-3, rtol=0)
     assert torch.equal(ours.argmax(-1), expected.argmax(-1))
+
+
+# --- load_format="dummy": random weights for benchmarks of models too large to write ---------
+def _config_only(folder: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "config-only"
+    out.mkdir()
+    for file in folder.iterdir():
+        if not file.name.endswith(".safetensors"):
+            shutil.copy(file, out / file.name)
+    return out
+
+
+@pytest.mark.parametrize("architecture", ["Qwen3MoeForCausalLM", "Gemma2ForCausalLM"])
+def test_dummy_weights_need_only_the_config_and_follow_the_init_rule(tiny_model, tmp_path,
+                                                                     architecture) -> None:
+    folder = _config_only(tiny_model(architecture), tmp_path)
+    with pytest.raises(CheckpointError):
+        load_model(folder, torch.float32, "cpu")  # no weights to read
+    model, config = load_model(folder, torch.float32, "cpu", load_format="dummy")
+    again, _ = load_model(folder, torch.float32, "cpu", load_format="dummy")
+    for (name, param), (_, other) in zip(model.named_parameters(), again.named_parameters()):
+        assert torch.equal(param, other), name  # seeded: the same weights every load
+        if param.dim() >= 2:
+            assert abs(param.std().item() - 0.02) < 0.005, name
+    norms = [m for m in model.modules() if type(m).__name__ == "RMSNorm"]
+    # Gemma's norms scale by (1 + w): their dummy weight is 0, every other norm's 1.
+    assert all(torch.all(m.weight == (0.0 if m.weight_offset else 1.0)) for m in norms)
+    logits = _logits(model, config, PROMPT)
+    assert torch.isfinite(logits).all() and logits.std() > 0
+
+
+def test_load_format_is_checked_by_name(tiny_model) -> None:
+    from tritonforge.engine import LLM
+    from tritonforge.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="load_format must be one of auto, dummy"):
+        EngineConfig(model="m", load_format="random")
+    with pytest.raises(ValueError, match="load_format must be one of"):
+        load_model(tiny_model("LlamaForCausalLM"), torch.float32, "cpu", load_format="x")
+    with pytest.raises(ValueError, match="load_format 'dummy' is for generation"):
+        LLM(model=tiny_model("BertModel"), device="cpu", runner="pooling", load_format="dummy")
