@@ -41,7 +41,7 @@ UNSUPPORTED = "unsupported"
 NATIVE_GENERATE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                    "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
                    "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                   "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+                   "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "GptOssForCausalLM")
 # Causal LMs the engine refuses (models/registry.py NOT_SERVED, the same reasons; a test
 # keeps the two equal): a build must not say they are served.
 _MLA = ("Multi-head Latent Attention (a compressed KV latent; keys and values of different "

@@ -3,9 +3,9 @@
 Design: the fused projection outputs [N, 2I] = [gate | up]; the activation returns
 act(gate) * up, [N, I]. Computed in float32 and cast back.
 
-`silu_and_mul_kernel` and `gelu_and_mul_kernel` (tanh or erf form by a constexpr) are
-elementwise: programs tile [token, BLOCK_I] and read the gate and up halves of a row once
-each, the memory-bound minimum.
+`silu_and_mul_kernel`, `gelu_and_mul_kernel` (tanh or erf form by a constexpr) and
+`swigluoai_and_mul_kernel` (gpt-oss's clamped SwiGLU) are elementwise: programs tile
+[token, BLOCK_I] and read the gate and up halves of a row once each, the memory-bound minimum.
 """
 
 from __future__ import annotations
@@ -51,7 +51,18 @@ def gelu_and_mul_kernel(x_ptr, out_ptr, intermediate_size, stride_xt, stride_ot,
              mask=mask)
 
 
-def _launch(kernel, x: torch.Tensor, **constexprs) -> torch.Tensor:
+@triton.jit
+def swigluoai_and_mul_kernel(x_ptr, out_ptr, intermediate_size, stride_xt, stride_ot, alpha,
+                             limit, BLOCK_I: tl.constexpr):
+    gate, up, row, offs_i, mask = _load_gate_up(x_ptr, intermediate_size, stride_xt, BLOCK_I)
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    glu = gate / (1.0 + tl.exp(-gate * alpha))
+    tl.store(out_ptr + row * stride_ot + offs_i, ((up + 1.0) * glu).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _launch(kernel, x: torch.Tensor, *scalars: float, **constexprs) -> torch.Tensor:
     # x: [..., 2I] -> [..., I]
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"the last dim of x must be even ([..., 2I]), got {tuple(x.shape)}")
@@ -62,7 +73,7 @@ def _launch(kernel, x: torch.Tensor, **constexprs) -> torch.Tensor:
     if x2d.shape[0] and intermediate_size:
         block_i = min(1024, triton.next_power_of_2(intermediate_size))
         grid = (x2d.shape[0], triton.cdiv(intermediate_size, block_i))
-        kernel[grid](x2d, out, intermediate_size, x2d.stride(0), out.stride(0),
+        kernel[grid](x2d, out, intermediate_size, x2d.stride(0), out.stride(0), *scalars,
                      BLOCK_I=block_i, num_warps=4 if block_i >= 512 else 1, **constexprs)
     return out.view(*x.shape[:-1], intermediate_size)
 
@@ -79,11 +90,26 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     return _launch(gelu_and_mul_kernel, x, APPROXIMATE_TANH=approximate == "tanh")
 
 
+def swigluoai_and_mul(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Triton `swigluoai_and_mul_ref`."""
+    return _launch(swigluoai_and_mul_kernel, x, float(alpha), float(limit))
+
+
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """silu(x[:, :I]) * x[:, I:]."""
     # x: [..., 2I] -> [..., I]
     gate, up = x.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
+
+
+def swigluoai_and_mul_ref(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU: gate clamped above at `limit`, up to [-limit, limit], then
+    (up + 1) * gate * sigmoid(alpha * gate). Halves as [gate | up] (the checkpoint interleaves
+    them; models/layers/fused_moe.py de-interleaves at load)."""
+    # x: [..., 2I] -> [..., I]
+    gate, up = x.float().chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return ((up + 1) * gate * torch.sigmoid(gate * alpha)).to(x.dtype)
 
 
 def gelu_and_mul_ref(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:

@@ -28,21 +28,25 @@ from tritonforge.kernels.activation import (
     gelu_and_mul_ref,
     silu_and_mul,
     silu_and_mul_ref,
+    swigluoai_and_mul,
+    swigluoai_and_mul_ref,
 )
 
-ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+# swigluoai: gpt-oss's clamped SwiGLU, with `swiglu` = (alpha, limit).
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "swigluoai")
 
 
 @triton.jit
 def fused_moe_kernel(
-    a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
     N, K, num_valid_rows, num_experts,
-    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
-    ROWS_PER_A: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_biase,
+    ROWS_PER_A: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # C[row, :] = A[row // ROWS_PER_A, :] @ B[expert(row)].T (* weight[row]) for the BLOCK_M
+    # C[row, :] = (A[row // ROWS_PER_A, :] @ B[expert(row)].T + bias[expert(row)]) * weight[row]
+    # (bias and weight where the flags say) for the BLOCK_M
     # sorted rows of block pid_m, all routed to one expert.
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // num_n_blocks
@@ -67,6 +71,9 @@ def fused_moe_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_biase + offs_n, mask=offs_n < N, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
     if MUL_ROUTED_WEIGHT:
         weight = tl.load(topk_weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         acc = acc * weight[:, None]
@@ -124,16 +131,19 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int,
 
 def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, sorted_ids: torch.Tensor,
                   expert_ids: torch.Tensor, topk_weights: torch.Tensor | None,
-                  rows_per_a: int, config: MoeLaunchConfig) -> None:
-    # a: [T or M, K], b: [E, N, K], out: [M, N]
+                  rows_per_a: int, config: MoeLaunchConfig,
+                  bias: torch.Tensor | None = None) -> None:
+    # a: [T or M, K], b: [E, N, K], bias: [E, N], out: [M, N]
     num_experts, n, k = b.shape
     grid = (expert_ids.numel() * triton.cdiv(n, config.block_n),)
     fused_moe_kernel[grid](
-        a, b, out, topk_weights if topk_weights is not None else out, sorted_ids, expert_ids,
+        a, b, out, bias if bias is not None else out,
+        topk_weights if topk_weights is not None else out, sorted_ids, expert_ids,
         n, k, out.shape[0], num_experts,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
         ROWS_PER_A=rows_per_a, MUL_ROUTED_WEIGHT=topk_weights is not None,
+        HAS_BIAS=bias is not None,
         # As in paged_attention: the interpreter (CPU tensors) multiplies bf16 as raw integer
         # bits (triton 3.8), so it dots in float32; float32 on the GPU uses 3xTF32.
         UPCAST_DOT=not a.is_cuda, DOT_PRECISION="tf32x3" if a.dtype == torch.float32 else "tf32",
@@ -143,9 +153,17 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, sorted_id
 
 
 def _check(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-           topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str) -> None:
+           topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str,
+           biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+           swiglu: tuple[float, float] | None = None) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if (activation == "swigluoai") != (swiglu is not None):
+        raise ValueError("swiglu (alpha, limit) is given with activation 'swigluoai' only")
+    if biases is not None and (biases[0].shape != gate_up.shape[:2]
+                               or biases[1].shape != down.shape[:2]):
+        raise ValueError(f"biases must be [E, 2I] and [E, H], got {tuple(biases[0].shape)} and "
+                         f"{tuple(biases[1].shape)}")
     if hidden.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"expected hidden [T, H], gate_up [E, 2I, H], down [E, H, I]; got "
                          f"{tuple(hidden.shape)}, {tuple(gate_up.shape)}, {tuple(down.shape)}")
@@ -159,7 +177,10 @@ def _check(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                          f"{hidden.shape[0]}")
 
 
-def _act_and_mul(x: torch.Tensor, activation: str, reference: bool) -> torch.Tensor:
+def _act_and_mul(x: torch.Tensor, activation: str, reference: bool,
+                 swiglu: tuple[float, float] | None = None) -> torch.Tensor:
+    if activation == "swigluoai":
+        return (swigluoai_and_mul_ref if reference else swigluoai_and_mul)(x, *swiglu)
     if activation == "silu":
         return silu_and_mul_ref(x) if reference else silu_and_mul(x)
     approximate = "tanh" if activation == "gelu_tanh" else "none"
@@ -168,9 +189,12 @@ def _act_and_mul(x: torch.Tensor, activation: str, reference: bool) -> torch.Ten
 
 def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str = "silu",
-              config: MoeLaunchConfig | None = None) -> torch.Tensor:
+              config: MoeLaunchConfig | None = None,
+              biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+              swiglu: tuple[float, float] | None = None) -> torch.Tensor:
     """Triton `fused_moe_ref`: [T, H] hidden -> [T, H]."""
-    _check(hidden, gate_up, down, topk_weights, topk_ids, activation)
+    _check(hidden, gate_up, down, topk_weights, topk_ids, activation, biases, swiglu)
+    gate_up_bias, down_bias = biases if biases is not None else (None, None)
     num_tokens, top_k = topk_ids.shape
     num_rows = num_tokens * top_k
     if num_rows == 0:
@@ -180,24 +204,33 @@ def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     sorted_ids, expert_ids = moe_align(topk_ids, gate_up.shape[0], config.block_m)
     gate_up_out = torch.empty(num_rows, gate_up.shape[1], dtype=hidden.dtype,
                               device=hidden.device)
-    _grouped_gemm(hidden, gate_up, gate_up_out, sorted_ids, expert_ids, None, top_k, config)
-    act = _act_and_mul(gate_up_out, activation, reference=False)  # [M, I]
+    _grouped_gemm(hidden, gate_up, gate_up_out, sorted_ids, expert_ids, None, top_k, config,
+                  gate_up_bias)
+    act = _act_and_mul(gate_up_out, activation, False, swiglu)  # [M, I]
     down_out = torch.empty(num_rows, down.shape[1], dtype=torch.float32, device=hidden.device)
     weights = topk_weights.reshape(-1).contiguous()
-    _grouped_gemm(act, down, down_out, sorted_ids, expert_ids, weights, 1, config)
+    _grouped_gemm(act, down, down_out, sorted_ids, expert_ids, weights, 1, config, down_bias)
     return down_out.view(num_tokens, top_k, -1).sum(1).to(hidden.dtype)
 
 
 def fused_moe_ref(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                  activation: str = "silu") -> torch.Tensor:
-    """sum_j topk_weights[t, j] * down[e] @ act(gate_up[e] @ hidden[t]), e = topk_ids[t, j]."""
+                  activation: str = "silu",
+                  biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  swiglu: tuple[float, float] | None = None) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * (down[e] @ act(gate_up[e] @ hidden[t] + b1[e]) + b2[e]),
+    e = topk_ids[t, j] (biases b1, b2 where given)."""
     # hidden: [T, H], gate_up: [E, 2I, H], down: [E, H, I], topk_*: [T, k] -> [T, H]
-    _check(hidden, gate_up, down, topk_weights, topk_ids, activation)
+    _check(hidden, gate_up, down, topk_weights, topk_ids, activation, biases, swiglu)
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for expert in torch.unique(topk_ids).tolist():
         tokens, slots = torch.where(topk_ids == expert)
         x = hidden[tokens]
-        y = _act_and_mul(x @ gate_up[expert].T, activation, reference=True) @ down[expert].T
+        h = x @ gate_up[expert].T
+        if biases is not None:
+            h = h + biases[0][expert]
+        y = _act_and_mul(h, activation, True, swiglu) @ down[expert].T
+        if biases is not None:
+            y = y + biases[1][expert]
         out.index_add_(0, tokens, y.float() * topk_weights[tokens, slots, None].float())
     return out.to(hidden.dtype)

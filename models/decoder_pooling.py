@@ -25,6 +25,7 @@ from transformers import PretrainedConfig
 from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.gemma2 import Gemma2ForCausalLM
 from tritonforge.models.gemma3 import Gemma3ForCausalLM
+from tritonforge.models.gpt_oss import GptOssForCausalLM
 from tritonforge.models.layers.attention import Attention, bind_kv_cache
 from tritonforge.models.layers.fused_moe import load_expert_weights
 from tritonforge.models.layers.linear import ReplicatedLinear
@@ -152,6 +153,10 @@ class Qwen3MoeEmbeddingModel(DecoderPoolingModel):
 
 class OlmoeEmbeddingModel(DecoderPoolingModel):
     causal_lm = OlmoeForCausalLM
+
+
+class GptOssEmbeddingModel(DecoderPoolingModel):
+    causal_lm = GptOssForCausalLM
 
 
 # ---- sequence classification (HF's class names) -------------------------------------------

@@ -41,6 +41,7 @@ class DecoderOptions:
     # With qk_norm: one RMSNorm over all q heads together and one over all k heads (OLMoE).
     qk_norm_across_heads: bool = False
     clip_qkv: float | None = None  # q, k and v clamped to [-clip, clip] (OLMo's clip_qkv)
+    attention_sinks: bool = False  # a learned sink logit per head (gpt-oss's `sinks`)
     norm_weight_offset: float = 0.0  # every RMSNorm scales by (offset + w): Gemma's (1 + w)
     # Gemma: the attention output is normed before it joins the residual stream, and the MLP
     # sits between pre_feedforward_layernorm and post_feedforward_layernorm.
@@ -112,6 +113,9 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(k_size, config.rms_norm_eps, offset, params_dtype=dtype)
         self.qk_norm, self.qk_norm_across_heads = options.qk_norm, options.qk_norm_across_heads
         self.clip_qkv = options.clip_qkv
+        if options.attention_sinks:
+            self.sinks = nn.Parameter(torch.empty(self.qkv_proj.num_heads, dtype=dtype),
+                                      requires_grad=False)
         # Shared by all layers (of one type): one cos/sin cache per model (per layer type).
         self.rotary_emb = rotary_emb
         scale = options.attn_scale if options.attn_scale is not None else head_dim**-0.5
@@ -131,6 +135,8 @@ class LlamaAttention(nn.Module):
         if self.clip_qkv is not None:  # after the norms, as OLMoE clamps
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k = self.rotary_emb(positions, q, k, attn_metadata)
+        if hasattr(self, "sinks"):  # a plain tensor there, so Attention registers no parameter
+            self.attn.sinks = self.sinks.detach()
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from tritonforge.models.layers.fused_moe import SparseMoeBlock, load_expert_weights
+from tritonforge.models.layers.fused_moe import FusedMoE, SparseMoeBlock, load_expert_weights
 from tritonforge.models.layers.moe_routing import Routing
 from tritonforge.models.llama import DecoderOptions, LlamaForCausalLM, LlamaMLP, hidden_act_of
 from tritonforge.models.weight_utils import renamed
@@ -39,6 +39,13 @@ class MoeDecoderForCausalLM(LlamaForCausalLM):
         return (layer_idx not in (getattr(config, "mlp_only_layers", None) or [])
                 and (layer_idx + 1) % step == 0)
 
+    router_bias = False  # gpt-oss's router has one
+
+    @classmethod
+    def experts(cls, config: PretrainedConfig, dtype: torch.dtype) -> FusedMoE:
+        return FusedMoE(cls.routing(config).num_experts, config.hidden_size,
+                        cls.expert_intermediate_size(config), hidden_act_of(config), dtype)
+
     @staticmethod
     def shared_expert(config: PretrainedConfig, options: DecoderOptions,
                       dtype: torch.dtype) -> tuple[nn.Module | None, bool]:
@@ -51,9 +58,8 @@ class MoeDecoderForCausalLM(LlamaForCausalLM):
         if not cls.is_sparse_layer(config, layer_idx):
             return LlamaMLP(config, options, dtype)
         shared, gated = cls.shared_expert(config, options, dtype)
-        return SparseMoeBlock(config.hidden_size, cls.routing(config),
-                              cls.expert_intermediate_size(config), hidden_act_of(config), dtype,
-                              shared, gated)
+        return SparseMoeBlock(config.hidden_size, cls.routing(config), cls.experts(config, dtype),
+                              dtype, shared, gated, router_bias=cls.router_bias)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         experts_loaded: set[str] = set()

@@ -45,6 +45,7 @@ EMBEDDING_REGISTRY: dict[str, type] = {
     "Qwen2MoeForCausalLM": dec.Qwen2MoeEmbeddingModel,
     "Qwen3MoeForCausalLM": dec.Qwen3MoeEmbeddingModel,
     "OlmoeForCausalLM": dec.OlmoeEmbeddingModel,
+    "GptOssForCausalLM": dec.GptOssEmbeddingModel,
     # The same decoders saved as HF base models (sentence-transformers exports, e.g.
     # e5-mistral's MistralModel): the checkpoint names lack the `model.` prefix.
     "LlamaModel": dec.LlamaEmbeddingModel,

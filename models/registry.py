@@ -11,6 +11,7 @@ from typing import Any
 
 from tritonforge.models.gemma2 import Gemma2ForCausalLM
 from tritonforge.models.gemma3 import Gemma3ForCausalLM
+from tritonforge.models.gpt_oss import GptOssForCausalLM
 from tritonforge.models.llama import LlamaForCausalLM, MistralForCausalLM
 from tritonforge.models.mixtral import MixtralForCausalLM
 from tritonforge.models.olmoe import OlmoeForCausalLM
@@ -22,6 +23,7 @@ from tritonforge.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 MODEL_REGISTRY: dict[str, type] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,

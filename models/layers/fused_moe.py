@@ -38,20 +38,34 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh
 
 
 class FusedMoE(nn.Module):
+    """Every expert of a layer. bias: per-expert biases on both projections (gpt-oss);
+    swiglu (alpha, limit): gpt-oss's clamped SwiGLU instead of `hidden_act`; gpt_oss_layout:
+    the checkpoint stores gate_up as [E, H, 2I] with gate and up columns interleaved and down
+    as [E, I, H] (gpt-oss), transposed and de-interleaved into ours at load."""
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 hidden_act: str, dtype: torch.dtype) -> None:
+                 hidden_act: str, dtype: torch.dtype, bias: bool = False,
+                 swiglu: tuple[float, float] | None = None, gpt_oss_layout: bool = False) -> None:
         super().__init__()
-        if hidden_act not in _ACTIVATIONS:
+        if swiglu is None and hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {hidden_act!r} is not supported for MoE experts; "
                              f"supported: {sorted(_ACTIVATIONS)}")
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        self.activation = _ACTIVATIONS[hidden_act]
-        self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype),
-            requires_grad=False)
-        self.down_proj = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype),
-            requires_grad=False)
+        self.activation = "swigluoai" if swiglu is not None else _ACTIVATIONS[hidden_act]
+        self.swiglu = swiglu
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+        self.gate_up_proj = param(num_experts, 2 * intermediate_size, hidden_size)
+        self.down_proj = param(num_experts, hidden_size, intermediate_size)
+        self.gate_up_proj_bias = param(num_experts, 2 * intermediate_size) if bias else None
+        self.down_proj_bias = param(num_experts, hidden_size) if bias else None
+        if gpt_oss_layout:
+            self.gate_up_proj.weight_loader = _load_transposed_interleaved
+            self.down_proj.weight_loader = _load_transposed
+            if bias:
+                self.gate_up_proj_bias.weight_loader = _load_interleaved_bias
 
     def load_expert(self, expert: int, projection: str, loaded: torch.Tensor) -> str:
         """Copies one expert's checkpoint matrix into its slice; returns the parameter name."""
@@ -74,8 +88,37 @@ class FusedMoE(nn.Module):
                 topk_ids: torch.Tensor) -> torch.Tensor:
         # hidden_states: [T, H], topk_*: [T, k] -> [T, H]
         moe = fused_moe if use_triton(hidden_states) else fused_moe_ref
+        biases = ((self.gate_up_proj_bias, self.down_proj_bias)
+                  if self.gate_up_proj_bias is not None else None)
         return moe(hidden_states, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
-                   self.activation)
+                   self.activation, biases=biases, swiglu=self.swiglu)
+
+
+def _checked_copy(param: nn.Parameter, value: torch.Tensor) -> None:
+    if param.shape != value.shape:
+        raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(value.shape)}")
+    param.data.copy_(value)
+
+
+def _deinterleave(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """[..., g0, u0, g1, u1, ...] along `dim` -> [..., g0, g1, ..., u0, u1, ...]."""
+    pairs = x.unflatten(dim, (-1, 2))
+    return torch.cat([pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)], dim)
+
+
+def _load_transposed_interleaved(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    # gpt-oss gate_up [E, H, 2I] (interleaved columns) -> [E, 2I, H] as [gate | up]
+    _checked_copy(param, _deinterleave(loaded.transpose(1, 2), 1))
+
+
+def _load_transposed(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    # gpt-oss down [E, I, H] -> [E, H, I]
+    _checked_copy(param, loaded.transpose(1, 2))
+
+
+def _load_interleaved_bias(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    # gpt-oss gate_up bias [E, 2I] interleaved -> [gate | up]
+    _checked_copy(param, _deinterleave(loaded, 1))
 
 
 def load_expert_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
@@ -103,15 +146,14 @@ def load_expert_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Ten
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, hidden_size: int, routing: Routing, intermediate_size: int,
-                 hidden_act: str, dtype: torch.dtype, shared_expert: nn.Module | None = None,
-                 shared_expert_gate: bool = False) -> None:
+    def __init__(self, hidden_size: int, routing: Routing, experts: FusedMoE,
+                 dtype: torch.dtype, shared_expert: nn.Module | None = None,
+                 shared_expert_gate: bool = False, router_bias: bool = False) -> None:
         super().__init__()
         self.routing = routing
-        self.gate = ReplicatedLinear(hidden_size, routing.num_experts, bias=False,
+        self.gate = ReplicatedLinear(hidden_size, routing.num_experts, bias=router_bias,
                                      params_dtype=dtype)
-        self.experts = FusedMoE(routing.num_experts, hidden_size, intermediate_size, hidden_act,
-                                dtype)
+        self.experts = experts
         self.shared_expert = shared_expert
         self.shared_expert_gate = (ReplicatedLinear(hidden_size, 1, bias=False, params_dtype=dtype)
                                    if shared_expert_gate else None)

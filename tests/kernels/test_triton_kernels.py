@@ -31,6 +31,8 @@ from tritonforge.kernels.activation import (
     gelu_and_mul_ref,
     silu_and_mul,
     silu_and_mul_ref,
+    swigluoai_and_mul,
+    swigluoai_and_mul_ref,
 )
 from tritonforge.kernels.encoder_attention import encoder_attention, encoder_attention_ref
 from tritonforge.kernels.fused_moe import (
@@ -321,11 +323,13 @@ def test_rotary_embedding_matches_ref(dtype, is_neox_style, head_size, rotary_di
 @kernel_test
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("shape", [(7, 600), (2, 3, 2 * 1500)])
-@pytest.mark.parametrize("act", ["silu", "gelu-tanh", "gelu-none"])
+@pytest.mark.parametrize("act", ["silu", "gelu-tanh", "gelu-none", "swigluoai"])
 def test_silu_and_gelu_and_mul_match_refs(dtype, shape, act) -> None:
     x = _randn(*shape, gen=_gen(shape[-1]), dtype=dtype) * 3
     if act == "silu":
         out, ref = silu_and_mul(x), silu_and_mul_ref(x)
+    elif act == "swigluoai":  # limit 4 < the inputs' spread (std 3): both clamps bite
+        out, ref = swigluoai_and_mul(x, 1.702, 4.0), swigluoai_and_mul_ref(x, 1.702, 4.0)
     else:
         approximate = act.split("-")[1]
         out, ref = gelu_and_mul(x, approximate), gelu_and_mul_ref(x, approximate)
@@ -370,6 +374,27 @@ def test_fused_moe_matches_ref(dtype, tokens, experts, top_k, hidden, inter, ske
             torch.testing.assert_close(got.float(), truth, atol=4e-2, rtol=4e-2)
     else:
         _assert_close(out, fused_moe_ref(*inputs, activation), dtype)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("tokens", [3, 70])
+def test_fused_moe_matches_ref_with_biases_and_clamped_swiglu(dtype, tokens) -> None:
+    # gpt-oss: biased experts, swigluoai (alpha 1.702, limit 7; limit 1 so the clamps bite).
+    x, gate_up, down, weights, ids = _moe_inputs(tokens, 6, 2, 72, 40, dtype, tokens + 1)
+    gen = _gen(tokens + 2)
+    biases = (_randn(6, 80, gen=gen, dtype=dtype), _randn(6, 72, gen=gen, dtype=dtype))
+    args = (x, gate_up, down, weights, ids, "swigluoai")
+    extra = {"biases": biases, "swiglu": (1.702, 1.0)}
+    out, ref = fused_moe(*args, **extra), fused_moe_ref(*args, **extra)
+    if INTERPRETED and dtype == BF16:  # truncating roundings: see test_fused_moe_matches_ref
+        truth = fused_moe_ref(x.float(), gate_up.float(), down.float(), weights, ids,
+                              "swigluoai", (biases[0].float(), biases[1].float()), (1.702, 1.0))
+        torch.testing.assert_close(out.float(), truth, atol=4e-2, rtol=4e-2)
+    else:
+        _assert_close(out, ref, dtype)
+    assert (ref - fused_moe_ref(x, gate_up, down, weights, ids, "swigluoai",
+                                swiglu=(1.702, 1.0))).abs().max() > 0.1  # the biases count
 
 
 @kernel_test

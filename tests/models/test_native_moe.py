@@ -1,8 +1,9 @@
-"""Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE run natively (sparse MoE layers over the fused
-experts) and must compute what transformers computes: logits of whole prompts, of prefill
-chunks and decodes over shuffled cache blocks, a prompt alone or in a batch, and greedy tokens
-through the engine, alone and batched with chunked prefill. Checkpoints arrive as the Hub
-stores them (one tensor per expert), or fused as transformers 5 holds them in memory."""
+"""Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss run natively (sparse MoE layers over the
+fused experts) and must compute what transformers computes: logits of whole prompts, of
+prefill chunks and decodes over shuffled cache blocks, a prompt alone or in a batch, and greedy
+tokens through the engine, alone and batched with chunked prefill. Checkpoints arrive as the
+Hub stores them (one tensor per expert), or fused as transformers 5 holds them in memory;
+gpt-oss's fused, transposed and interleaved experts, its sinks and YaRN RoPE included."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from tests.models.paged_harness import (
     run_prompts,
 )
 
-MOE = ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"]
+MOE = ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
+       "GptOssForCausalLM"]
 PROMPT_LENS = [100, 37, 5, 1, 16]
 
 
@@ -50,7 +52,12 @@ def test_moe_families_are_native_and_route_through_fused_experts(models) -> None
     assert sparse == expected.get(architecture, [True, True])
     assert all(isinstance(b, LlamaMLP) for b, s in zip(blocks, sparse) if not s)
     names = {name for name, _ in iterate_weights(folder)}
-    assert any(".experts.0." in name for name in names)  # the Hub's per-expert layout
+    if architecture == "GptOssForCausalLM":  # stored fused: [E, H, 2I], gate/up interleaved
+        assert "model.layers.0.mlp.experts.gate_up_proj" in names
+        assert all(m.sinks.abs().sum() > 0 for m in ours.modules() if hasattr(m, "sinks")
+                   and isinstance(m.sinks, torch.nn.Parameter))
+    else:
+        assert any(".experts.0." in name for name in names)  # the Hub's per-expert layout
 
 
 def test_whole_prompt_batch_logits_equal_transformers(models) -> None:
@@ -130,6 +137,24 @@ def test_a_checkpoint_missing_one_expert_is_refused_naming_the_parameter(tiny_mo
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj"):
         load_model(tmp_path, torch.float32, "cpu", "native")
+
+
+# gpt-oss ships YaRN (factor 32 over 4096 positions); here factor 4 over 32, so the 100-token
+# prompts run well past the original length.
+GPT_OSS_YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                    "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                    "original_max_position_embeddings": 32}}
+
+
+def test_gpt_oss_with_yarn_rope_equals_transformers(tiny_model) -> None:
+    folder = tiny_model("GptOssForCausalLM", config_overrides=GPT_OSS_YARN)
+    ours, config = load_model(folder, torch.float32, "cpu", model_impl="native")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompts = random_prompts(config, [100, 20])
+    for prompt, logits in zip(prompts, run_prompts(ours, config, prompts)):
+        torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=ATOL, rtol=0)
+    for rows, want in chunked_prefill_and_decode_logits(ours, hf, config):
+        torch.testing.assert_close(rows, want, atol=ATOL, rtol=0)
 
 
 def test_olmoe_clip_qkv_is_applied(tiny_model) -> None:

@@ -19,7 +19,7 @@ DECODERS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3
             "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
             # MoE decoders pool too: their experts fold into fused parameters as in generation.
             "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-            "OlmoeForCausalLM"]
+            "OlmoeForCausalLM", "GptOssForCausalLM"]
 CLASSIFIERS = sorted(CLASSIFIER_REGISTRY)
 
 
