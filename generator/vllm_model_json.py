@@ -11,7 +11,8 @@ either has an equivalent here (a build option, an engine setting written into en
 or the metrics switch: disable_log_stats turns the vllm:* metrics off there and here), only
 switches vLLM's request logging, or holds the one value we support (one GPU, no
 LoRA, no quantization). Any other key fails the build naming it: a setting silently dropped
-would change what the model does.
+would change what the model does. The vllm:* metrics follow vllm_backend's rule: on only when
+config.pbtxt's parameter REPORT_CUSTOM_METRICS is "true" and disable_log_stats is not.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ ENGINE_KEYS: dict[str, tuple[type, ...]] = {
     "block_size": (int,), "max_num_batched_tokens": (int,), "seed": (int,)}
 # vLLM's switch of its request logging: accepted, nothing to do here.
 NO_EFFECT = ("disable_log_requests",)
-# disable_log_stats: true turns vllm_backend's vllm:* metrics off (REPORT_CUSTOM_METRICS).
+# vllm_backend reports its vllm:* metrics only when config.pbtxt sets the parameter
+# REPORT_CUSTOM_METRICS to "true" and model.json does not set disable_log_stats: true.
 METRICS_KEY = "disable_log_stats"
+_METRICS_PARAMETER = re.compile(
+    r'key\s*:\s*"REPORT_CUSTOM_METRICS"\s*value\s*:?\s*\{\s*string_value\s*:\s*"([^"]*)"',
+    re.S)
 # Keys accepted only at the value we support.
 ONLY = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "kv_cache_dtype": "auto",
         "quantization": None, "enable_lora": False}
@@ -90,11 +95,14 @@ def read_vllm_model(path: Path) -> VllmModel:
                             f"{json.dumps(data[key])}): "
                             + ("one GPU per model" if "parallel" in key else "not supported"))
     build = {k: data[k] for k in BUILD_KEYS if k in data and data[k] is not None}
-    if METRICS_KEY in data:
-        if not isinstance(data[METRICS_KEY], bool):
-            raise UserError(f"{found}: {METRICS_KEY} must be a JSON boolean, got "
-                            f"{json.dumps(data[METRICS_KEY])}")
-        build["report_custom_metrics"] = not data[METRICS_KEY]
+    if METRICS_KEY in data and not isinstance(data[METRICS_KEY], bool):
+        raise UserError(f"{found}: {METRICS_KEY} must be a JSON boolean, got "
+                        f"{json.dumps(data[METRICS_KEY])}")
+    # As vllm_backend decides (model.py): the last REPORT_CUSTOM_METRICS in config.pbtxt is
+    # "true" (any case), and disable_log_stats is not true.
+    switch = _METRICS_PARAMETER.findall((path / "config.pbtxt").read_text(errors="replace"))
+    build["report_custom_metrics"] = bool(switch) and switch[-1].lower() == "true" \
+        and not data.get(METRICS_KEY, False)
     if "dtype" in build:
         if build["dtype"] not in DTYPES:
             raise UserError(f"{found}: dtype must be one of {', '.join(DTYPES)}, got "

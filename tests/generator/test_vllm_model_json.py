@@ -12,13 +12,18 @@ from tritonforge.engine import LLM, SamplingParams
 
 from tests.generator.test_build import generator, stream_deltas
 
+REPORT_METRICS = ('\nparameters: {\n  key: "REPORT_CUSTOM_METRICS"\n  value: {\n'
+                  '    string_value: "%s"\n  }\n}\n')  # as vllm_backend's metrics test appends
 
-def vllm_folder(root: Path, name: str, model_json: dict) -> Path:
-    """What vllm_backend's samples/model_repository/vllm_model looks like."""
+
+def vllm_folder(root: Path, name: str, model_json: dict, metrics: str | None = "true") -> Path:
+    """What vllm_backend's samples/model_repository/vllm_model looks like, with the
+    REPORT_CUSTOM_METRICS parameter set to `metrics` (None: absent, as in their sample)."""
     folder = root / name
     (folder / "1").mkdir(parents=True)
-    (folder / "config.pbtxt").write_text('backend: "vllm"\ninstance_group [ { count: 1 '
-                                         'kind: KIND_MODEL } ]\n')
+    (folder / "config.pbtxt").write_text(
+        'backend: "vllm"\ninstance_group [ { count: 1 kind: KIND_MODEL } ]\n'
+        + (REPORT_METRICS % metrics if metrics is not None else ""))
     (folder / "1" / "model.json").write_text(json.dumps(model_json))
     return folder
 
@@ -47,12 +52,20 @@ def test_model_json_maps_onto_engine_json_under_the_folders_name(tmp_path, tiny_
     assert 'key: "REPORT_CUSTOM_METRICS" value: { string_value: "true" }' in engine_step
 
 
-def test_disable_log_stats_turns_the_vllm_metrics_off_as_in_vllm_backend(tmp_path, tiny_llama):
-    folder = vllm_folder(tmp_path, "vllm_model", {"model": str(tiny_llama),
-                                                  "disable_log_stats": True})
+@pytest.mark.parametrize("metrics,model_json,reported", [
+    ("true", {}, "true"),
+    ("TRUE", {"disable_log_stats": False}, "true"),
+    ("true", {"disable_log_stats": True}, "false"),  # model.json turns them off
+    ("false", {}, "false"),
+    (None, {}, "false"),  # their sample's config.pbtxt: no parameter, no vllm:* metrics
+])
+def test_the_vllm_metrics_switch_follows_vllm_backends_rule(tmp_path, tiny_llama, metrics,
+                                                            model_json, reported):
+    folder = vllm_folder(tmp_path, "vllm_model", {"model": str(tiny_llama), **model_json},
+                         metrics)
     assert generator("build", folder, "-o", tmp_path / "repo", "--kind", "cpu") == 0
     engine_step = (tmp_path / "repo" / "vllm_model_engine" / "config.pbtxt").read_text()
-    assert 'key: "REPORT_CUSTOM_METRICS" value: { string_value: "false" }' in engine_step
+    assert f'key: "REPORT_CUSTOM_METRICS" value: {{ string_value: "{reported}" }}' in engine_step
 
 
 def test_the_command_line_wins_over_model_json(tmp_path, tiny_llama):
