@@ -94,6 +94,8 @@ def options(args: argparse.Namespace, output: Path) -> BuildOptions:
         vllm = read_vllm_model(Path(args.model))
         defaults = {"dtype": "auto", "trust_remote_code": False}
         for key, value in vllm.build.items():
+            if key == "gpu_memory_utilization" and fields.get("kind") == "cpu":
+                continue  # a share of GPU memory: an instance built --kind cpu uses none
             if key not in fields or key == "model" or fields[key] == defaults.get(key):
                 fields[key] = value
         fields["name"] = args.name or vllm.name

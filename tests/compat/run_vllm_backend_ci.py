@@ -7,7 +7,11 @@ What runs (files copied from the given checkout at run time, never kept in this 
 - ci/L0_additional_outputs_vllm/additional_outputs_test.py (pytest, the 1,458-case grid of
   stream / return_* flags / logprobs);
 - ci/L0_backend_vllm/enabled_stream/enabled_stream_test.py (unittest, asyncio client);
-- samples/client.py over samples/prompts.txt, whole and streaming (exit status and results).
+- samples/client.py over samples/prompts.txt, whole and streaming (exit status and results);
+- ci/L0_backend_vllm/metrics_test/vllm_metrics_test.py, its six cases as its test.sh runs them
+  (their sample model folder, REPORT_CUSTOM_METRICS absent / "false" / "true", model.json's
+  disable_log_stats, tritonserver --allow-metrics=false), each built by `generator build` from
+  the edited folder and served alone.
 Their model names (`vllm_opt`; `vllm_model` for the sample) and address (localhost:8001) are
 theirs, and tritonserver listens on 8000-8002, which must be free. The models differ, as
 they must offline: `vllm_model` is SmolLM2-135M-Instruct (the bundled example, real
@@ -22,22 +26,27 @@ and request instead; nothing else in their files is changed.
 Prints one line per suite (passed / failed / errors) and the distinct failure messages, and
 exits 1 when anything failed. Not part of the pytest suite: it needs their checkout.
 
-Last run (2026-12-07, CPU, vllm_backend main, the full grid): additional outputs 1,458 of
-1,458; samples/client.py 3 of 3 modes; enabled_stream 2 of 3: the one left expects the exact
-text of vllm_backend's refusal of a stream that asks for the prompt, and Triton prefixes any
-error of an ensemble step with "in ensemble 'vllm_opt', " (the rest of the text is theirs).
+Last runs (2026-12-07, CPU, vllm_backend main, the full grid): additional outputs 1,458 of
+1,458; samples/client.py 3 of 3 modes; metrics_test 6 of 6 cases (test_vllm_metrics with its
+prompt-token count changed to our tokenizer's, 15 for 18); enabled_stream 2 of 3: the one left
+expects the exact text of vllm_backend's refusal of a stream that asks for the prompt, and
+Triton prefixes any error of an ensemble step with "in ensemble 'vllm_opt', " (the rest of the
+text is theirs).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -45,7 +54,21 @@ from tritonforge.generator.cli import main as generator
 from tritonforge.generator.examples import fetch_example
 from tritonforge.generator.tritonserver import TritonServer, port_is_free
 
-SUITES = ("additional_outputs", "enabled_stream", "samples_client")
+SUITES = ("additional_outputs", "enabled_stream", "samples_client", "metrics")
+# ci/L0_backend_vllm/metrics_test/test.sh, case by case: (test, their edit of the model
+# folder, tritonserver's extra flags). Each case is a folder built by `generator build` from
+# their samples/model_repository/vllm_model with that edit (its model.json's "model" set to
+# vllm_opt's model), served by a server of its own.
+_REPORT = ('\nparameters: {\n  key: "REPORT_CUSTOM_METRICS"\n  value: {\n    string_value: '
+           '"%s"\n  }\n}\n')
+METRICS_CASES = (
+    ("test_vllm_metrics_disabled", {"pbtxt": None}, ()),
+    ("test_vllm_metrics_disabled", {"pbtxt": "false"}, ()),
+    ("test_vllm_metrics", {"pbtxt": "true"}, ()),
+    ("test_custom_sampling_params", {"pbtxt": "true"}, ()),
+    ("test_vllm_metrics_disabled", {"pbtxt": "true", "disable_log_stats": True}, ()),
+    ("test_vllm_metrics_refused", {"pbtxt": "true"}, ("--allow-metrics=false",)),
+)
 
 
 def _runs_to_max_tokens(folder: Path, chat: Path) -> Path:
@@ -87,6 +110,22 @@ def _expect_our_deltas(test_file: Path, model: Path) -> None:
     if pinned is None:
         raise SystemExit(f"{test_file.name}: its expected_output list was not found")
     test_file.write_text(source.replace(pinned.group(0), f"expected_output = {deltas!r}"))
+
+
+def _expect_our_prompt_tokens(test_file: Path, model: Path) -> None:
+    """test_vllm_metrics pins OPT-125m's prompt token count of its three prompts (18, BOS
+    included); the copy expects our tokenizer's count for the same prompts (generation counts,
+    16 per request to max_tokens, are left as they are)."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    prompts = ["The most dangerous animal is", "The capital of France is", "The future of AI is"]
+    count = sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    source = test_file.read_text()
+    if source.count("18 * self.inference_count") != 2:
+        raise SystemExit(f"{test_file.name}: its pinned prompt-token count was not found")
+    test_file.write_text(source.replace("18 * self.inference_count",
+                                        f"{count} * self.inference_count"))
 
 
 def _build(repo: Path, name: str, model: Path) -> None:
@@ -156,6 +195,58 @@ def run_samples_client(checkout: Path, work: Path) -> tuple[int, int, collection
     return passed, failed, reasons
 
 
+def _wait_for_ports(timeout_s: float = 120.0) -> None:
+    """Until 8000-8002 are free again: the previous case's server has just let them go."""
+    deadline = time.monotonic() + timeout_s
+    while not all(port_is_free(port) for port in (8000, 8001, 8002)):
+        if time.monotonic() > deadline:
+            raise SystemExit("ports 8000-8002 stayed busy after the previous case's server")
+        time.sleep(1.0)
+
+
+def run_metrics(checkout: Path, ci: Path, work: Path, opt: Path
+                ) -> tuple[int, int, collections.Counter]:
+    folder = ci / "L0_backend_vllm" / "metrics_test"
+    _expect_our_prompt_tokens(folder / "vllm_metrics_test.py", opt)
+    passed = failed = 0
+    reasons: collections.Counter = collections.Counter()
+    for i, (test, edit, flags) in enumerate(METRICS_CASES):
+        theirs = work / f"metrics-{i}" / "vllm_opt"
+        shutil.copytree(checkout / "samples" / "model_repository" / "vllm_model", theirs)
+        model_json = theirs / "1" / "model.json"
+        data = {**json.loads(model_json.read_text()), "model": str(opt)}
+        if "disable_log_stats" in edit:
+            data["disable_log_stats"] = edit["disable_log_stats"]
+        model_json.write_text(json.dumps(data))
+        if edit["pbtxt"] is not None:
+            with open(theirs / "config.pbtxt", "a") as config:
+                config.write(_REPORT % edit["pbtxt"])
+        repo = work / f"metrics-{i}" / "repo"
+        code = generator(["build", str(theirs), "-o", str(repo), "--kind", "cpu",
+                          "--max-model-len", "1024"])
+        if code != 0:
+            failed += 1
+            reasons[f"case {i} ({test}): generator build failed"] += 1
+            continue
+        _wait_for_ports()
+        with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002,
+                          startup_timeout=600, extra_args=flags):
+            done = subprocess.run(
+                [sys.executable, "vllm_metrics_test.py", f"VLLMTritonMetricsTest.{test}", "-v"],
+                cwd=folder, capture_output=True, text=True, check=False)
+        out = done.stdout + done.stderr
+        ok = done.returncode == 0 and re.search(r" \.\.\. ok$", out, re.M) is not None
+        print(f"metrics case {i} ({test}, {edit}, {' '.join(flags) or 'no flags'}): "
+              f"{'ok' if ok else 'FAILED'}", flush=True)
+        if ok:
+            passed += 1
+        else:
+            failed += 1
+            lines = re.findall(r"^\w*(?:Error|Exception)\b.*$", out, re.M) or out.splitlines()[-1:]
+            reasons[f"case {i} ({test}): {(lines or ['?'])[0].strip()[:140]}"] += 1
+    return passed, failed, reasons
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,8 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         env_python = os.environ.get("PYTHONPATH", "")
         os.environ["PYTHONPATH"] = f"{ci / 'common'}{os.pathsep}{env_python}"
         results = {}
+        _wait_for_ports()
+        if "metrics" in suites:  # one server per case: each sets up its own model and flags
+            results["metrics"] = run_metrics(args.vllm_backend, ci, work, opt)
+        shared = [s for s in suites if s != "metrics"]
+        if shared:
+            _wait_for_ports()
         with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002,
-                          startup_timeout=600):
+                          startup_timeout=600) if shared else contextlib.nullcontext():
             if "additional_outputs" in suites:
                 results["additional_outputs"] = run_additional_outputs(ci, work, args.select)
             if "enabled_stream" in suites:

@@ -68,6 +68,18 @@ def test_the_vllm_metrics_switch_follows_vllm_backends_rule(tmp_path, tiny_llama
     assert f'key: "REPORT_CUSTOM_METRICS" value: {{ string_value: "{reported}" }}' in engine_step
 
 
+def test_their_gpu_memory_share_does_not_stop_a_cpu_build(tmp_path, tiny_llama):
+    # vllm_backend's sample model.json sets gpu_memory_utilization; --kind cpu has no GPU
+    # memory to share, so the value is not taken (a flag given with --kind cpu still fails).
+    folder = vllm_folder(tmp_path, "vllm_model", {"model": str(tiny_llama),
+                                                  "gpu_memory_utilization": 0.1})
+    assert generator("build", folder, "-o", tmp_path / "repo", "--kind", "cpu") == 0
+    engine = json.loads((tmp_path / "repo" / "vllm_model" / "engine.json").read_text())["engine"]
+    assert engine.get("gpu_memory_utilization") in (None, 0.9)  # ours, not their 0.1
+    assert generator("build", folder, "-o", tmp_path / "r2", "--kind", "cpu",
+                     "--gpu-memory-utilization", "0.5") == 1
+
+
 def test_the_command_line_wins_over_model_json(tmp_path, tiny_llama):
     folder = vllm_folder(tmp_path, "vllm_model", {"model": str(tiny_llama),
                                                   "max_model_len": 256, "dtype": "float"})
