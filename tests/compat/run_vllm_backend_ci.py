@@ -11,7 +11,10 @@ What runs (files copied from the given checkout at run time, never kept in this 
 - ci/L0_backend_vllm/metrics_test/vllm_metrics_test.py, its six cases as its test.sh runs them
   (their sample model folder, REPORT_CUSTOM_METRICS absent / "false" / "true", model.json's
   disable_log_stats, tritonserver --allow-metrics=false), each built by `generator build` from
-  the edited folder and served alone.
+  the edited folder and served alone;
+- ci/L0_backend_vllm/vllm_backend/vllm_backend_test.py (6 tests) with the repository its
+  test.sh makes (their model folders built by `generator build`, python_backend's add_sub
+  from --python-backend, their ensemble over vllm_opt), and its multi-model load step.
 Their model names (`vllm_opt`; `vllm_model` for the sample) and address (localhost:8001) are
 theirs, and tritonserver listens on 8000-8002, which must be free. The models differ, as
 they must offline: `vllm_model` is SmolLM2-135M-Instruct (the bundled example, real
@@ -27,7 +30,9 @@ Prints one line per suite (passed / failed / errors) and the distinct failure me
 exits 1 when anything failed. Not part of the pytest suite: it needs their checkout.
 
 Last runs (2026-12-07, CPU, vllm_backend main, the full grid): additional outputs 1,458 of
-1,458; samples/client.py 3 of 3 modes; metrics_test 6 of 6 cases (test_vllm_metrics with its
+1,458; samples/client.py 3 of 3 modes; vllm_backend_test 6 of 6 and the multi-model load
+(their invalid folders refused at build, so their load fails as the tests want; their ensemble
+over our vllm_opt, itself an ensemble, loads and runs); metrics_test 6 of 6 cases (test_vllm_metrics with its
 prompt-token count changed to our tokenizer's, 15 for 18); enabled_stream 2 of 3: the one left
 expects the exact text of vllm_backend's refusal of a stream that asks for the prompt, and
 Triton prefixes any error of an ensemble step with "in ensemble 'vllm_opt', " (the rest of the
@@ -54,7 +59,7 @@ from tritonforge.generator.cli import main as generator
 from tritonforge.generator.examples import fetch_example
 from tritonforge.generator.tritonserver import TritonServer, port_is_free
 
-SUITES = ("additional_outputs", "enabled_stream", "samples_client", "metrics")
+SUITES = ("additional_outputs", "enabled_stream", "samples_client", "metrics", "vllm_backend")
 # ci/L0_backend_vllm/metrics_test/test.sh, case by case: (test, their edit of the model
 # folder, tritonserver's extra flags). Each case is a folder built by `generator build` from
 # their samples/model_repository/vllm_model with that edit (its model.json's "model" set to
@@ -126,6 +131,34 @@ def _expect_our_prompt_tokens(test_file: Path, model: Path) -> None:
         raise SystemExit(f"{test_file.name}: its pinned prompt-token count was not found")
     test_file.write_text(source.replace("18 * self.inference_count",
                                         f"{count} * self.inference_count"))
+
+
+def _expect_our_texts(test_file: Path, model: Path) -> None:
+    """vllm_backend_test pins OPT-125m's greedy text for "The capital of France is" (with the
+    prompt and without); the copy expects our offline LLM's text for that request."""
+    from tritonforge.engine import LLM, SamplingParams
+
+    llm = LLM(model=str(model), device="cpu", dtype="float32", max_model_len=1024)
+    prompt = "The capital of France is"
+    text = llm.generate(prompt, SamplingParams(temperature=0.0, top_p=1.0, max_tokens=16)
+                        )[0].outputs[0].text
+    source = test_file.read_text()
+    theirs = r"the capital of the French Republic.\n\nThe capital of France is the capital"
+    with_prompt, without = f'b"{prompt} {theirs}"', f'b" {theirs}"'
+    if source.count(with_prompt) != 2 or source.count(without) != 1:
+        raise SystemExit(f"{test_file.name}: its pinned outputs were not found")
+    source = source.replace(with_prompt, repr((prompt + text).encode()))
+    test_file.write_text(source.replace(without, repr(text.encode())))
+
+
+def _their_model_folder(checkout: Path, dest: Path, model: Path | str) -> Path:
+    """Their samples/model_repository/vllm_model copied to `dest`, model.json's "model" set to
+    `model` (theirs, facebook/opt-125m, is not on this machine)."""
+    shutil.copytree(checkout / "samples" / "model_repository" / "vllm_model", dest)
+    model_json = dest / "1" / "model.json"
+    model_json.write_text(json.dumps({**json.loads(model_json.read_text()),
+                                      "model": str(model)}))
+    return dest
 
 
 def _build(repo: Path, name: str, model: Path) -> None:
@@ -211,13 +244,11 @@ def run_metrics(checkout: Path, ci: Path, work: Path, opt: Path
     passed = failed = 0
     reasons: collections.Counter = collections.Counter()
     for i, (test, edit, flags) in enumerate(METRICS_CASES):
-        theirs = work / f"metrics-{i}" / "vllm_opt"
-        shutil.copytree(checkout / "samples" / "model_repository" / "vllm_model", theirs)
-        model_json = theirs / "1" / "model.json"
-        data = {**json.loads(model_json.read_text()), "model": str(opt)}
-        if "disable_log_stats" in edit:
-            data["disable_log_stats"] = edit["disable_log_stats"]
-        model_json.write_text(json.dumps(data))
+        theirs = _their_model_folder(checkout, work / f"metrics-{i}" / "vllm_opt", opt)
+        if "disable_log_stats" in edit:  # their jq: '. += {"disable_log_stats" : true}'
+            model_json = theirs / "1" / "model.json"
+            model_json.write_text(json.dumps({**json.loads(model_json.read_text()),
+                                              "disable_log_stats": edit["disable_log_stats"]}))
         if edit["pbtxt"] is not None:
             with open(theirs / "config.pbtxt", "a") as config:
                 config.write(_REPORT % edit["pbtxt"])
@@ -247,6 +278,81 @@ def run_metrics(checkout: Path, ci: Path, work: Path, opt: Path
     return passed, failed, reasons
 
 
+def run_vllm_backend(checkout: Path, python_backend: Path | None, ci: Path, work: Path,
+                     opt: Path) -> tuple[int, int, collections.Counter]:
+    """ci/L0_backend_vllm/vllm_backend as its test.sh runs it: vllm_backend_test.py (6 tests)
+    against a repository of their model folders built by `generator build` (vllm_opt,
+    vllm_load_test; vllm_invalid_1 with an unknown engine argument and vllm_invalid_2 naming
+    a model that does not exist, both refused at build, so loading them fails as their test
+    wants), python_backend's add_sub and their ensemble_model over vllm_opt; then their
+    multi-model step: vllm_one loaded at start, vllm_two loaded over HTTP."""
+    folder = ci / "L0_backend_vllm" / "vllm_backend"
+    _expect_our_texts(folder / "vllm_backend_test.py", opt)
+    passed = failed = 0
+    reasons: collections.Counter = collections.Counter()
+    theirs, repo = work / "vb-theirs", work / "vb-repo"
+    for name in ("vllm_opt", "vllm_load_test"):
+        code = generator(["build", str(_their_model_folder(checkout, theirs / name, opt)),
+                          "-o", str(repo), "--kind", "cpu", "--max-model-len", "1024"])
+        if code != 0:
+            raise SystemExit(f"generator build of their {name} failed")
+    # Their seds: "enforce_eager" renamed "invalid_attribute"; the model named "invalid_model"
+    # (here a path that does not exist: this machine has no hub to ask).
+    invalid = {"vllm_invalid_1": opt, "vllm_invalid_2": work / "invalid_model"}
+    for name, model in invalid.items():
+        folder_in = _their_model_folder(checkout, theirs / name, model)
+        if name == "vllm_invalid_1":
+            model_json = folder_in / "1" / "model.json"
+            model_json.write_text(model_json.read_text().replace('"enforce_eager"',
+                                                                 '"invalid_attribute"'))
+        if generator(["build", str(folder_in), "-o", str(repo), "--kind", "cpu"]) == 0:
+            failed += 1
+            reasons[f"{name}: built, but vllm_backend refuses it"] += 1
+    if python_backend is not None:
+        shutil.copytree(python_backend / "examples" / "add_sub", repo / "add_sub",
+                        ignore=shutil.ignore_patterns("client.py"))
+        (repo / "add_sub" / "1").mkdir()
+        shutil.move(repo / "add_sub" / "model.py", repo / "add_sub" / "1" / "model.py")
+    (repo / "ensemble_model" / "1").mkdir(parents=True)
+    shutil.copy(folder / "ensemble_config.pbtxt", repo / "ensemble_model" / "config.pbtxt")
+    _wait_for_ports()
+    with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002,
+                      model_control_mode="explicit", load_models=("vllm_opt",),
+                      startup_timeout=600, log_file=work / "vb-server.log"):
+        done = subprocess.run([sys.executable, "vllm_backend_test.py", "-v"], cwd=folder,
+                              capture_output=True, text=True, check=False)
+    out = done.stdout + done.stderr
+    passed += len(re.findall(r" \.\.\. ok$", out, re.M))
+    for test in re.findall(r"^(?:FAIL|ERROR): (\S+)", out, re.M):
+        failed += 1
+        reasons[f"{test}: " + next(iter(re.findall(r"^\w*(?:Error|Exception)\b.*$", out, re.M)),
+                                   "?")[:140]] += 1
+    # Their multi-model step: two copies of the sample, one loaded at start, one over HTTP.
+    multi = work / "vb-multi"
+    for name in ("vllm_one", "vllm_two"):
+        generator(["build", str(_their_model_folder(checkout, theirs / name, opt)), "-o",
+                   str(multi), "--kind", "cpu", "--max-model-len", "1024"])
+    _wait_for_ports()
+    with TritonServer(multi, http_port=8000, grpc_port=8001, metrics_port=8002,
+                      model_control_mode="explicit", load_models=("vllm_one",),
+                      startup_timeout=600):
+        import urllib.request
+
+        request = urllib.request.Request(
+            "http://localhost:8000/v2/repository/models/vllm_two/load", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                status = response.status
+        except OSError as err:
+            status = getattr(err, "code", str(err))
+    if status == 200:
+        passed += 1
+    else:
+        failed += 1
+        reasons[f"loading vllm_two over HTTP: {status}"] += 1
+    return passed, failed, reasons
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suites", default=",".join(SUITES),
                         help=f"comma-separated, of {', '.join(SUITES)}")
     parser.add_argument("-k", dest="select", help="pytest -k for the additional-outputs grid")
+    parser.add_argument("--python-backend", type=Path,
+                        help="a checkout of triton-inference-server/python_backend, for the "
+                             "add_sub model of the vllm_backend suite (their test.sh downloads "
+                             "it; without it that suite's add_sub steps fail)")
     args = parser.parse_args(argv)
     suites = [s for s in args.suites.split(",") if s]
     for port in (8000, 8001, 8002):
@@ -279,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         _wait_for_ports()
         if "metrics" in suites:  # one server per case: each sets up its own model and flags
             results["metrics"] = run_metrics(args.vllm_backend, ci, work, opt)
-        shared = [s for s in suites if s != "metrics"]
+        if "vllm_backend" in suites:  # servers of its own, in explicit model control
+            results["vllm_backend"] = run_vllm_backend(args.vllm_backend, args.python_backend,
+                                                       ci, work, opt)
+        shared = [s for s in suites if s not in ("metrics", "vllm_backend")]
         if shared:
             _wait_for_ports()
         with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002,
