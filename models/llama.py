@@ -113,6 +113,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(k_size, config.rms_norm_eps, offset, params_dtype=dtype)
         self.qk_norm, self.qk_norm_across_heads = options.qk_norm, options.qk_norm_across_heads
         self.clip_qkv = options.clip_qkv
+        self.has_sinks = options.attention_sinks
         if options.attention_sinks:
             self.sinks = nn.Parameter(torch.empty(self.qkv_proj.num_heads, dtype=dtype),
                                       requires_grad=False)
@@ -135,7 +136,7 @@ class LlamaAttention(nn.Module):
         if self.clip_qkv is not None:  # after the norms, as OLMoE clamps
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k = self.rotary_emb(positions, q, k, attn_metadata)
-        if hasattr(self, "sinks"):  # a plain tensor there, so Attention registers no parameter
+        if self.has_sinks:  # a plain tensor there, so Attention registers no parameter
             self.attn.sinks = self.sinks.detach()
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 
