@@ -32,11 +32,11 @@ exits 1 when anything failed. Not part of the pytest suite: it needs their check
 Last runs (2026-12-07, CPU, vllm_backend main, the full grid): additional outputs 1,458 of
 1,458; samples/client.py 3 of 3 modes; vllm_backend_test 6 of 6 and the multi-model load
 (their invalid folders refused at build, so their load fails as the tests want; their ensemble
-over our vllm_opt, itself an ensemble, loads and runs); metrics_test 6 of 6 cases (test_vllm_metrics with its
-prompt-token count changed to our tokenizer's, 15 for 18); enabled_stream 2 of 3: the one left
-expects the exact text of vllm_backend's refusal of a stream that asks for the prompt, and
-Triton prefixes any error of an ensemble step with "in ensemble 'vllm_opt', " (the rest of the
-text is theirs).
+over our vllm_opt, itself an ensemble, loads and runs); metrics_test 6 of 6 cases
+(test_vllm_metrics with its prompt-token count changed to our tokenizer's, 15 for 18);
+enabled_stream 2 of 3: the one left expects the exact text of vllm_backend's refusal of a
+stream that asks for the prompt, and Triton prefixes any error of an ensemble step with
+"in ensemble 'vllm_opt', " (the rest of the text is theirs).
 """
 
 from __future__ import annotations
