@@ -25,8 +25,11 @@ from tritonforge.models.weight_utils import renamed
 
 
 class MoeDecoderForCausalLM(LlamaForCausalLM):
+    router_bias = False  # gpt-oss's router has one
+
     @staticmethod
     def routing(config: PretrainedConfig) -> Routing:
+        """How the family routes tokens, from its config (every family defines it)."""
         raise NotImplementedError
 
     @staticmethod
@@ -38,8 +41,6 @@ class MoeDecoderForCausalLM(LlamaForCausalLM):
         step = getattr(config, "decoder_sparse_step", 1) or 1
         return (layer_idx not in (getattr(config, "mlp_only_layers", None) or [])
                 and (layer_idx + 1) % step == 0)
-
-    router_bias = False  # gpt-oss's router has one
 
     @classmethod
     def experts(cls, config: PretrainedConfig, dtype: torch.dtype) -> FusedMoE:
@@ -54,7 +55,7 @@ class MoeDecoderForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def mlp_factory(cls, config: PretrainedConfig, layer_idx: int, options: DecoderOptions,
-             dtype: torch.dtype) -> nn.Module:
+                    dtype: torch.dtype) -> nn.Module:
         if not cls.is_sparse_layer(config, layer_idx):
             return LlamaMLP(config, options, dtype)
         shared, gated = cls.shared_expert(config, options, dtype)
