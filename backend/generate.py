@@ -12,9 +12,12 @@ step (`text_output` is that step's text delta) with the FINAL flag on the last d
 response; non-streaming sends exactly one response holding the whole text.
 
 Cancellation: a poller thread asks each pending request's sender whether the client
-cancelled, every POLL_INTERVAL (the callback does not: that would be a round trip per
-token). A cancelled request is aborted in the engine (its KV blocks are free before the
-next step) and its stream ends with a CANCELLED error.
+cancelled, every POLL_INTERVAL (the engine thread never does: it is a round trip to
+Triton), and the writer threads ask before each response of a direct caller's stream
+(see `_send`: a data response to a cancelled request would keep it, and its model, alive
+in Triton 2.51). A
+cancelled request is aborted in the engine (its KV blocks are free before the next step)
+and its stream ends with the FINAL flag alone.
 
 One owner per sender: every call into a stream's response sender (send, is_cancelled),
 from whichever thread (engine, writers, poller, finalize), holds that _Stream's lock and
@@ -89,6 +92,7 @@ from tritonforge.backend.triton_io import (
     error_response,
     input_bool,
     instance_device,
+    log_cancellation,
     log_exception,
     optional_bool,
     optional_text,
@@ -387,10 +391,24 @@ class TritonPythonModel:
                                           [len(c.token_ids) for c in output.outputs])
 
     def _send(self, s: _Stream, response: Any, final: bool) -> None:
+        cancelled = failed = False
         with s.lock:
             if s.done:
                 return
             sender = s.sender
+            # Tritonserver 2.51 keeps a request in flight for good when a response with
+            # data reaches it after its client cancelled, and the model holding it then
+            # never unloads (old front ends outlived reloads under traffic, issue 26). So a
+            # stream whose client can cancel it (a direct caller of this step) is asked
+            # first, and a cancelled one gets its FINAL flag alone. Inside the ensemble the
+            # flag never turns (the responses step checks there), so no round trip is spent.
+            if not s.keepalive:
+                try:
+                    cancelled = sender.is_cancelled()
+                except Exception:  # noqa: BLE001
+                    log_exception(f"is_cancelled() failed for request {s.request_id}")
+            if cancelled:
+                response, final = None, True
             if final:
                 s.done = True
                 self._pending.pop(s.request_id, None)
@@ -398,18 +416,26 @@ class TritonPythonModel:
                 # is gone, and the engine may hold this _Stream (in its callback) a while.
                 s.sender = s.request = None
             try:
-                sender.send(response, flags=FINAL if final else 0)
+                if response is None:
+                    sender.send(flags=FINAL)
+                else:
+                    sender.send(response, flags=FINAL if final else 0)
                 s.sent_at = time.monotonic()
             except Exception:  # noqa: BLE001 - the client is gone: stop generating for it
                 log_exception(f"could not send a response; aborting request {s.request_id}")
                 s.done = True
                 s.sender = s.request = None
                 self._pending.pop(s.request_id, None)
-                self.engine.abort(s.request_id)
+                failed = True
+        # Outside the lock: the engine may call back into this stream.
+        if cancelled:
+            log_cancellation(lambda: self.engine.abort(s.request_id), s.ref)
+        elif failed:
+            self.engine.abort(s.request_id)
 
     def _cancel(self, s: _Stream) -> None:
         """Aborts the engine request (blocks free before the next step) and ends the stream
-        with a CANCELLED error; safe from any thread, any number of times."""
+        with its FINAL flag; safe from any thread, any number of times."""
         self.engine.abort(s.request_id)
         self._send(s, cancelled_response(), final=True)
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 from tritonforge.backend.response_writer import ResponseWriter
-from tritonforge.backend.triton_io import log_exception
+from tritonforge.backend.triton_io import log_cancellation, log_exception
 from tritonforge.engine.core_client import CoreAborter
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -77,7 +77,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 if request.is_cancelled():
-                    self.aborter.abort(ref)
+                    log_cancellation(lambda: self.aborter.abort(ref), ref)
                     sender.send(flags=FINAL)  # the client is gone: nothing to forward
                 elif response is None:  # a keepalive
                     sender.send(flags=FINAL)

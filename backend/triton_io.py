@@ -202,6 +202,20 @@ def log_info(message: str) -> None:
     pb_utils.Logger.log_info(message)
 
 
+# vllm_backend logs these two lines around the engine abort of a cancelled request, and its
+# request-cancellation test (and operators' log alerts) look for them: a drop-in logs them too.
+CANCELLING_LOG = "[vllm] Cancelling the request"
+CANCELLED_LOG = "[vllm] Successfully cancelled the request"
+
+
+def log_cancellation(abort: Callable[[], Any], request: str) -> None:
+    """Runs `abort()` (the engine abort of a request its client cancelled) between
+    vllm_backend's two log lines; `request` names it in both."""
+    log_info(f"{CANCELLING_LOG} {request}")
+    abort()
+    log_info(f"{CANCELLED_LOG} {request}")
+
+
 def log_warning(message: str) -> None:
     pb_utils.Logger.log_warn(message)
 

@@ -735,10 +735,21 @@ def kv_idle(triton_server, model: str) -> dict[str, float] | None:
 LONG = {"temperature": 0, "max_tokens": 450, "ignore_eos": True}
 
 
+# vllm_backend's log lines around the abort of a cancelled request (its request-cancellation
+# test and operators' alerts grep them), one pair per cancelled request at least.
+CANCEL_LOG_LINES = ("[vllm] Cancelling the request", "[vllm] Successfully cancelled the request")
+
+
+def _cancel_log_counts(triton_server) -> list[int]:
+    log = triton_server.log_text()
+    return [log.count(line) for line in CANCEL_LOG_LINES]
+
+
 def test_cancelling_20_of_40_engine_streams_frees_the_kv_cache(triton_server, model, llm):
     # Straight to the engine step: there Triton passes the client's cancellation on.
     short_prompts = [f"Short request {i} about the sea" for i in range(20)]
     refs = reference(llm, short_prompts, **GREEDY)
+    logged = _cancel_log_counts(triton_server)
     before = scrape(triton_server.metrics_url, model)
     results = cancel_20_long_streams_beside_20_short(
         triton_server, f"{model}_engine",
@@ -751,6 +762,10 @@ def test_cancelling_20_of_40_engine_streams_frees_the_kv_cache(triton_server, mo
     generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
     # Had the 20 long requests run on, they would have made 20 * 450 tokens.
     assert generated < 20 * LONG["max_tokens"] / 4
+    # Each cancelled stream's abort is logged as vllm_backend logs it, once per stream here:
+    # the first response check that sees the cancellation ends the stream.
+    assert [now - then for now, then in zip(_cancel_log_counts(triton_server), logged)] == [
+        20, 20]
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model)
     client.close()
@@ -782,6 +797,7 @@ def test_cancelling_20_of_40_streams_through_the_ensemble_frees_the_kv_cache(
     aborts the request in the engine core. Half the long requests stream, half do not."""
     short_prompts = [f"Short request {i} about the sea" for i in range(20)]
     refs = reference(llm, short_prompts, **GREEDY)
+    logged = _cancel_log_counts(triton_server)
     before = scrape(triton_server.metrics_url, model)
     results = cancel_20_long_streams_beside_20_short(
         triton_server, model,
@@ -794,6 +810,8 @@ def test_cancelling_20_of_40_streams_through_the_ensemble_frees_the_kv_cache(
     generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
     # Had the 20 long requests run on, they would have made 20 * 450 tokens.
     assert generated < 20 * LONG["max_tokens"] / 4
+    # The responses step logs each abort it sends (a stream may be seen more than once).
+    assert all(now - then >= 20 for now, then in zip(_cancel_log_counts(triton_server), logged))
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     assert client.is_model_ready(model) and client.is_model_ready(f"{model}_engine")
     client.close()

@@ -50,8 +50,6 @@ SHORT_REQUESTS = 3000  # the default suite: about a minute on 2 CPU cores
 LONG_REQUESTS = 5000
 SHORT_RELOADS = 2
 LONG_RELOADS = 20
-CRASH_MARKS = ("Signal (", "Segmentation fault", "Aborted", "core dumped",
-               "terminate called")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -100,9 +98,8 @@ def stress_server(tmp_path_factory, tiny_model):
 
 def _assert_alive_and_unchanged(server: TritonServer, pid: int, before: dict[str, str]) -> None:
     assert server.running and server.pid == pid, f"tritonserver restarted or died: {pid}"
-    log = server.log_text()
-    marks = [m for m in CRASH_MARKS if m in log]
-    assert not marks, f"crash marks {marks} in the server log: {log[-3000:]}"
+    marks = server.crash_marks()
+    assert not marks, f"crash marks {marks} in the server log: {server.log_text()[-3000:]}"
     assert _snapshot(Path(server.model_repository)) == before, "the repository was written"
     assert healthy(server, NAME)
 
@@ -238,12 +235,11 @@ def _reloads(stress_server, cycles: int) -> None:
     _assert_alive_and_unchanged(server, pid, before)
 
 
-@pytest.mark.long  # a known leak: old front ends may outlive their unload (see below)
 def test_reloads_under_traffic_never_crash_the_server_or_write_the_repository(stress_server):
-    """Under -m long until the leak it found is fixed: after unload/load cycles under
-    traffic, two stubs of an old NAME_engine version outlived the loop by more than 60 s
-    (20 cycles: every time; 2-4 cycles: once in 6 runs), with no crash; the default suite
-    keeps the idle reload test (test_server_faults.py)."""
+    """Also the leak check: every stub of an unloaded version goes. It failed (20 cycles:
+    every time; 2-4 cycles: once in 6 runs) while the engine step sent data responses to
+    direct callers that had cancelled: tritonserver 2.51 then keeps the request, and its
+    model version, alive (backend/generate.py, `_send`)."""
     _reloads(stress_server, _env_int("TRITONFORGE_STRESS_RELOADS", SHORT_RELOADS))
 
 
