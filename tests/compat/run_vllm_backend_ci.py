@@ -59,7 +59,8 @@ from tritonforge.generator.cli import main as generator
 from tritonforge.generator.examples import fetch_example
 from tritonforge.generator.tritonserver import TritonServer, port_is_free
 
-SUITES = ("additional_outputs", "enabled_stream", "samples_client", "metrics", "vllm_backend")
+SUITES = ("additional_outputs", "enabled_stream", "samples_client", "metrics", "vllm_backend",
+          "request_cancellation", "check_health")
 # ci/L0_backend_vllm/metrics_test/test.sh, case by case: (test, their edit of the model
 # folder, tritonserver's extra flags). Each case is a folder built by `generator build` from
 # their samples/model_repository/vllm_model with that edit (its model.json's "model" set to
@@ -85,7 +86,8 @@ def _runs_to_max_tokens(folder: Path, chat: Path) -> Path:
     tokenizer = transformers.AutoTokenizer.from_pretrained(chat, gguf_file=gguf.name)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        # 2048 positions: request_cancellation asks for 1500 tokens (and cancels after 1 s).
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -184,6 +186,26 @@ def _junit_counts(path: Path) -> tuple[int, int, collections.Counter]:
     return passed, failed, reasons
 
 
+class _Tally:
+    """Passes, failures and their distinct first error lines, case by case."""
+
+    def __init__(self) -> None:
+        self.passed = self.failed = 0
+        self.reasons: collections.Counter = collections.Counter()
+
+    def add(self, title: str, label: str, ok: bool, out: str, error_re: str = "$^") -> None:
+        print(f"{title}: {'ok' if ok else 'FAILED'}", flush=True)
+        if ok:
+            self.passed += 1
+            return
+        self.failed += 1
+        lines = re.findall(error_re, out, re.M) or out.splitlines()[-1:] or ["?"]
+        self.reasons[f"{label}: {lines[0].strip()[:140]}"] += 1
+
+    def counts(self) -> tuple[int, int, collections.Counter]:
+        return self.passed, self.failed, self.reasons
+
+
 def run_additional_outputs(ci: Path, work: Path, select: str | None
                            ) -> tuple[int, int, collections.Counter]:
     folder = ci / "L0_additional_outputs_vllm"
@@ -200,12 +222,7 @@ def run_enabled_stream(ci: Path, work: Path) -> tuple[int, int, collections.Coun
     folder = ci / "L0_backend_vllm" / "enabled_stream"
     done = subprocess.run([sys.executable, "enabled_stream_test.py", "-v"], cwd=folder,
                           capture_output=True, text=True, check=False)
-    out = done.stdout + done.stderr
-    passed = len(re.findall(r" \.\.\. ok$", out, re.M))
-    failures = re.findall(r"^(?:FAIL|ERROR): (\S+)", out, re.M)
-    reasons = collections.Counter(
-        line.strip()[:160] for line in re.findall(r"^\w*(?:Error|Exception)\b.*$", out, re.M))
-    return passed, len(failures), reasons
+    return _unittest_counts(done.stdout + done.stderr)
 
 
 def run_samples_client(checkout: Path, work: Path) -> tuple[int, int, collections.Counter]:
@@ -241,8 +258,7 @@ def run_metrics(checkout: Path, ci: Path, work: Path, opt: Path
                 ) -> tuple[int, int, collections.Counter]:
     folder = ci / "L0_backend_vllm" / "metrics_test"
     _expect_our_prompt_tokens(folder / "vllm_metrics_test.py", opt)
-    passed = failed = 0
-    reasons: collections.Counter = collections.Counter()
+    tally = _Tally()
     for i, (test, edit, flags) in enumerate(METRICS_CASES):
         theirs = _their_model_folder(checkout, work / f"metrics-{i}" / "vllm_opt", opt)
         if "disable_log_stats" in edit:  # their jq: '. += {"disable_log_stats" : true}'
@@ -256,8 +272,7 @@ def run_metrics(checkout: Path, ci: Path, work: Path, opt: Path
         code = generator(["build", str(theirs), "-o", str(repo), "--kind", "cpu",
                           "--max-model-len", "1024"])
         if code != 0:
-            failed += 1
-            reasons[f"case {i} ({test}): generator build failed"] += 1
+            tally.add(f"metrics case {i}", f"case {i} ({test})", False, "generator build failed")
             continue
         _wait_for_ports()
         with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002,
@@ -267,15 +282,9 @@ def run_metrics(checkout: Path, ci: Path, work: Path, opt: Path
                 cwd=folder, capture_output=True, text=True, check=False)
         out = done.stdout + done.stderr
         ok = done.returncode == 0 and re.search(r" \.\.\. ok$", out, re.M) is not None
-        print(f"metrics case {i} ({test}, {edit}, {' '.join(flags) or 'no flags'}): "
-              f"{'ok' if ok else 'FAILED'}", flush=True)
-        if ok:
-            passed += 1
-        else:
-            failed += 1
-            lines = re.findall(r"^\w*(?:Error|Exception)\b.*$", out, re.M) or out.splitlines()[-1:]
-            reasons[f"case {i} ({test}): {(lines or ['?'])[0].strip()[:140]}"] += 1
-    return passed, failed, reasons
+        tally.add(f"metrics case {i} ({test}, {edit}, {' '.join(flags) or 'no flags'})",
+                  f"case {i} ({test})", ok, out, r"^\w*(?:Error|Exception)\b.*$")
+    return tally.counts()
 
 
 def run_vllm_backend(checkout: Path, python_backend: Path | None, ci: Path, work: Path,
@@ -353,6 +362,76 @@ def run_vllm_backend(checkout: Path, python_backend: Path | None, ci: Path, work
     return passed, failed, reasons
 
 
+def run_request_cancellation(checkout: Path, ci: Path, work: Path, opt: Path
+                             ) -> tuple[int, int, collections.Counter]:
+    """ci/L0_backend_vllm/request_cancellation as its test.sh runs it: their sample folder as
+    vllm_opt, tritonserver with --log-verbose=1 logging to ./request_cancellation_server.log
+    in the test's folder; the test cancels a 1,500-token non-streaming request after a second
+    and looks for vllm_backend's two log lines of the abort."""
+    folder = ci / "L0_backend_vllm" / "request_cancellation"
+    theirs = _their_model_folder(checkout, work / "rc-theirs" / "vllm_opt", opt)
+    repo = work / "rc-repo"
+    if generator(["build", str(theirs), "-o", str(repo), "--kind", "cpu",
+                  "--max-model-len", "2048"]) != 0:
+        raise SystemExit("generator build of their vllm_opt (request_cancellation) failed")
+    _wait_for_ports()
+    with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002,
+                      startup_timeout=600, log_verbose=1,
+                      log_file=folder / "request_cancellation_server.log"):
+        done = subprocess.run([sys.executable, "request_cancellation_test.py", "-v"],
+                              cwd=folder, capture_output=True, text=True, check=False)
+    return _unittest_counts(done.stdout + done.stderr)
+
+
+# ci/L0_check_health_vllm/test.sh, case by case: (ENABLE_VLLM_HEALTH_CHECK appended to their
+# config.pbtxt or None, the test it runs). Its three cases with vLLM's check_health() mocked
+# to fail are left out: the mock patches vLLM's own source (see README's compatibility notes).
+_HEALTH = '\nparameters: {\n  key: "ENABLE_VLLM_HEALTH_CHECK"\n  value: { string_value: "%s" }\n}\n'
+HEALTH_CASES = ((None, "test_vllm_is_healthy"), ("false", "test_vllm_is_healthy"),
+                ("true", "test_vllm_is_healthy"))
+
+
+def run_check_health(checkout: Path, ci: Path, work: Path, opt: Path
+                     ) -> tuple[int, int, collections.Counter]:
+    """ci/L0_check_health_vllm's unmocked cases, each on a server of its own in explicit
+    model control with --load-model=* as their test.sh starts it."""
+    folder = ci / "L0_check_health_vllm"
+    tally = _Tally()
+    for i, (enable, test) in enumerate(HEALTH_CASES):
+        theirs = _their_model_folder(checkout, work / f"health-{i}" / "vllm_opt", opt)
+        if enable is not None:
+            with open(theirs / "config.pbtxt", "a") as config:
+                config.write(_HEALTH % enable)
+        repo = work / f"health-{i}" / "repo"
+        if generator(["build", str(theirs), "-o", str(repo), "--kind", "cpu",
+                      "--max-model-len", "1024"]) != 0:
+            tally.add(f"check_health case {i}", f"case {i} ({test})", False,
+                      "generator build failed")
+            continue
+        _wait_for_ports()
+        with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002,
+                          model_control_mode="explicit", extra_args=("--load-model=*",),
+                          startup_timeout=600):
+            done = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
+                 "addopts=", f"check_health_test.py::TestCheckHealth::{test}"],
+                cwd=folder, capture_output=True, text=True, check=False)
+        out = done.stdout + done.stderr
+        ok = done.returncode == 0 and re.search(r"\b1 passed\b", out) is not None
+        tally.add(f"check_health case {i} (ENABLE_VLLM_HEALTH_CHECK={enable}, {test})",
+                  f"case {i} ({test})", ok, out, r"^E\s+.*$")
+    return tally.counts()
+
+
+def _unittest_counts(out: str) -> tuple[int, int, collections.Counter]:
+    """A unittest -v run's passes, failures and their distinct error lines."""
+    passed = len(re.findall(r" \.\.\. ok$", out, re.M))
+    failures = re.findall(r"^(?:FAIL|ERROR): (\S+)", out, re.M)
+    reasons = collections.Counter(
+        line.strip()[:160] for line in re.findall(r"^\w*(?:Error|Exception)\b.*$", out, re.M))
+    return passed, len(failures), reasons
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -392,7 +471,13 @@ def main(argv: list[str] | None = None) -> int:
         if "vllm_backend" in suites:  # servers of its own, in explicit model control
             results["vllm_backend"] = run_vllm_backend(args.vllm_backend, args.python_backend,
                                                        ci, work, opt)
-        shared = [s for s in suites if s not in ("metrics", "vllm_backend")]
+        if "request_cancellation" in suites:  # its server logs verbosely to its folder
+            results["request_cancellation"] = run_request_cancellation(
+                args.vllm_backend, ci, work, opt)
+        if "check_health" in suites:  # a server per case, explicit model control
+            results["check_health"] = run_check_health(args.vllm_backend, ci, work, opt)
+        own_servers = ("metrics", "vllm_backend", "request_cancellation", "check_health")
+        shared = [s for s in suites if s not in own_servers]
         if shared:
             _wait_for_ports()
         with TritonServer(repo, http_port=8000, grpc_port=8001, metrics_port=8002,
