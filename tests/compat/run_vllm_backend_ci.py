@@ -14,7 +14,13 @@ What runs (files copied from the given checkout at run time, never kept in this 
   the edited folder and served alone;
 - ci/L0_backend_vllm/vllm_backend/vllm_backend_test.py (6 tests) with the repository its
   test.sh makes (their model folders built by `generator build`, python_backend's add_sub
-  from --python-backend, their ensemble over vllm_opt), and its multi-model load step.
+  from --python-backend, their ensemble over vllm_opt), and its multi-model load step;
+- ci/L0_backend_vllm/request_cancellation (a 1,500-token request cancelled after 1 s; it
+  greps the server log for vllm_backend's two abort lines);
+- ci/L0_check_health_vllm, its three cases with vLLM unmocked (ENABLE_VLLM_HEALTH_CHECK
+  absent, "false", "true"). Its three mocked cases patch vLLM's own check_health(); the one
+  that expects a failure has no equivalent here (our engine step checks the engine's health
+  on every request whatever the parameter, and a dead engine unloads the model).
 Their model names (`vllm_opt`; `vllm_model` for the sample) and address (localhost:8001) are
 theirs, and tritonserver listens on 8000-8002, which must be free. The models differ, as
 they must offline: `vllm_model` is SmolLM2-135M-Instruct (the bundled example, real
@@ -34,6 +40,7 @@ Last runs (2026-12-07, CPU, vllm_backend main, the full grid): additional output
 (their invalid folders refused at build, so their load fails as the tests want; their ensemble
 over our vllm_opt, itself an ensemble, loads and runs); metrics_test 6 of 6 cases
 (test_vllm_metrics with its prompt-token count changed to our tokenizer's, 15 for 18);
+request_cancellation 1 of 1; check_health 3 of 3 (unmocked cases);
 enabled_stream 2 of 3: the one left expects the exact text of vllm_backend's refusal of a
 stream that asks for the prompt, and Triton prefixes any error of an ensemble step with
 "in ensemble 'vllm_opt', " (the rest of the text is theirs).
