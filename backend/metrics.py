@@ -15,9 +15,13 @@ see `metric_labels`):
               or not yet admitted), vllm:kv_cache_usage_perc (fraction of KV blocks held by
               requests; 1 means 100%; cached free prefix blocks do not count)
 
-Every metric call is a round trip to the Triton process (~10 us, more under load), so the
-engine thread only queues events; one thread applies them (a counter's queued increments as
-one call) and refreshes the gauges from engine stats every `interval` seconds. If the
+  ours        tritonforge:metrics_dropped_observations_total: histogram observations
+              dropped because reporting fell behind (backend/metric_events.py)
+
+Every metric call is a round trip to the Triton process (~50 us here, up to a GIL switch
+interval in a busy stub), so the engine thread only queues events; one thread applies them
+(backend/metric_events.py: counters summed and first, observations from a bounded backlog)
+and refreshes the gauges from engine stats every `interval` seconds. If the
 server runs with metrics off, or the model's config sets the parameter
 REPORT_CUSTOM_METRICS to anything but "true" (vllm_backend's switch; our generator renders
 "true"), every call is a no-op.
@@ -26,14 +30,12 @@ REPORT_CUSTOM_METRICS to anything but "true" (vllm_backend's switch; our generat
 from __future__ import annotations
 
 import os
-import queue
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
+from tritonforge.backend.metric_events import MetricEvents
 from tritonforge.backend.triton_io import log_exception, log_info, log_warning
 
 # vLLM's buckets (vllm/engine/metrics.py), as vllm_backend uses them.
@@ -105,15 +107,13 @@ class GenerateMetrics:
                  max_model_len: int, interval: float = 0.25, enabled: bool = True) -> None:
         self._gauges = gauges
         self._max_model_len = max_model_len
-        self._interval = interval
-        self._events: queue.SimpleQueue[tuple[str, str, float] | None] = queue.SimpleQueue()
         self._families: dict[str, Any] = {}
         self._metrics: dict[str, Any] = {}
         self._preemptions = 0
+        self._events: MetricEvents | None = None
         if not enabled:
             log_info(f"{REPORT_SWITCH} is not \"true\" in the model config: the vllm:* "
                      "metrics are not reported")
-            self._thread = None
             return
         try:
             self._create(labels)
@@ -122,11 +122,9 @@ class GenerateMetrics:
                 raise
             log_info("Triton runs with metrics off; the generate metrics are not reported")
             self._metrics.clear()
-        self._thread: threading.Thread | None = None
         if self._metrics:
-            self._thread = threading.Thread(target=self._loop, name="tritonforge-metrics",
-                                            daemon=True)
-            self._thread.start()
+            self._events = MetricEvents(self._apply, self._refresh_gauges, interval,
+                                        dropped_key="dropped")
 
     def _create(self, labels: dict[str, str]) -> None:
         kinds = pb_utils.MetricFamily
@@ -158,6 +156,9 @@ class GenerateMetrics:
              kinds.GAUGE, None),
             ("kv_usage", "vllm:kv_cache_usage_perc",
              "KV-cache usage. 1 means 100 percent usage.", kinds.GAUGE, None),
+            ("dropped", "tritonforge:metrics_dropped_observations_total",
+             "Histogram observations dropped because metric reporting fell behind.",
+             kinds.COUNTER, None),
         ]
         for key, name, description, kind, buckets in specs:
             family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
@@ -167,8 +168,8 @@ class GenerateMetrics:
 
     # ---- events (any thread; cheap) ------------------------------------------------------
     def _put(self, key: str, op: str, value: float) -> None:
-        if self._thread is not None:  # off: nothing would read the queue, so nothing goes in
-            self._events.put((key, op, value))
+        if self._events is not None:  # off: nothing would read the queue, so nothing goes in
+            self._events.put(key, op, value)
 
     def add_tokens(self, prompt: int = 0, generation: int = 0) -> None:
         if prompt:
@@ -192,48 +193,7 @@ class GenerateMetrics:
             self._put("request_generation_tokens", "observe", float(count))
         self._put("request_params_n", "observe", float(len(generation_tokens)))
 
-    # ---- the reporting thread ------------------------------------------------------------
-    def _loop(self) -> None:
-        # Gauges are refreshed every `interval` even while events keep arriving.
-        next_refresh = time.monotonic()
-        while True:
-            try:
-                event = self._events.get(timeout=max(0.0, next_refresh - time.monotonic()))
-            except queue.Empty:
-                event = ()
-            if event is None:
-                return
-            if event and not self._apply_batch(event):
-                return
-            if time.monotonic() >= next_refresh:
-                self._refresh_gauges()
-                next_refresh = time.monotonic() + self._interval
-
-    def _apply_batch(self, first: tuple[str, str, float]) -> bool:
-        """Applies `first` and every event already queued behind it, with the increments of
-        one counter summed into one call. Why: increment() holds the GIL for its round trip
-        to Triton (observe() releases it), so one call per token would stall the engine
-        thread. False when the stop marker was among them (after applying the rest)."""
-        events, stop = [first], False
-        while len(events) < 100_000:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                break
-            if event is None:
-                stop = True
-                break
-            events.append(event)
-        sums: dict[str, float] = {}
-        for key, op, value in events:
-            if op == "increment":
-                sums[key] = sums.get(key, 0.0) + value
-            else:
-                self._apply(key, op, value)
-        for key, value in sums.items():
-            self._apply(key, "increment", value)
-        return not stop
-
+    # ---- the reporting thread (MetricEvents calls these) --------------------------------
     def _apply(self, key: str, op: str, value: float) -> None:
         try:
             getattr(self._metrics[key], op)(value)
@@ -257,14 +217,12 @@ class GenerateMetrics:
     def close(self) -> None:
         """Reports what is queued, stops the thread, and deletes the metrics before their
         families (the Python backend requires that order)."""
-        if self._thread is not None:
-            self._events.put(None)
-            self._thread.join(timeout=10)
-            if self._thread.is_alive():
+        if self._events is not None:
+            if not self._events.close(timeout=10):
                 # Deleting metrics the thread may still be calling into would break the
                 # backend's rule (no metric call after its delete); the process ends soon.
                 log_exception("the metrics thread did not stop; its metrics are left as they are")
                 return
-            self._thread = None
+            self._events = None
         self._metrics.clear()
         self._families.clear()
