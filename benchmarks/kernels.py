@@ -440,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="no sweeps, no flex_attention")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time")
+    parser.add_argument("--only", default="",
+                        help="comma-separated section names to run (default: all)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.kernels needs a CUDA GPU", file=sys.stderr)
@@ -477,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if not args.quick:
         sections.append(("flex_attention", lambda: bench_flex_attention(bench)))
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {name for name, _ in sections}
+        if unknown:
+            parser.error(f"--only: unknown section(s) {sorted(unknown)}; "
+                         f"allowed: {[name for name, _ in sections]}")
+        sections = [(name, section) for name, section in sections if name in wanted]
     for name, section in sections:
         try:
             section()

@@ -145,4 +145,9 @@ def run_triton(spec: dict[str, Any], workdir: Path, progress: Progress) -> dict[
         finally:
             client.close(cancel=abandoned)
             result["python_orphan_responses"] = client.orphan_responses
+            # Issue 26: a run under load must leave the same server process, uncrashed.
+            marks = server.crash_marks()
+            result["server_health"] = {
+                "pid": server.pid, "alive_at_end": server.running, "exit_code": server.exit_code,
+                "crash_marks": marks, "log_tail": server.log_text()[-3000:] if marks else None}
         return result

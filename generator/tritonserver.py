@@ -53,6 +53,8 @@ NOT_FOUND_HELP = (
 )
 
 # Lines in Triton's log that carry the reason a model did not load.
+# What tritonserver (or its C++ runtime) prints when the process dies of a signal or an abort.
+CRASH_MARKS = ("Signal (", "Segmentation fault", "Aborted", "core dumped", "terminate called")
 _LOAD_FAILURE_RES = (
     re.compile(r"failed to load '(?P<model>[^']+)' version \d+: (?P<reason>.+)$"),
     # The model table Triton prints at startup: | name | version | UNAVAILABLE: reason |
@@ -405,6 +407,11 @@ class TritonServer:
         if self.log_file is None or not Path(self.log_file).exists():
             return ""
         return Path(self.log_file).read_text(errors="replace")
+
+    def crash_marks(self) -> list[str]:
+        """The signs of a crashed server process in its log (a signal, an abort), if any."""
+        log = self.log_text()
+        return [mark for mark in CRASH_MARKS if mark in log]
 
     def load_failure(self, model: str | None = None) -> str | None:
         """Triton's reason, from the log, for the last model (or `model`) that failed."""

@@ -268,6 +268,8 @@ def test_triton_and_engine_alone_compare_on_the_same_pools(
     record = json.loads(out.read_text())
     results = record["results"]
     assert results["complete"] and "error" not in results["triton"]
+    health = results["triton"]["server_health"]  # the same server, uncrashed, at the end
+    assert health["alive_at_end"] and health["pid"] > 0 and health["crash_marks"] == []
     pa = results["triton"]["perf_analyzer"]
     assert pa["status"] == "skipped" and "--perf-analyzer" in pa["reason"]
     _check_rows(results["triton"]["python"]["levels"], [("fixed", 1), ("mix", 3)], 8)
