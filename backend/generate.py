@@ -390,8 +390,10 @@ class TritonPythonModel:
             self.metrics.observe_finished(len(output.prompt_token_ids),
                                           [len(c.token_ids) for c in output.outputs])
 
-    def _send(self, s: _Stream, response: Any, final: bool) -> None:
-        cancelled = failed = False
+    def _send(self, s: _Stream, response: Any, final: bool, cancelled: bool = False) -> None:
+        """Sends `response` (FINAL if `final`) unless the stream is done; `cancelled`: the
+        caller already saw the client cancel (the poller), so no second check is made."""
+        failed = False
         with s.lock:
             if s.done:
                 return
@@ -402,7 +404,7 @@ class TritonPythonModel:
             # stream whose client can cancel it (a direct caller of this step) is asked
             # first, and a cancelled one gets its FINAL flag alone. Inside the ensemble the
             # flag never turns (the responses step checks there), so no round trip is spent.
-            if not s.keepalive:
+            if not s.keepalive and not cancelled:
                 try:
                     cancelled = sender.is_cancelled()
                 except Exception:  # noqa: BLE001
@@ -455,7 +457,8 @@ class TritonPythonModel:
                     continue
                 s.checked_at = now
                 if self._client_cancelled(s):
-                    self._cancel(s)  # outside the lock: _send takes it
+                    # FINAL alone, then the logged abort (outside the lock: _send takes it).
+                    self._send(s, None, final=True, cancelled=True)
 
     def _keepalive_response(self, s: _Stream) -> Any:
         return pb_utils.InferenceResponse(output_tensors=[text_tensor("request_ref", [s.ref])])

@@ -52,9 +52,9 @@ NOT_FOUND_HELP = (
     "or set TRITONSERVER=/path/to/tritonserver"
 )
 
-# Lines in Triton's log that carry the reason a model did not load.
 # What tritonserver (or its C++ runtime) prints when the process dies of a signal or an abort.
 CRASH_MARKS = ("Signal (", "Segmentation fault", "Aborted", "core dumped", "terminate called")
+# Lines in Triton's log that carry the reason a model did not load.
 _LOAD_FAILURE_RES = (
     re.compile(r"failed to load '(?P<model>[^']+)' version \d+: (?P<reason>.+)$"),
     # The model table Triton prints at startup: | name | version | UNAVAILABLE: reason |
