@@ -54,6 +54,9 @@ class EngineConfig:
     # "dummy": random weights of the right shapes instead of the checkpoint's, for benchmarks
     # of models whose weights are too large to write (vLLM's --load-format dummy).
     load_format: str = "auto"
+    # Ranks of one tensor-parallel group (engine/tensor_parallel.py): this process is rank 0
+    # and starts the others; each holds 1/N of every split layer (one GPU each on CUDA).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         def one_of(field: str, allowed: tuple[str, ...]) -> None:
@@ -84,6 +87,7 @@ class EngineConfig:
         positive_int("num_kv_blocks", optional=True)
         positive_int("max_num_seqs")
         positive_int("max_num_batched_tokens", optional=True)
+        positive_int("tensor_parallel_size")
         if not _is_int(self.block_size) or self.block_size < 16 or self.block_size % 16:
             raise ValueError(
                 f"block_size must be a positive multiple of 16; got {self.block_size!r}"
