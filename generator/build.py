@@ -12,8 +12,10 @@ Invariants: the models appear in the repository complete or not at all (everythi
 staged in a hidden folder inside the repository and renamed into place last); an existing
 model is replaced only with `force`; all checks that need no download run before any,
 including those the engine would otherwise make only at load: --max-model-len within the
-model's position table, and --kind gpu only where there is an NVIDIA GPU (unless
-`device_check` is off: a build on a laptop for a GPU cluster).
+model's position table, and --kind gpu only where there is an NVIDIA GPU, as many as
+--tensor-parallel-size (unless `device_check` is off: a build on a laptop for a GPU cluster;
+see generator/placement.py). Builds with --tensor-parallel-size 1 write exactly what they
+wrote before tensor parallelism existed (engine.json records the size only when > 1).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tritonforge.generator import model_source
 from tritonforge.generator.architectures import TASKS, unsupported_reason
 from tritonforge.generator.errors import UserError
 from tritonforge.generator.model_info import DTYPES, PADDED_POSITION_TYPES, ModelInfo, describe
+from tritonforge.generator.placement import KINDS, check_devices, instance_kind
 from tritonforge.generator.render import (
     existing_models,
     move_models,
@@ -39,7 +42,6 @@ from tritonforge.generator.render import (
 
 from tritonforge import __version__
 
-KINDS = ("auto", "gpu", "cpu")
 MODEL_IMPLS = ("auto", "native", "transformers")
 POOLING_BATCH = 64  # dynamic batching of embed / classify: max_batch_size
 POOLING_QUEUE_DELAY_US = 2000
@@ -59,6 +61,8 @@ class BuildOptions:
     gpu_memory_utilization: float | None = None
     max_num_seqs: int | None = None
     instance_count: int = 1
+    # Devices one engine spans (generator/placement.py); N > 1: one KIND_MODEL instance on GPUs.
+    tensor_parallel_size: int = 1
     tokenizer_instances: int = 1  # CPU tokenizer step instances (each a stub process)
     kind: str = "auto"
     model_impl: str = "auto"
@@ -86,9 +90,15 @@ class BuildOptions:
         for flag, value in (("max-model-len", self.max_model_len),
                             ("max-num-seqs", self.max_num_seqs),
                             ("instance-count", self.instance_count),
-                            ("tokenizer-instances", self.tokenizer_instances)):
+                            ("tokenizer-instances", self.tokenizer_instances),
+                            ("tensor-parallel-size", self.tensor_parallel_size)):
             if value is not None and value < 1:
                 raise ValueError(f"--{flag} must be an integer >= 1, got {value}")
+        if self.tensor_parallel_size > 1 and self.instance_count > 1:
+            raise ValueError(
+                f"--instance-count {self.instance_count} conflicts with --tensor-parallel-size "
+                f"{self.tensor_parallel_size}: each instance would start a tensor-parallel group "
+                "of its own on the same devices; leave --instance-count at 1")
         gmu = self.gpu_memory_utilization
         if gmu is not None and not 0.0 < gmu <= 1.0:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {gmu}")
@@ -137,10 +147,7 @@ def build_model(opts: BuildOptions) -> BuildResult:
         raise UserError(unsupported_reason(info.architecture, task, info.model_kind))
     _check_model_impl(opts.model_impl, info, task)
     _check_max_model_len(opts.max_model_len, info)
-    if opts.kind == "gpu" and opts.device_check and not gpu_present():
-        raise UserError("--kind gpu: this machine has no NVIDIA GPU (no nvidia-smi, no "
-                        "/dev/nvidia*), so the engine step would fail to load here; building "
-                        "for another machine? pass --no-device-check")
+    check_devices(opts.kind, opts.tensor_parallel_size, opts.device_check)
     if info.auto_map and not opts.trust_remote_code:
         raise UserError(f"{opts.model!r} asks for remote code (auto_map in config.json); "
                         "review it and pass --trust-remote-code")
@@ -171,20 +178,6 @@ def build_model(opts: BuildOptions) -> BuildResult:
         raise
     shutil.rmtree(staging, ignore_errors=True)
     return BuildResult(name, task, target, info, settings)
-
-
-def gpu_present() -> bool:
-    """Whether this machine has an NVIDIA GPU the driver exposes: nvidia-smi on PATH or a
-    /dev/nvidia0.. device node (containers get the nodes from the NVIDIA runtime, not always
-    nvidia-smi). The generator never imports torch to find out."""
-    return bool(shutil.which("nvidia-smi") or any(Path("/dev").glob("nvidia[0-9]*")))
-
-
-def instance_kind(kind: str) -> str:
-    """'KIND_GPU' / 'KIND_CPU' for --kind gpu|cpu|auto (auto: a GPU when gpu_present())."""
-    if kind == "auto":
-        kind = "gpu" if gpu_present() else "cpu"
-    return {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}[kind]
 
 
 def _default_name(model: str) -> str:
@@ -240,7 +233,7 @@ def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo,
         "dtype": opts.dtype,
         "max_model_len": opts.max_model_len,
         "instance_count": opts.instance_count,
-        "instance_kind": instance_kind(opts.kind),
+        "instance_kind": instance_kind(opts.kind, opts.tensor_parallel_size),
         "tokenizer_instance_count": opts.tokenizer_instances,
         "model_impl": opts.model_impl,
         "trust_remote_code": opts.trust_remote_code,
@@ -250,6 +243,8 @@ def _settings(opts: BuildOptions, ref: model_source.ModelRef, info: ModelInfo,
     if not ref.is_local and not opts.download:
         engine.update(hub=ref.hub, revision=opts.revision)
     engine["model_impl"] = opts.model_impl
+    if opts.tensor_parallel_size > 1:
+        engine["tensor_parallel_size"] = opts.tensor_parallel_size
     engine.update(opts.engine_settings)
     if task == "generate":
         settings["gpu_memory_utilization"] = opts.gpu_memory_utilization

@@ -24,6 +24,7 @@ EPILOG = """examples:
   generator build qwen/Qwen3-0.6B --hub modelscope --max-model-len 4096
   generator build Qwen/Qwen3-0.6B --force                replace the existing model
   generator build Qwen/Qwen3-0.6B --kind gpu --no-device-check   on a laptop, for a GPU node
+  generator build Qwen/Qwen3-32B --tensor-parallel-size 4   one engine over 4 GPUs
   generator build ./vllm_repo/vllm_model                 a vllm_backend model folder: its
                                                          model.json, under its name
 
@@ -61,6 +62,10 @@ def add_build_arguments(parser: argparse.ArgumentParser, output_default: Path | 
                         help="max sequences per engine step (generate only)")
     parser.add_argument("--instance-count", type=int, default=1,
                         help="engine step instances (default: 1)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="devices one engine spans (default: 1); N > 1 on GPUs: one "
+                             "engine-step instance of kind KIND_MODEL whose rank 0 starts the "
+                             "other ranks on cuda:0..N-1 (with --kind cpu: N CPU processes)")
     parser.add_argument("--tokenizer-instances", type=int, default=1,
                         help="CPU tokenizer step instances (default: 1)")
     parser.add_argument("--kind", choices=KINDS, default="auto",
@@ -68,8 +73,9 @@ def add_build_arguments(parser: argparse.ArgumentParser, output_default: Path | 
                              "else cpu); gpu on a machine without one is an error unless "
                              "--no-device-check")
     parser.add_argument("--no-device-check", action="store_true",
-                        help="allow --kind gpu on a machine without a GPU: the repository is "
-                             "for another machine (a GPU node, a cluster)")
+                        help="allow --kind gpu on a machine without a GPU (or with fewer than "
+                             "--tensor-parallel-size): the repository is for another machine (a "
+                             "GPU node, a cluster)")
     parser.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto")
     parser.add_argument("--download", action="store_true",
                         help="copy the weights into <output>/<name>/weights (air-gapped use)")
@@ -83,6 +89,7 @@ def options(args: argparse.Namespace, output: Path) -> BuildOptions:
         model=args.model, output=output, task=args.task, name=args.name, dtype=args.dtype,
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, instance_count=args.instance_count,
+        tensor_parallel_size=args.tensor_parallel_size,
         tokenizer_instances=args.tokenizer_instances, kind=args.kind,
         model_impl=args.model_impl, revision=args.revision,
         hub=args.hub or model_source.default_hub(),
@@ -92,7 +99,7 @@ def options(args: argparse.Namespace, output: Path) -> BuildOptions:
         # A vllm_backend model folder: its model.json fills what the command line left at
         # the default; the folder's name stays the model's name.
         vllm = read_vllm_model(Path(args.model))
-        defaults = {"dtype": "auto", "trust_remote_code": False}
+        defaults = {"dtype": "auto", "trust_remote_code": False, "tensor_parallel_size": 1}
         for key, value in vllm.build.items():
             if key == "gpu_memory_utilization" and fields.get("kind") == "cpu":
                 continue  # a share of GPU memory: an instance built --kind cpu uses none

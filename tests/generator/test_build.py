@@ -111,6 +111,92 @@ def test_build_writes_the_engine_settings_into_engine_json(tmp_path, tiny):
     assert group.count == 3 and group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
 
 
+# ---- tensor parallelism -------------------------------------------------------------------------
+KIND = model_config_pb2.ModelInstanceGroup
+
+
+def engine_group(repo: Path, name: str) -> tuple[int, int]:
+    """(count, kind) of the engine step's one instance group."""
+    (group,) = parse_config(repo / f"{name}_engine").instance_group
+    return group.count, group.kind
+
+
+@pytest.mark.parametrize("task", list(TINY))
+def test_a_tensor_parallel_gpu_build_is_one_kind_model_instance_recording_the_size(
+        tmp_path, tiny, task):
+    # The engine's rank 0 starts the other ranks on cuda:0..N-1: Triton must pin no device.
+    repo = tmp_path / "repo"
+    assert generator("build", tiny[task], "-o", repo, "--name", "m", "--kind", "gpu",
+                     "--no-device-check", "--tensor-parallel-size", 2) == 0
+    settings = engine_settings(repo, "m")
+    assert settings["engine"]["tensor_parallel_size"] == 2
+    assert settings["instance_kind"] == "KIND_MODEL"
+    assert engine_group(repo, "m") == (1, KIND.KIND_MODEL)
+
+
+@pytest.mark.parametrize("task", list(TINY))
+def test_a_tensor_parallel_cpu_build_stays_one_kind_cpu_instance(tmp_path, tiny, task):
+    repo = tmp_path / "repo"
+    assert generator("build", tiny[task], "-o", repo, "--name", "m", "--kind", "cpu",
+                     "--tensor-parallel-size", 2) == 0
+    assert engine_settings(repo, "m")["engine"]["tensor_parallel_size"] == 2
+    assert engine_group(repo, "m") == (1, KIND.KIND_CPU)
+
+
+@pytest.mark.parametrize("kind", ["gpu", "cpu"])
+def test_tensor_parallel_size_one_writes_the_files_of_a_build_without_the_flag(tmp_path, tiny,
+                                                                              kind):
+    built = []
+    for repo, extra in ((tmp_path / "plain", []), (tmp_path / "tp1", ["--tensor-parallel-size",
+                                                                      1])):
+        assert generator("build", tiny["generate"], "-o", repo, "--name", "m", "--kind", kind,
+                         "--no-device-check", *extra) == 0
+        built.append(normalized_files(repo, tiny["generate"]))
+    assert built[0] == built[1]
+    assert "tensor_parallel_size" not in engine_settings(tmp_path / "tp1", "m")["engine"]
+
+
+@pytest.fixture
+def one_gpu_here(tmp_path, monkeypatch) -> None:
+    """An nvidia-smi on PATH that lists one GPU, as on a one-GPU host."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_more_tensor_parallel_ranks_than_local_gpus_is_refused(tmp_path, tiny, capsys,
+                                                               one_gpu_here):
+    repo = tmp_path / "repo"
+    assert generator("build", tiny["generate"], "-o", repo, "--kind", "gpu",
+                     "--tensor-parallel-size", 2) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tensor-parallel-size 2 needs 2 GPUs" in err
+    assert "shows 1 (nvidia-smi -L)" in err and "--no-device-check" in err
+    assert not repo.exists()
+    # auto resolves to this machine's GPU: the same check.
+    assert generator("build", tiny["generate"], "-o", repo, "--tensor-parallel-size", 2) == 1
+    assert "needs 2 GPUs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--kind", "gpu", "--no-device-check"], ["--kind", "cpu"]])
+def test_the_gpu_count_check_is_skipped_off_device_or_for_cpu(tmp_path, tiny, one_gpu_here,
+                                                              extra):
+    assert generator("build", tiny["generate"], "-o", tmp_path / "repo", "--name", "m",
+                     "--tensor-parallel-size", 2, *extra) == 0
+
+
+def test_a_non_integer_tensor_parallel_size_names_the_flag(tmp_path, tiny, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        generator("build", tiny["generate"], "-o", tmp_path / "repo",
+                  "--tensor-parallel-size", "x")
+    assert exit_.value.code == 2
+    assert "argument --tensor-parallel-size: invalid int value: 'x'" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
 def test_classify_writes_id2label_as_the_label_file(tmp_path, tiny):
     repo = tmp_path / "repo"
     assert generator("build", tiny["classify"], "-o", repo, "--name", "c", "--kind", "cpu") == 0
@@ -228,6 +314,14 @@ BAD_INPUTS = {
     "zero instances": (lambda t, e: [t["embed"], "--instance-count", "0"], ">= 1"),
     "zero tokenizer instances": (lambda t, e: [t["embed"], "--tokenizer-instances", "0"],
                                  "--tokenizer-instances must be an integer >= 1"),
+    "zero tensor-parallel ranks": (lambda t, e: [t["embed"], "--tensor-parallel-size", "0"],
+                                   "--tensor-parallel-size must be an integer >= 1, got 0"),
+    "negative tensor-parallel ranks": (
+        lambda t, e: [t["generate"], "--tensor-parallel-size", "-1"],
+        "--tensor-parallel-size must be an integer >= 1, got -1"),
+    "instances with tensor parallelism": (
+        lambda t, e: [t["generate"], "--tensor-parallel-size", "2", "--instance-count", "2"],
+        "each instance would start a tensor-parallel group of its own"),
     "unknown hub id": (lambda t, e: ["nobody/nothing"], "unknown model id"),
     "no network": (lambda t, e: ["org/model"], "no network"),
 }
