@@ -9,10 +9,12 @@ Users moving from Triton's vLLM backend have model folders like
 clients keep calling what they called. model.json holds vLLM engine arguments; each key
 either has an equivalent here (a build option, an engine setting written into engine.json,
 or the metrics switch: disable_log_stats turns the vllm:* metrics off there and here), only
-switches vLLM's request logging, or holds the one value we support (one GPU, no
-LoRA, no quantization). Any other key fails the build naming it: a setting silently dropped
-would change what the model does. The vllm:* metrics follow vllm_backend's rule: on only when
-config.pbtxt's parameter REPORT_CUSTOM_METRICS is "true" and disable_log_stats is not.
+switches vLLM's request logging, or holds the one value we support (one pipeline stage, no
+LoRA, no quantization); tensor_parallel_size is our --tensor-parallel-size (on GPUs one
+KIND_MODEL instance, the kind vllm_backend's folders use). Any other key fails the build
+naming it: a setting silently dropped would change what the model does. The vllm:*
+metrics follow vllm_backend's rule: on only when config.pbtxt's parameter
+REPORT_CUSTOM_METRICS is "true" and disable_log_stats is not.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from tritonforge.generator.errors import UserError
 
 # model.json key -> BuildOptions field (the same names as our flags).
 BUILD_KEYS = ("model", "dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs",
-              "trust_remote_code", "revision")
+              "trust_remote_code", "revision", "tensor_parallel_size")
 # model.json key -> the engine setting of that name in engine.json (EngineConfig), with the
 # JSON type it must have.
 ENGINE_KEYS: dict[str, tuple[type, ...]] = {
     "tokenizer": (str,), "enforce_eager": (bool,), "enable_prefix_caching": (bool,),
     "block_size": (int,), "max_num_batched_tokens": (int,), "seed": (int,)}
+# Keys whose JSON type is checked here (engine keys, and build keys the options compare).
+TYPES = {**ENGINE_KEYS, "tensor_parallel_size": (int,)}
+# Integer keys that must be >= 1.
+POSITIVE = ("block_size", "max_num_batched_tokens", "tensor_parallel_size")
 # vLLM's switch of its request logging: accepted, nothing to do here.
 NO_EFFECT = ("disable_log_requests",)
 # vllm_backend reports its vllm:* metrics only when config.pbtxt sets the parameter
@@ -42,8 +48,8 @@ _METRICS_PARAMETER = re.compile(
     r'key\s*:\s*"REPORT_CUSTOM_METRICS"\s*value\s*:?\s*\{\s*string_value\s*:\s*"([^"]*)"',
     re.S)
 # Keys accepted only at the value we support.
-ONLY = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "kv_cache_dtype": "auto",
-        "quantization": None, "enable_lora": False}
+ONLY = {"pipeline_parallel_size": 1, "kv_cache_dtype": "auto", "quantization": None,
+        "enable_lora": False}
 DTYPES = {"auto": "auto", "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
           "float32": "float32", "float": "float32"}
 SUPPORTED = (*BUILD_KEYS, *ENGINE_KEYS, METRICS_KEY, *NO_EFFECT, *ONLY)
@@ -93,7 +99,11 @@ def read_vllm_model(path: Path) -> VllmModel:
         if key in data and data[key] != only:
             raise UserError(f"{found}: {key} must be {json.dumps(only)} here (got "
                             f"{json.dumps(data[key])}): "
-                            + ("one GPU per model" if "parallel" in key else "not supported"))
+                            + ("one pipeline stage per model" if key == "pipeline_parallel_size"
+                               else "not supported"))
+    for key, types in TYPES.items():
+        if key in data and data[key] is not None:
+            _check_type(found, key, data[key], types)
     build = {k: data[k] for k in BUILD_KEYS if k in data and data[k] is not None}
     if METRICS_KEY in data and not isinstance(data[METRICS_KEY], bool):
         raise UserError(f"{found}: {METRICS_KEY} must be a JSON boolean, got "
@@ -114,16 +124,15 @@ def read_vllm_model(path: Path) -> VllmModel:
         # taken relative to the model.json that names it, then made absolute.
         candidate = (found.parent / model).resolve()
         build["model"] = str(candidate if candidate.exists() else Path(model).resolve())
-    engine: dict[str, Any] = {}
-    for key, types in ENGINE_KEYS.items():
-        if key not in data or data[key] is None:
-            continue
-        value = data[key]
-        if not isinstance(value, types) or (types == (int,) and isinstance(value, bool)):
-            raise UserError(f"{found}: {key} must be a JSON "
-                            f"{'boolean' if types == (bool,) else types[0].__name__}, "
-                            f"got {json.dumps(value)}")
-        if key in ("block_size", "max_num_batched_tokens") and value < 1:
-            raise UserError(f"{found}: {key} must be >= 1, got {value}")
-        engine[key] = value
+    engine = {k: data[k] for k in ENGINE_KEYS if k in data and data[k] is not None}
     return VllmModel(name=path.resolve().name, build=build, engine=engine)
+
+
+def _check_type(found: Path, key: str, value: Any, types: tuple[type, ...]) -> None:
+    """UserError naming `key` unless `value` has its JSON type (a boolean is no integer)."""
+    if not isinstance(value, types) or (types == (int,) and isinstance(value, bool)):
+        raise UserError(f"{found}: {key} must be a JSON "
+                        f"{'boolean' if types == (bool,) else types[0].__name__}, "
+                        f"got {json.dumps(value)}")
+    if key in POSITIVE and value < 1:
+        raise UserError(f"{found}: {key} must be >= 1, got {value}")

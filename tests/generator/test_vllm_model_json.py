@@ -80,6 +80,25 @@ def test_their_gpu_memory_share_does_not_stop_a_cpu_build(tmp_path, tiny_llama):
                      "--gpu-memory-utilization", "0.5") == 1
 
 
+@pytest.mark.parametrize("kind,placed", [("gpu", "KIND_MODEL"), ("cpu", "KIND_CPU")])
+def test_their_tensor_parallel_size_becomes_the_engines(tmp_path, tiny_llama, kind, placed):
+    # vllm_backend spreads one engine over tensor_parallel_size GPUs; so does ours (one
+    # KIND_MODEL instance whose rank 0 starts the others), or over CPU processes.
+    folder = vllm_folder(tmp_path, "vllm_model", {"model": str(tiny_llama),
+                                                  "tensor_parallel_size": 2})
+    assert generator("build", folder, "-o", tmp_path / "repo", "--kind", kind,
+                     "--no-device-check") == 0
+    settings = json.loads((tmp_path / "repo" / "vllm_model" / "engine.json").read_text())
+    assert settings["engine"]["tensor_parallel_size"] == 2
+    engine_step = (tmp_path / "repo" / "vllm_model_engine" / "config.pbtxt").read_text()
+    assert f"instance_group [ {{ count: 1 kind: {placed} }} ]" in engine_step
+    # The command line wins here too.
+    assert generator("build", folder, "-o", tmp_path / "r2", "--kind", kind,
+                     "--no-device-check", "--tensor-parallel-size", "4") == 0
+    settings = json.loads((tmp_path / "r2" / "vllm_model" / "engine.json").read_text())
+    assert settings["engine"]["tensor_parallel_size"] == 4
+
+
 def test_the_command_line_wins_over_model_json(tmp_path, tiny_llama):
     folder = vllm_folder(tmp_path, "vllm_model", {"model": str(tiny_llama),
                                                   "max_model_len": 256, "dtype": "float"})
@@ -99,7 +118,11 @@ def test_a_relative_model_path_is_read_from_the_model_json_folder(tmp_path, tiny
 
 @pytest.mark.parametrize(("extra", "message"), [
     ({"enable_lora": True}, "enable_lora must be false"),
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size must be 1 here (got 2): one GPU"),
+    ({"pipeline_parallel_size": 2},
+     "pipeline_parallel_size must be 1 here (got 2): one pipeline stage per model"),
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size must be >= 1, got 0"),
+    ({"tensor_parallel_size": "2"}, 'tensor_parallel_size must be a JSON int, got "2"'),
+    ({"tensor_parallel_size": True}, "tensor_parallel_size must be a JSON int, got true"),
     ({"swap_space": 4}, "swap_space have no equivalent here; supported: model, dtype"),
     ({"dtype": "fp8"}, "dtype must be one of auto, float16, half"),
     ({"enforce_eager": "yes"}, 'enforce_eager must be a JSON boolean, got "yes"'),
