@@ -52,6 +52,13 @@ NOT_FOUND_HELP = (
     "or set TRITONSERVER=/path/to/tritonserver"
 )
 
+# NVLink multicast (NVLS) stays off in every process we start on a CUDA host (NCCL's NVLS
+# collectives, torch's symmetric-memory multicast, NVSHMEM's): a program that uses it can put
+# a host's shared GPUs out of service for a day or more. Forced, not defaulted, so an
+# inherited value cannot switch it on; docker/Dockerfile (ENV) and the k8s Deployment
+# (generator/deploy.py) set the same values, and tests check that they agree.
+NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                        "NVSHMEM_DISABLE_NVLS": "1"}
 # What tritonserver (or its C++ runtime) prints when the process dies of a signal or an abort.
 CRASH_MARKS = ("Signal (", "Segmentation fault", "Aborted", "core dumped", "terminate called")
 # Lines in Triton's log that carry the reason a model did not load.
@@ -170,7 +177,8 @@ def _check_port_free(port: int, role: str) -> None:
 
 
 def server_environment(install: ServerInstall, stub_env: Path | None = None) -> dict[str, str]:
-    """The environment tritonserver and its Python-backend stubs need.
+    """The environment tritonserver and its Python-backend stubs need (NVLink multicast off:
+    NVLINK_MULTICAST_OFF).
 
     `stub_env`: a virtual environment for the stubs other than the running one (e.g. one
     whose numpy the stub's BYTES handling tolerates, layered over ours with a .pth file).
@@ -194,6 +202,7 @@ def server_environment(install: ServerInstall, stub_env: Path | None = None) -> 
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # Python-backend stubs must not write bytecode next to rendered model.py files.
     env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    env.update(NVLINK_MULTICAST_OFF)
     return env
 
 

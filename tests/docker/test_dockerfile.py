@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from tritonforge.generator import deploy
+from tritonforge.generator.tritonserver import NVLINK_MULTICAST_OFF
 
 from tests.docker._manifests import DOCKER, ROOT
 
@@ -74,6 +75,9 @@ def test_dockerfile_rules() -> None:
     assert f"MODEL_REPOSITORY={deploy.MODEL_REPOSITORY}" in env
     for role, port in deploy.PORTS.items():
         assert f"TRITON_{role.upper()}_PORT={port}" in env
+    # NVLink multicast off for tritonserver and every process it starts.
+    for name, value in NVLINK_MULTICAST_OFF.items():
+        assert f"{name}={value}" in env.split()
     assert [a for i, a in ins if i == "VOLUME"] == [f'["{deploy.HF_HOME}"]']
     assert [a for i, a in ins if i == "EXPOSE"] == [" ".join(map(str, deploy.PORTS.values()))]
     (user,) = [a for i, a in ins[last:] if i == "USER"]

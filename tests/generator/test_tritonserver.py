@@ -63,6 +63,26 @@ def test_server_environment_points_the_stub_at_this_environment():
     assert "nvidia_pytriton.libs" in env["LD_LIBRARY_PATH"]
 
 
+def test_the_server_child_runs_with_nvlink_multicast_forced_off(tmp_path, monkeypatch):
+    # Forced, whatever the caller's environment says: NVLS can take shared GPUs down.
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    monkeypatch.setenv("NVSHMEM_DISABLE_NVLS", "0")
+    fake = tmp_path / "tritonserver"
+    fake.write_text("#!/bin/sh\nenv\nexit 3\n")  # its stdout goes to the log
+    fake.chmod(0o755)
+    (tmp_path / "repo").mkdir()
+    install = ts.ServerInstall(fake, tmp_path / "backends", source="env")
+    log = tmp_path / "server.log"
+    with pytest.raises(TritonServerError, match="exited with code 3"):
+        ts.TritonServer(tmp_path / "repo", log_file=log, install=install).start()
+    child_env = dict(line.split("=", 1) for line in log.read_text().splitlines() if "=" in line)
+    assert ts.NVLINK_MULTICAST_OFF == {"NCCL_NVLS_ENABLE": "0",
+                                       "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                                       "NVSHMEM_DISABLE_NVLS": "1"}
+    for name, value in ts.NVLINK_MULTICAST_OFF.items():
+        assert child_env[name] == value, name
+
+
 def test_busy_port_is_refused_before_starting(tmp_path):
     with socket.socket() as sock:
         sock.bind(("0.0.0.0", 0))
