@@ -10,6 +10,10 @@ Two ways a pod gets its model repository:
   `generator build` at start (weights land in the HF cache on the PVC);
 - "baked": the repository (built with --download) is copied into the image at /models
   (`FROM tritonforge` + `COPY model_repository /models`); MODEL stays empty.
+
+A repository's engine.json with `tensor_parallel_size` N (in its `engine` settings) asks for N
+GPUs per pod (`nvidia.com/gpu: N`): the engine's ranks take cuda:0..N-1 of the pod's GPUs.
+Every pod runs with NVLink multicast off (tritonserver.NVLINK_MULTICAST_OFF in its env).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import jinja2
 from tritonforge.generator.errors import UserError
 from tritonforge.generator.render import sanitize_model_name
+from tritonforge.generator.tritonserver import NVLINK_MULTICAST_OFF
 
 from tritonforge import __version__
 
@@ -110,8 +115,10 @@ def spec_for_repository(repo: Path, **kw) -> DeploySpec:
     try:
         s = json.loads(models[0].read_text(encoding="utf-8"))
         task, source, hub = s["task"], s["source"], s["hub"]
-    except (ValueError, KeyError) as err:
+        tensor_parallel_size = int(s.get("engine", {}).get("tensor_parallel_size", 1))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{models[0]} is not a generator engine.json ({err})") from None
+    kw["gpus"] = _gpus_for(folder.name, tensor_parallel_size, kw.get("gpus"))
     if s.get("downloaded") or hub == "local":
         if not s.get("downloaded"):
             raise UserError(f"{folder.name} was built from the local folder {source} without "
@@ -128,10 +135,25 @@ def spec_for_repository(repo: Path, **kw) -> DeploySpec:
     for key, flag in flags.items():
         if s.get(key) not in (None, "", "auto"):
             args += [flag, str(s[key])]
+    if tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if s.get("trust_remote_code"):
         args.append("--trust-remote-code")
     return DeploySpec(model_name=folder.name, task=task, model=source, build_args=args,
                       trust_remote_code=bool(s.get("trust_remote_code")), **kw)
+
+
+def _gpus_for(model: str, tensor_parallel_size: int, gpus: int | None) -> int:
+    """GPUs per pod for a model built with `tensor_parallel_size`: that many unless asked
+    otherwise; 0 (a CPU pod) stays allowed, any other count is refused."""
+    if gpus is None:
+        return tensor_parallel_size
+    if gpus not in (0, tensor_parallel_size) and tensor_parallel_size > 1:
+        raise UserError(f"--gpus {gpus}: {model} was built with --tensor-parallel-size "
+                        f"{tensor_parallel_size}, so each pod's engine needs exactly "
+                        f"{tensor_parallel_size} GPUs; pass --gpus {tensor_parallel_size} "
+                        "or leave --gpus out")
+    return gpus
 
 
 def render(spec: DeploySpec) -> dict[str, str]:
@@ -146,6 +168,7 @@ def render(spec: DeploySpec) -> dict[str, str]:
         "startup_failures": STARTUP_FAILURE_THRESHOLD, "version": __version__,
         "metrics": HPA_METRICS[spec.task or "generate"],
         "build_args": " ".join(spec.build_args), "ready_command": json.dumps(READY_COMMAND),
+        "nvlink_multicast_off": NVLINK_MULTICAST_OFF,
     }
     out = {f: env.from_string(TEMPLATES[f]).render(context) for f in FILES}
     out["kustomization.yaml"] = env.from_string(KUSTOMIZATION).render(context)
@@ -234,6 +257,12 @@ kind: Deployment
               value: {{ repo | q }}
             - name: TRITON_EXIT_TIMEOUT_SECS
               value: "{{ exit_timeout }}"
+            # NVLink multicast off in NCCL, torch and NVSHMEM: it can take the node's GPUs
+            # out of service (generator/tritonserver.py, NVLINK_MULTICAST_OFF).
+{% for name, value in nvlink_multicast_off.items() %}
+            - name: {{ name }}
+              value: {{ value | q }}
+{% endfor %}
           ports:
 {% for name, port in ports.items() %}
             - name: {{ name }}

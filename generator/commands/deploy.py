@@ -20,6 +20,7 @@ EPILOG = """examples:
 --model: pods run `generator build MODEL` at start (weights cached on the PVC).
 --model-repository: pods rebuild its model from the same hub id and flags; a repository
 built with --download must be baked into the image at /models instead (MODEL stays empty).
+A model built with --tensor-parallel-size N gets N GPUs per pod (nvidia.com/gpu: N).
 """
 
 
@@ -43,14 +44,18 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                      help="folder for the manifests (default: ./k8s)")
     k8s.add_argument("--image", default="tritonforge:latest",
                      help="the image built from docker/Dockerfile (default: tritonforge:latest)")
-    k8s.add_argument("--gpus", type=int, default=1, help="nvidia.com/gpu per pod (0: CPU)")
+    k8s.add_argument("--gpus", type=int,
+                     help="nvidia.com/gpu per pod (0: CPU; default: 1, or the repository's "
+                          "--tensor-parallel-size)")
     k8s.add_argument("--replicas", type=int, default=1, help="replicas (the HPA's minimum)")
     k8s.add_argument("--hpa-max", type=int, default=4, help="the HPA's maximum replicas")
 
 
 def run(args: argparse.Namespace) -> int:
-    common = {"name": args.name, "image": args.image, "gpus": args.gpus,
-              "replicas": args.replicas, "hpa_max": args.hpa_max}
+    common = {"name": args.name, "image": args.image, "replicas": args.replicas,
+              "hpa_max": args.hpa_max}
+    if args.gpus is not None:
+        common["gpus"] = args.gpus
     try:
         if args.model_repository is not None:
             if args.task:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from tritonforge.generator import deploy
 from tritonforge.generator.cli import build_parser, main
+from tritonforge.generator.tritonserver import NVLINK_MULTICAST_OFF
 
 from tests.docker._manifests import (
     BASE,
@@ -68,6 +69,8 @@ def check_consistent(resources: list[dict]) -> dict[str, dict]:
         k["PersistentVolumeClaim"]["metadata"]["name"]
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     assert env["HF_HOME"] == deploy.HF_HOME
+    # NVLink multicast stays off in every pod, as in `generator serve`'s server.
+    assert env.items() >= NVLINK_MULTICAST_OFF.items()
     # ConfigMap feeds MODEL/TASK to the entrypoint.
     (ref,) = container["envFrom"]
     cm = k["ConfigMap"]
@@ -205,6 +208,64 @@ def test_deploy_from_a_hub_built_repository_rebuilds_it(tmp_path: Path) -> None:
     assert args[args.index("--tokenizer-instances") + 1] == "2"
     assert "--trust-remote-code" not in args
     assert "TRITONFORGE_TRUST_REMOTE_CODE" not in cm["data"]
+
+
+def gpu_limits(k: dict[str, dict]) -> tuple[int | None, int | None]:
+    """(requests, limits) of nvidia.com/gpu in the Deployment's container."""
+    res = pod_spec(k["Deployment"])["containers"][0]["resources"]
+    return res["requests"].get("nvidia.com/gpu"), res["limits"].get("nvidia.com/gpu")
+
+
+def test_a_tensor_parallel_repository_asks_for_its_gpus_per_pod(tiny_model,
+                                                               tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _build_tiny(tiny_model, repo, "--download", "--kind", "gpu", "--no-device-check",
+                "--tensor-parallel-size", "2")
+    out = tmp_path / "k8s"
+    assert main(["deploy", "k8s", "--model-repository", str(repo), "--name", "bert", "-o",
+                 str(out)]) == 0
+    resources = [d for f in sorted(out.glob("*.yaml")) for d in load_all(f)]
+    for res in resources:
+        validate(res)
+    k = check_consistent([r for r in resources if r["kind"] != "Kustomization"])
+    assert gpu_limits(k) == (2, 2)
+
+
+def hub_built(repo: Path, tensor_parallel_size: int) -> Path:
+    """A repository as `generator build org/model --tensor-parallel-size N` leaves it."""
+    folder = repo / "chat"
+    folder.mkdir(parents=True)
+    (folder / "engine.json").write_text(json.dumps({
+        "task": "generate", "source": "Qwen/Qwen3-32B", "hub": "hf", "downloaded": False,
+        "instance_count": 1, "instance_kind": "KIND_MODEL",
+        "engine": {"model": "Qwen/Qwen3-32B", "tensor_parallel_size": tensor_parallel_size}}))
+    return repo
+
+
+@pytest.mark.parametrize("gpus", [None, 4, 0])
+def test_pods_rebuild_a_tensor_parallel_model_with_its_size(tmp_path: Path, gpus) -> None:
+    repo = hub_built(tmp_path / "repo", 4)
+    kw = {} if gpus is None else {"gpus": gpus}
+    spec = deploy.spec_for_repository(repo, name="chat", **kw)
+    resources = [d for t in deploy.render(spec).values() for d in yaml.safe_load_all(t)]
+    k = check_consistent([r for r in resources if r["kind"] != "Kustomization"])
+    want = 4 if gpus is None else gpus
+    assert gpu_limits(k) == ((want, want) if want else (None, None))
+    args = shlex.split(k["ConfigMap"]["data"]["GENERATOR_BUILD_ARGS"])
+    assert args[args.index("--tensor-parallel-size") + 1] == "4"
+    assert args[args.index("--kind") + 1] == ("gpu" if want else "cpu")
+
+
+def test_fewer_or_more_gpus_than_the_tensor_parallel_size_is_refused(tmp_path: Path,
+                                                                     capsys) -> None:
+    repo = hub_built(tmp_path / "repo", 2)
+    for gpus in ("1", "3"):
+        assert main(["deploy", "k8s", "--model-repository", str(repo), "--name", "chat",
+                     "--gpus", gpus, "-o", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "built with --tensor-parallel-size 2" in err
+        assert "needs exactly 2 GPUs" in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("downloaded", [False, True])
