@@ -179,6 +179,7 @@ def renamed(weights: Iterable[tuple[str, torch.Tensor]], strip_prefix: str | Non
 
 class BertModel(nn.Module):
     """The encoder without a head: forward gives the last hidden state [N, H]."""
+    supports_tensor_parallel = True
 
     base_model_prefix = "bert"
     embeddings_class: type[BertEmbeddings] = BertEmbeddings
@@ -210,6 +211,7 @@ class BertForSequenceClassification(nn.Module):
     """BERT + pooler + a linear classifier over the first token: logits [B, num_labels].
 
     Cross-encoders read a pair as one sequence, told apart by token_type_ids."""
+    supports_tensor_parallel = True
 
     packed_modules_mapping = PACKED_MODULES_MAPPING
 

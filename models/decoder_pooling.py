@@ -43,6 +43,7 @@ SCRATCH_BLOCK_SIZE = 16
 
 class DecoderPoolingModel(nn.Module):
     """The decoder of `causal_lm`'s family without its LM head; forward -> [N, H]."""
+    supports_tensor_parallel = True  # as far as its causal_lm family does
 
     causal_lm: type[LlamaForCausalLM] = LlamaForCausalLM
     skip_weights: tuple[str, ...] = ("rotary_emb.inv_freq", "lm_head.", "score.")

@@ -22,6 +22,8 @@ SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
 
 
 class GptOssForCausalLM(MoeDecoderForCausalLM):
+    # its sinks and biased experts in their own layout are not split yet
+    supports_tensor_parallel = False
     checkpoint_renames = {".mlp.router.": ".mlp.gate."}
     router_bias = True
 

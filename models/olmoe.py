@@ -11,6 +11,9 @@ from tritonforge.models.moe_decoder import MoeDecoderForCausalLM
 
 
 class OlmoeForCausalLM(MoeDecoderForCausalLM):
+    # its q/k norms span all heads, which a rank does not hold
+    supports_tensor_parallel = False
+
     @staticmethod
     def routing(config: PretrainedConfig) -> Routing:
         return Routing(config.num_experts_per_tok, config.num_experts,

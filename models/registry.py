@@ -101,9 +101,12 @@ def resolve_model_class(architecture: str, model_impl: str = "auto") -> type:
     return TransformersForCausalLM
 
 
-def kv_cache_shape(config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim): what the engine allocates a KV cache for."""
+def kv_cache_shape(config: Any, tp_size: int = 1) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim): what one rank of a tensor-parallel group of
+    tp_size allocates a KV cache for (its share of the KV heads)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from tritonforge.models.layers.parallel_state import kv_heads_per_rank
     from tritonforge.models.transformers_backend import head_dim_of, num_kv_heads_of
 
-    return text.num_hidden_layers, num_kv_heads_of(text), head_dim_of(text)
+    return (text.num_hidden_layers, kv_heads_per_rank(num_kv_heads_of(text), tp_size),
+            head_dim_of(text))

@@ -64,6 +64,7 @@ class RobertaClassificationHead(nn.Module):
 
 class RobertaForSequenceClassification(nn.Module):
     """RoBERTa + the classification head over <s>: logits [B, num_labels] float32."""
+    supports_tensor_parallel = True
 
     packed_modules_mapping = PACKED_MODULES_MAPPING
     base_model_class: type[RobertaModel] = RobertaModel

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tritonforge.models.layers.parallel_state import current_group
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -274,6 +275,18 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> set[str]:
     return {name for name, _ in model.named_parameters()}
 
 
+def check_tensor_parallel(model_class: type, tp_size: int) -> None:
+    """Refuses a group of tp_size > 1 for a class whose layers are not all split (its
+    `supports_tensor_parallel`; a pooling model also needs its decoder family's)."""
+    if tp_size == 1:
+        return
+    family = getattr(model_class, "causal_lm", model_class)
+    if not (getattr(model_class, "supports_tensor_parallel", False)
+            and getattr(family, "supports_tensor_parallel", False)):
+        raise ValueError(f"{model_class.__name__} does not support tensor_parallel_size > 1 yet "
+                         f"(got {tp_size}); use tensor_parallel_size=1")
+
+
 def load_model(
     model_path: str | Path,
     dtype: torch.dtype | str,
@@ -304,6 +317,7 @@ def load_model(
         dtype = resolve_dtype(dtype, config, device)
     if model_class is None:
         model_class = resolve_model_class(resolve_architecture(config), model_impl)
+    check_tensor_parallel(model_class, current_group().size)
     with torch.device(device):
         model = model_class(config, dtype)
     if load_format == "dummy":

@@ -24,6 +24,7 @@ from tritonforge.kernels.dispatch import use_triton
 from tritonforge.kernels.fused_moe import fused_moe, fused_moe_ref
 from tritonforge.models.layers.linear import ReplicatedLinear
 from tritonforge.models.layers.moe_routing import Routing, select_experts
+from tritonforge.models.layers.parallel_state import all_reduce, current_group, divide
 
 # Checkpoint names of an expert's three matrices -> (fused parameter, shard): shard 0/1 are the
 # gate/up halves of gate_up_proj. Mixtral names them w1 (gate), w3 (up), w2 (down).
@@ -50,6 +51,16 @@ class FusedMoE(nn.Module):
         if swiglu is None and hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {hidden_act!r} is not supported for MoE experts; "
                              f"supported: {sorted(_ACTIVATIONS)}")
+        # Tensor parallelism splits every expert's intermediate dimension (rank r keeps rows
+        # [r * I/N, (r + 1) * I/N) of gate and of up, the same columns of down) and sums the
+        # ranks' outputs, as a column- then row-parallel MLP does.
+        self.tp_group = current_group()
+        if self.tp_group.size > 1 and (bias or gpt_oss_layout):
+            raise ValueError("biased experts in gpt-oss's layout are not split for tensor "
+                             "parallelism yet; use tensor_parallel_size=1")
+        self.full_intermediate_size = intermediate_size
+        intermediate_size = divide(intermediate_size, self.tp_group.size,
+                                   "the experts' intermediate_size")
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.activation = "swigluoai" if swiglu is not None else _ACTIVATIONS[hidden_act]
         self.swiglu = swiglu
@@ -61,6 +72,9 @@ class FusedMoE(nn.Module):
         self.down_proj = param(num_experts, hidden_size, intermediate_size)
         self.gate_up_proj_bias = param(num_experts, 2 * intermediate_size) if bias else None
         self.down_proj_bias = param(num_experts, hidden_size) if bias else None
+        if self.tp_group.size > 1:  # a checkpoint stored fused: cut this rank's slices
+            self.gate_up_proj.weight_loader = self._load_fused_gate_up
+            self.down_proj.weight_loader = self._load_fused_down
         if gpt_oss_layout:
             self.gate_up_proj.weight_loader = _load_transposed_interleaved
             self.down_proj.weight_loader = _load_transposed
@@ -76,22 +90,43 @@ class FusedMoE(nn.Module):
             raise ValueError(f"expert {expert} is out of range (num_experts {self.num_experts})")
         name, shard = EXPERT_PROJECTIONS[projection]
         target = getattr(self, name)[expert]
+        inter = self.intermediate_size
         if shard is not None:
-            inter = self.intermediate_size
             target = target[shard * inter:(shard + 1) * inter]
+        loaded = self._rank_slice(loaded, 0 if shard is not None else 1)
         if target.shape != loaded.shape:
             raise ValueError(f"expected shape {tuple(target.shape)}, got {tuple(loaded.shape)}")
         target.copy_(loaded)
         return name
 
+    def _rank_slice(self, loaded: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's columns/rows of one expert's full intermediate dimension `dim`."""
+        if self.tp_group.size == 1:
+            return loaded
+        if loaded.shape[dim] != self.full_intermediate_size:
+            raise ValueError(f"expected {self.full_intermediate_size} along dim {dim}, got "
+                             f"shape {tuple(loaded.shape)}")
+        inter = self.intermediate_size
+        return loaded.narrow(dim, self.tp_group.rank * inter, inter)
+
+    def _load_fused_gate_up(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        # [E, 2I, H] (every expert's gate rows, then its up rows) -> this rank's [E, 2I/N, H]
+        gate, up = loaded.chunk(2, dim=1)
+        _checked_copy(param, torch.cat([self._rank_slice(gate, 1), self._rank_slice(up, 1)], 1))
+
+    def _load_fused_down(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        # [E, H, I] -> this rank's [E, H, I/N]
+        _checked_copy(param, self._rank_slice(loaded, 2))
+
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
-        # hidden_states: [T, H], topk_*: [T, k] -> [T, H]
+        # hidden_states: [T, H], topk_*: [T, k] -> [T, H] (summed over the group's ranks)
         moe = fused_moe if use_triton(hidden_states) else fused_moe_ref
         biases = ((self.gate_up_proj_bias, self.down_proj_bias)
                   if self.gate_up_proj_bias is not None else None)
-        return moe(hidden_states, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
-                   self.activation, biases=biases, swiglu=self.swiglu)
+        return all_reduce(moe(hidden_states, self.gate_up_proj, self.down_proj, topk_weights,
+                              topk_ids, self.activation, biases=biases, swiglu=self.swiglu),
+                          self.tp_group)
 
 
 def _checked_copy(param: nn.Parameter, value: torch.Tensor) -> None:

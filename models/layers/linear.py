@@ -1,7 +1,7 @@
-"""Linear layers written for tensor parallelism (tp_size=1 today).
+"""Linear layers split for tensor parallelism over the group they are built for.
 
 Design (Megatron / vLLM): a ColumnParallelLinear splits its OUTPUT features across ranks,
-a RowParallelLinear splits its INPUT features and would all-reduce its partial outputs; an
+a RowParallelLinear splits its INPUT features and all-reduces its partial outputs; an
 attention block is column (qkv) then row (o_proj), an MLP column (gate_up) then row (down),
 so one all-reduce per block. QKVParallelLinear and MergedColumnParallelLinear fuse several
 checkpoint matrices (q/k/v, gate/up) into one matmul; each checkpoint matrix arrives on its
@@ -9,9 +9,9 @@ own and the layer's `weight_loader(param, loaded_weight, shard_id)` copies this 
 of it into the right rows of the fused parameter. Every parameter carries its layer's
 `weight_loader` as an attribute, so the generic loader needs no per-layer knowledge.
 
-Invariant: with tp_size=1 every slice is the whole tensor and every layer is exactly
-`F.linear`; the shard math is kept so that adding a process group only sets tp_rank/tp_size
-(and the all-reduce) here.
+Each layer takes the group from `parallel_state.current_group()` when it is built (the
+model is constructed inside `building_for(group)`). Invariant: with tp_size=1 every slice is
+the whole tensor and every layer is exactly `F.linear`.
 """
 
 from __future__ import annotations
@@ -19,16 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# Set by the distributed setup when tensor parallelism lands; one rank today.
-TP_RANK = 0
-TP_SIZE = 1
-
-
-def _divide(numerator: int, denominator: int, what: str) -> int:
-    if numerator % denominator:
-        raise ValueError(f"{what} ({numerator}) is not divisible by tp_size ({denominator})")
-    return numerator // denominator
+from tritonforge.models.layers.parallel_state import (
+    all_reduce,
+    current_group,
+    divide,
+    kv_heads_per_rank,
+)
 
 
 def _shard(
@@ -58,7 +54,8 @@ class LinearBase(nn.Module):
         params_dtype: torch.dtype | None,
     ) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = TP_RANK, TP_SIZE
+        self.tp_group = current_group()
+        self.tp_rank, self.tp_size = self.tp_group.rank, self.tp_group.size
         dtype = params_dtype or torch.get_default_dtype()
         # Uninitialised: every parameter is overwritten by load_weights, so random init is waste.
         self.weight = nn.Parameter(
@@ -99,7 +96,7 @@ class ColumnParallelLinear(LinearBase):
         params_dtype: torch.dtype | None = None,
     ) -> None:
         self.input_size, self.output_size = input_size, output_size
-        per_rank = _divide(output_size, TP_SIZE, f"{type(self).__name__} output_size")
+        per_rank = divide(output_size, current_group().size, f"{type(self).__name__} output_size")
         super().__init__(input_size, per_rank, bias, params_dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -120,12 +117,13 @@ class RowParallelLinear(LinearBase):
         params_dtype: torch.dtype | None = None,
     ) -> None:
         self.input_size, self.output_size = input_size, output_size
-        per_rank = _divide(input_size, TP_SIZE, f"{type(self).__name__} input_size")
+        per_rank = divide(input_size, current_group().size, f"{type(self).__name__} input_size")
         super().__init__(per_rank, output_size, bias, params_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # tp > 1: y = all_reduce(x_r W_r^T) + b, with the bias on one rank only.
-        return F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        # y = all_reduce(x_r W_r^T) + b, with the bias added on rank 0 only.
+        return all_reduce(F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None),
+                          self.tp_group)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         what = type(self).__name__
@@ -152,8 +150,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | None = None
     ) -> None:
-        if shard_id is None:  # a checkpoint storing the fused matrix (exact at tp_size=1)
-            return super().weight_loader(param, loaded_weight)
+        if shard_id is None:  # a checkpoint storing the fused matrix (Phi-3's gate_up_proj)
+            if self.tp_size == 1:
+                return super().weight_loader(param, loaded_weight)
+            for i, part in enumerate(loaded_weight.split(self.output_sizes, dim=0)):
+                self.weight_loader(param, part, i)
+            return None
         if not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(f"shard_id must be in [0, {len(self.output_sizes)}), got {shard_id}")
         what = f"{type(self).__name__}[{shard_id}]"
@@ -182,14 +184,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         total_num_kv_heads = total_num_kv_heads or total_num_heads
         self.head_size = head_size
         self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
-        self.num_heads = _divide(total_num_heads, TP_SIZE, "num_attention_heads")
-        if total_num_kv_heads <= TP_SIZE:
-            self.num_kv_heads, self.num_kv_head_replicas = 1, _divide(
-                TP_SIZE, total_num_kv_heads, "tp_size over num_key_value_heads")
-        else:
-            self.num_kv_heads = _divide(total_num_kv_heads, TP_SIZE, "num_key_value_heads")
-            self.num_kv_head_replicas = 1
-        output_size = (self.num_heads + 2 * self.num_kv_heads) * TP_SIZE * head_size
+        tp_size = current_group().size
+        self.num_heads = divide(total_num_heads, tp_size, "num_attention_heads")
+        self.num_kv_heads = kv_heads_per_rank(total_num_kv_heads, tp_size)
+        # A KV head lives on this many consecutive ranks (1 unless tp_size > KV heads).
+        self.num_kv_head_replicas = self.num_kv_heads * tp_size // total_num_kv_heads
+        output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
         super().__init__(hidden_size, output_size, bias, params_dtype)
 
     @property
@@ -201,8 +201,13 @@ class QKVParallelLinear(ColumnParallelLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | int | None = None
     ) -> None:
-        if shard_id is None:  # a checkpoint storing the fused matrix (exact at tp_size=1)
-            return ColumnParallelLinear.weight_loader(self, param, loaded_weight)
+        if shard_id is None:  # a checkpoint storing the fused matrix (Phi-3's qkv_proj)
+            if self.tp_size == 1:
+                return ColumnParallelLinear.weight_loader(self, param, loaded_weight)
+            q, kv = self.total_num_heads * self.head_size, self.total_num_kv_heads * self.head_size
+            for shard, part in zip(self.SHARD_IDS, loaded_weight.split([q, kv, kv], dim=0)):
+                self.weight_loader(param, part, shard)
+            return None
         if isinstance(shard_id, int):
             shard_id = self.SHARD_IDS[shard_id]
         if shard_id not in self.SHARD_IDS:

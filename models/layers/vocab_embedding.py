@@ -2,8 +2,9 @@
 
 Design: rank r holds vocabulary rows [r * V_p, (r + 1) * V_p) with V_p = ceil(V / tp_size)
 (the last shard zero-padded); at tp_size=1 that is the whole table. A token outside the
-rank's range embeds to zero there and the ranks' outputs are summed (an all-reduce at
-tp > 1). ParallelLMHead is the same table used as the output projection; `tie_weights`
+rank's range embeds to zero there and the ranks' outputs are summed (an all-reduce).
+The LM head's per-rank logits are gathered along the vocabulary. ParallelLMHead is the
+same table used as the output projection; `tie_weights`
 shares the embedding's parameter (tie_word_embeddings) so loading one loads both.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tritonforge.models.layers import linear
+from tritonforge.models.layers.parallel_state import all_gather_last, all_reduce, current_group
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -20,7 +21,8 @@ class VocabParallelEmbedding(nn.Module):
         self, num_embeddings: int, embedding_dim: int, params_dtype: torch.dtype | None = None
     ) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = linear.TP_RANK, linear.TP_SIZE
+        self.tp_group = current_group()
+        self.tp_rank, self.tp_size = self.tp_group.rank, self.tp_group.size
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.num_embeddings_per_partition = -(-num_embeddings // self.tp_size)
         self.vocab_start_index = self.tp_rank * self.num_embeddings_per_partition
@@ -48,14 +50,15 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(input_ids, self.weight)
         in_range = (input_ids >= self.vocab_start_index) & (input_ids < self.vocab_end_index)
         local = torch.where(in_range, input_ids - self.vocab_start_index, 0)
-        return F.embedding(local, self.weight) * in_range.unsqueeze(-1)  # all-reduce at tp > 1
+        return all_reduce(F.embedding(local, self.weight) * in_range.unsqueeze(-1),
+                          self.tp_group)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, tp_size={self.tp_size}"
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """hidden -> logits over this rank's vocabulary shard; gathered across ranks at tp > 1."""
+    """hidden -> logits over the vocabulary: each rank's shard, gathered across the group."""
 
     def __init__(
         self, num_embeddings: int, embedding_dim: int, bias: bool = False,
@@ -83,5 +86,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [S, H] -> logits [S, V] float32 (padding columns dropped)
-        logits = F.linear(hidden_states, self.weight, self.bias)
-        return logits[..., : self.vocab_end_index - self.vocab_start_index].float()
+        logits = all_gather_last(F.linear(hidden_states, self.weight, self.bias), self.tp_group)
+        # Only the last shard is padded, so the real vocabulary is the gathered prefix.
+        return logits[..., : self.num_embeddings].float()
