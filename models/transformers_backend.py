@@ -47,6 +47,8 @@ from tritonforge.kernels.fused_moe import fused_moe, fused_moe_ref
 from tritonforge.kernels.rms_norm import rms_norm
 from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.layers.attention import Attention
+from tritonforge.models.layers.parallel_state import current_group, divide, kv_heads_per_rank
+from tritonforge.models.transformers_tp import shard_by_tp_plan
 
 ATTN_IMPLEMENTATION = "tritonforge_paged"
 # Keywords HF attention modules pass to the attention function that our paged attention
@@ -288,6 +290,7 @@ class TransformersForCausalLM(nn.Module):
     """An HF causal LM whose attention runs on the engine's paged KV cache."""
 
     is_multimodal = False
+    supports_tensor_parallel = True  # by transformers' own tp_plan (models/transformers_tp.py)
     _auto_class = transformers.AutoModelForCausalLM
 
     @classmethod
@@ -340,8 +343,13 @@ class TransformersForCausalLM(nn.Module):
         self.num_fused_norms = fuse_rms_norms(self.model)
         self.model.eval()
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        tp = current_group()
         num_heads, head_dim = text.num_attention_heads, head_dim_of(text)
         num_kv_heads = num_kv_heads_of(text)
+        # At tensor_parallel_size > 1: this rank's slice of each planned linear, cut at load.
+        self.tp_slicers = shard_by_tp_plan(self.model, text, head_dim, tp)
+        num_heads = divide(num_heads, tp.size, "num_attention_heads")
+        num_kv_heads = kv_heads_per_rank(num_kv_heads, tp.size)
         # Scale, window and soft-cap are set per call from HF's own arguments.
         self.attn_layers = nn.ModuleList(
             Attention(num_heads, head_dim, head_dim**-0.5, num_kv_heads)
@@ -408,6 +416,8 @@ class TransformersForCausalLM(nn.Module):
 
         def load_one(name: str, tensor: torch.Tensor) -> bool:
             """Copies one HF-named tensor into its parameter or buffer; False if none."""
+            if name in self.tp_slicers:
+                tensor = self.tp_slicers[name](tensor)
             param = params.get(name)
             if param is None:
                 if name in buffers:

@@ -77,6 +77,7 @@ class TransformersForImageTextToText(TransformersForCausalLM):
     """An HF vision-language model whose language model runs on the engine's paged KV cache."""
 
     is_multimodal = True
+    supports_tensor_parallel = False  # its vision tower has no split of its own yet
     _auto_class = transformers.AutoModelForImageTextToText
 
     def __init__(self, config: Any, dtype: torch.dtype) -> None:
