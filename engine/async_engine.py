@@ -140,6 +140,7 @@ class AsyncEngine:
             self._stopped = True
             self._cv.notify()
         self._thread.join(timeout)
+        self.engine.shutdown()  # a tensor-parallel group's other ranks
 
     # ---- the engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -193,7 +194,11 @@ class AsyncEngine:
         except Exception as err:  # noqa: BLE001 - any engine failure ends its requests
             failures += 1
             self._fail_all(err)
-            if failures >= MAX_CONSECUTIVE_FAILURES:
+            fatal = self.engine.fatal_error  # a dead tensor-parallel rank: no retry helps
+            if fatal is not None:
+                failures = MAX_CONSECUTIVE_FAILURES
+                self._die(EngineDeadError(fatal))
+            elif failures >= MAX_CONSECUTIVE_FAILURES:
                 self._die(EngineDeadError(f"the engine failed {failures} steps in a row: "
                                           f"{err}"))
             self._stats = self.engine.stats()

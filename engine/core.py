@@ -17,9 +17,10 @@ message per front end holding every one of its requests' new tokens.
 Lifecycle: the socket appears once the engine is built (its existence means ready); a
 failed build writes the error next to it and exits 1. The core exits when the process it
 serves (the tritonserver, `watch_pid`) is gone, when no front end has been attached for
-`idle_timeout` seconds, or after MAX_CONSECUTIVE_FAILURES failed steps (telling every front
-end DEAD first). A front end that detaches or dies has its requests aborted before the next
-step, so their KV blocks are free at once.
+`idle_timeout` seconds, after MAX_CONSECUTIVE_FAILURES failed steps, or at once when a rank
+of its tensor-parallel group died (telling every front end DEAD first in both cases). A
+front end that detaches or dies has its requests aborted before the next step, so their
+KV blocks are free at once.
 """
 
 from __future__ import annotations
@@ -158,18 +159,24 @@ class EngineCore:
                 failures += 1
                 logger.exception("engine step failed (%d in a row)", failures)
                 self._fail_all(f"the engine step failed: {err}")
-                if failures >= MAX_CONSECUTIVE_FAILURES:
-                    message = f"the engine failed {failures} steps in a row: {err}"
-                    for peer in list(self._peers.values()):
-                        self._outbox.put((peer, (DEAD, message)))
+                fatal = self.engine.fatal_error  # a dead tensor-parallel rank: no retry helps
+                if fatal is not None or failures >= MAX_CONSECUTIVE_FAILURES:
+                    self._tell_dead(fatal or f"the engine failed {failures} steps in a row: {err}")
                     code = 1
                     break
                 continue
             failures = 0
             self._hand_out(outputs)
+        if commands is None and self.engine.fatal_error is not None:
+            code = 1
         self._outbox.put(None)
         sender.join(timeout=5)
+        self.engine.shutdown()
         return code
+
+    def _tell_dead(self, message: str) -> None:
+        for peer in list(self._peers.values()):
+            self._outbox.put((peer, (DEAD, message)))
 
     def _wait_for_work(self) -> list[tuple[_Peer, tuple[Any, ...]]] | None:
         """The commands that arrived; waits while idle; None when the core must exit."""
@@ -183,6 +190,10 @@ class EngineCore:
         return commands
 
     def _should_exit(self) -> bool:
+        if (fatal := self.engine.fatal_error) is not None:  # found while idle: say so now
+            logger.error("the engine cannot step any more: %s", fatal)
+            self._tell_dead(fatal)
+            return True
         if self.watch_pid is not None and not _alive(self.watch_pid):
             logger.info("the process this core serves (pid %d) is gone", self.watch_pid)
             return True

@@ -111,6 +111,11 @@ class LLM:
         """Call `fn` on the loaded nn.Module (inspection, hooks) and return its result."""
         return fn(self.engine.model if self.engine else self.pooler.model)
 
+    def shutdown(self) -> None:
+        """Stops the worker ranks of a tensor-parallel group (also done when this LLM is
+        garbage collected or the interpreter exits)."""
+        (self.engine or self.pooler).shutdown()
+
     def _need(self, runner: str, method: str) -> Any:
         target = self.engine if runner == "generate" else self.pooler
         if target is None:

@@ -40,10 +40,17 @@ from tritonforge.engine.sampling_metadata import UniformSamplingMetadata, plain_
 from tritonforge.engine.sampling_params import SamplingParams
 from tritonforge.engine.scheduler import Scheduler
 from tritonforge.engine.sequence import MultimodalState, Sequence
+from tritonforge.engine.tensor_parallel import TensorParallelGroup, joined
 from tritonforge.engine.tokenizer import eos_token_ids, load_tokenizer
-from tritonforge.models.loader import resolve_device, resolve_dtype, resolve_max_model_len
+from tritonforge.models.loader import (
+    resolve_architecture,
+    resolve_device,
+    resolve_dtype,
+    resolve_max_model_len,
+)
+from tritonforge.models.registry import resolve_model_class
 from tritonforge.models.transformers_multimodal import MultimodalLayout
-from tritonforge.models.weight_utils import load_config, load_model
+from tritonforge.models.weight_utils import check_tensor_parallel, load_config, load_model
 
 logger = logging.getLogger(__name__)
 # How long step() waits for a grammar when nothing else can run (then it returns, so the
@@ -111,14 +118,26 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(config.max_model_len, hf_config)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model,
                                         trust_remote_code=config.trust_remote_code)
-        self.model, self.hf_config = load_model(
-            config.model, self.dtype, self.device, model_impl=config.model_impl,
-            trust_remote_code=config.trust_remote_code, load_format=config.load_format,
-        )
-        # The text config: a vision-language config nests the language model's fields.
-        self.vocab_size = int(self.hf_config.get_text_config().vocab_size)
-        self.runner = ModelRunner(config, self.model, self.hf_config, self.device, self.dtype,
-                                  self.max_model_len)
+        # tensor_parallel_size > 1: this process is rank 0 and starts the other ranks, which
+        # build their shards beside this one (engine/tensor_parallel.py).
+        self.tp_group: TensorParallelGroup | None = None
+        if config.tensor_parallel_size > 1:
+            # A model that cannot be split is refused before any worker starts.
+            check_tensor_parallel(resolve_model_class(resolve_architecture(hf_config),
+                                                      config.model_impl),
+                                  config.tensor_parallel_size)
+            self.tp_group = TensorParallelGroup.start(
+                config, "generate", self.device, str(self.dtype).removeprefix("torch."),
+                self.max_model_len)
+        with joined(self.tp_group) as tp:
+            self.model, self.hf_config = load_model(
+                config.model, self.dtype, self.device, model_impl=config.model_impl,
+                trust_remote_code=config.trust_remote_code, load_format=config.load_format,
+            )
+            # The text config: a vision-language config nests the language model's fields.
+            self.vocab_size = int(self.hf_config.get_text_config().vocab_size)
+            self.runner = ModelRunner(config, self.model, self.hf_config, self.device,
+                                      self.dtype, self.max_model_len, tp, self.tp_group)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
@@ -134,6 +153,16 @@ class LLMEngine:
         # matchers (GuidedDecoding.advance), in the order fed.
         self._advancing: list[_Request] = []
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stops the other ranks of a tensor-parallel group (nothing to do at size 1)."""
+        if self.tp_group is not None:
+            self.tp_group.shutdown()
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Why no step can run any more (a rank of its group died), or None."""
+        return None if self.tp_group is None else self.tp_group.dead
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:

@@ -9,6 +9,13 @@ device in one copy. Only the rows whose
 sequence finishes its uncomputed tokens this step go through the LM head (one row per such
 sequence: its last token), so a prefill chunk that does not end the prompt costs no logits.
 
+Tensor parallelism: rank 0's runner (with `mirror`, its TensorParallelGroup) sends each
+step's host arrays to the worker ranks, whose runners (same class, their own shard and KV
+cache of their KV heads) run the same forward through `run_host`; the split layers'
+collectives keep the ranks in step and only rank 0 reads the logits. CUDA graphs are off at
+tensor_parallel_size > 1 (decode runs eagerly): capturing collectives is left to the
+multi-GPU work.
+
 KV-cache sizing: on CUDA, a profiling forward of a full token budget measures peak memory
 and the cache gets gpu_memory_utilization of the card minus that; on CPU it gets
 kv_cache_memory_bytes (default: 1 GiB, capped at what max_num_seqs full-length sequences
@@ -18,9 +25,11 @@ always make progress.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,8 +40,12 @@ from tritonforge.engine.multimodal_batch import multimodal_step
 from tritonforge.engine.sequence import Sequence
 from tritonforge.models.attention_metadata import AttentionMetadata
 from tritonforge.models.layers.attention import bind_kv_cache
+from tritonforge.models.layers.parallel_state import SINGLE, TPGroup, all_reduce_min
 from tritonforge.models.registry import kv_cache_shape
 from tritonforge.models.transformers_multimodal import MultimodalStep
+
+if TYPE_CHECKING:
+    from tritonforge.engine.tensor_parallel import TensorParallelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -90,21 +103,25 @@ def to_device(host: HostInputs, device: torch.device) -> StepInputs:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, hf_config: object,
-                 device: torch.device, dtype: torch.dtype, max_model_len: int) -> None:
+                 device: torch.device, dtype: torch.dtype, max_model_len: int,
+                 tp: TPGroup = SINGLE, mirror: TensorParallelGroup | None = None) -> None:
         self.config = config
+        self.tp = tp  # the group `model` was built for
+        self.mirror = mirror  # rank 0 of a group: sends each step to the other ranks
         self.model = model
         self.hf_config = hf_config
         self.device = device
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.block_size = config.block_size
-        self.num_layers, self.num_kv_heads, self.head_dim = kv_cache_shape(hf_config)
-        self.num_blocks = self._num_kv_blocks()
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_cache_shape(hf_config, tp.size)
+        # Every rank holds the same block ids: the group takes the smallest rank's count.
+        self.num_blocks = all_reduce_min(self._num_kv_blocks(), tp, device)
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         bind_kv_cache(model, self.kv_caches)
         self.input_batch = InputBatch(config.max_num_seqs, max_model_len, self.block_size)
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and tp.size == 1:
             self.graphs = DecodeGraphs(model, config.max_num_seqs, max_model_len,
                                        self.block_size, self.device)
             try:
@@ -197,10 +214,24 @@ class ModelRunner:
         inputs.mm = mm
         return inputs
 
-    @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Runs one step; returns the sequences to sample and their logits [S, V] float32."""
-        inputs = self.prepare(scheduled)
+        if self.mirror is None:
+            return self._forward(self.prepare(scheduled))
+        host = self.input_batch.build(scheduled)
+        # The workers need the arrays, not the Sequence objects (only rank 0 samples).
+        self.mirror.broadcast("run", dataclasses.replace(host, sampled_seqs=[]))
+        try:
+            return self._forward(to_device(host, self.device))
+        except Exception as err:  # a rank's failure surfaces here as a failed collective
+            raise self.mirror.explain(err) from err
+
+    def run_host(self, host: HostInputs) -> None:
+        """A worker rank's step: rank 0's host arrays through this rank's shard."""
+        self._forward(to_device(host, self.device))
+
+    @torch.inference_mode()
+    def _forward(self, inputs: StepInputs) -> tuple[list[Sequence], torch.Tensor]:
         meta = inputs.attn_metadata
         if (self.graphs is not None and meta.is_decode_only
                 and self.graphs.bucket(meta.num_seqs) is not None):
@@ -209,7 +240,9 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, meta, inputs.mm)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, meta)
-        if not inputs.sampled_seqs:
+        # By rows, not sampled_seqs: a worker has the rows (and joins the LM head's gather)
+        # but not the sequences.
+        if inputs.logits_indices.numel() == 0:
             return [], torch.empty(0, 0)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return inputs.sampled_seqs, logits.float()

@@ -26,6 +26,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,13 +45,15 @@ from tritonforge.engine.pooler import finalize, pool
 from tritonforge.engine.pooling_batches import PackedBatch, plan_pooling_batches
 from tritonforge.engine.pooling_inputs import PoolingInputs, read_pooling_files, score_pairs
 from tritonforge.engine.pooling_params import PoolingParams
+from tritonforge.engine.tensor_parallel import TensorParallelGroup, joined, rank_device
 from tritonforge.models.classifier_config import apply_activation, read_classifier_config
+from tritonforge.models.layers.parallel_state import TPGroup, building_for
 from tritonforge.models.loader import resolve_device, resolve_dtype
 from tritonforge.models.pooling_config import PoolingConfig
 from tritonforge.models.pooling_registry import POOLING_TASKS, resolve_pooling_model_class
 from tritonforge.models.transformers_classifier import TransformersSequenceClassifier
 from tritonforge.models.transformers_encoder import TransformersEncoder
-from tritonforge.models.weight_utils import load_model
+from tritonforge.models.weight_utils import check_tensor_parallel, load_model
 
 TASKS = POOLING_TASKS
 # Rows of results kept on the device before one copy to the host (bounds device memory for
@@ -70,7 +73,9 @@ class PoolingRunner:
     """A pooling model loaded once; embeds or classifies batches of texts (no KV cache:
     each prompt is read once)."""
 
-    def __init__(self, engine_config: EngineConfig) -> None:
+    def __init__(self, engine_config: EngineConfig, tp: TPGroup | None = None) -> None:
+        """tp: a worker rank's group (engine/tp_worker.py); rank 0 passes None and, at
+        tensor_parallel_size > 1, starts the group itself."""
         if engine_config.load_format != "auto":
             raise ValueError(f"load_format {engine_config.load_format!r} is for generation "
                              "benchmarks; the pooling runner reads the checkpoint (use 'auto')")
@@ -78,6 +83,8 @@ class PoolingRunner:
         trust_remote_code = engine_config.trust_remote_code
         max_num_batched_tokens = engine_config.max_num_batched_tokens
         self._device = resolve_device(engine_config.device)
+        if tp is not None:
+            self._device = rank_device(self._device, tp.rank)
         # Everything but the weights, read as load_pooling_inputs reads it (the CPU
         # tokenizer step of the Triton ensembles tokenizes with that, without weights).
         files = read_pooling_files(engine_config)
@@ -96,13 +103,24 @@ class PoolingRunner:
                 f"longest prompt fits one batch, got {max_num_batched_tokens}"
             )
         self._max_num_batched_tokens = max_num_batched_tokens
-        if model_class is None:
-            wrapper = _TRANSFORMERS_WRAPPERS[self._task]
-            self._model = wrapper(model_dir, self._dtype, self._device, trust_remote_code)
-        else:
-            self._model, _ = load_model(model_dir, self._dtype, self._device,
-                                        trust_remote_code=trust_remote_code,
-                                        model_class=model_class)
+        if model_class is None and engine_config.tensor_parallel_size > 1:
+            raise ValueError(f"{architecture}: the Transformers backend's pooling models do not "
+                             "support tensor_parallel_size > 1 yet; use tensor_parallel_size=1")
+        if model_class is not None:  # before any worker starts
+            check_tensor_parallel(model_class, engine_config.tensor_parallel_size)
+        # Rank 0 of a group: the workers build their shards beside this one.
+        self._tp_group: TensorParallelGroup | None = None
+        if tp is None and engine_config.tensor_parallel_size > 1:
+            self._tp_group = TensorParallelGroup.start(
+                engine_config, "pooling", self._device, str(self._dtype).removeprefix("torch."))
+        with building_for(tp) if tp is not None else joined(self._tp_group):
+            if model_class is None:
+                wrapper = _TRANSFORMERS_WRAPPERS[self._task]
+                self._model = wrapper(model_dir, self._dtype, self._device, trust_remote_code)
+            else:
+                self._model, _ = load_model(model_dir, self._dtype, self._device,
+                                            trust_remote_code=trust_remote_code,
+                                            model_class=model_class)
         self._classifier = (read_classifier_config(model_dir, config)
                             if self._task == "classify" else None)
         self._hidden_size = int(self._model.hidden_size)
@@ -404,13 +422,37 @@ class PoolingRunner:
 
     def _embed_batch(self, batch: PackedBatch) -> torch.Tensor:
         # -> pooled [B, H] float32
-        hidden = self._model(batch.input_ids, batch.positions, batch.seq_start_loc)  # [N, H]
+        hidden = self._call_model(batch.input_ids, batch.positions, batch.seq_start_loc)  # [N, H]
         return pool(hidden, batch.seq_start_loc, self._pooling_config.pooling_type)
 
     def _classify_batch(self, batch: PackedBatch) -> torch.Tensor:
         # -> logits [B, num_labels] float32
-        return self._model(batch.input_ids, batch.positions, batch.seq_start_loc,
+        return self._call_model(batch.input_ids, batch.positions, batch.seq_start_loc,
                            batch.token_type_ids)
+
+    def _call_model(self, *args: torch.Tensor | None) -> torch.Tensor:
+        """The model's forward; rank 0 of a group first sends the batch to the other ranks."""
+        if self._tp_group is None:
+            return self._model(*args)
+        # As numpy: a pickled torch tensor travels as a shared-memory handle that only a
+        # process of the same multiprocessing family can open.
+        self._tp_group.broadcast("forward", tuple(
+            a.cpu().numpy() if isinstance(a, torch.Tensor) else a for a in args))
+        try:
+            return self._model(*args)
+        except Exception as err:  # a rank's failure surfaces here as a failed collective
+            raise self._tp_group.explain(err) from err
+
+    @torch.inference_mode()
+    def run_forward(self, args: tuple[np.ndarray | None, ...]) -> None:
+        """A worker rank's forward of rank 0's batch (its output is rank 0's to pool)."""
+        self._model(*(None if a is None else torch.from_numpy(a).to(self._device)
+                      for a in args))
+
+    def shutdown(self) -> None:
+        """Stops the other ranks of a tensor-parallel group (nothing to do at size 1)."""
+        if self._tp_group is not None:
+            self._tp_group.shutdown()
 
     @torch.inference_mode()
     def _run_batches(

@@ -64,6 +64,18 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return False
 
 
+def assert_turns_dead(client: EngineCoreClient, prompt_ids: list[int], within: float) -> None:
+    """The front end reports its core dead within `within` seconds and fails a new request
+    at once with EngineDeadError."""
+    deadline = time.monotonic() + within
+    while client.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not client.healthy
+    late = Collector()
+    client.add_request("late", prompt_ids, SamplingParams(max_tokens=2), callback=late)
+    assert isinstance(late.wait(1).error, EngineDeadError)
+
+
 @pytest.fixture(scope="module")
 def config(tiny_model) -> EngineConfig:
     return EngineConfig(model=str(tiny_model("LlamaForCausalLM")), device="cpu",
@@ -259,12 +271,6 @@ def test_a_core_whose_steps_keep_failing_fails_its_requests_then_declares_itself
         assert "injected fault" in str(c.wait().error)
     loop.join(10)
     assert result == [1], "the core did not give up after three failed steps"
-    deadline = time.monotonic() + 5
-    while client.healthy and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not client.healthy
-    late = Collector()
-    client.add_request("late", ids, SamplingParams(max_tokens=2), callback=late)
-    assert isinstance(late.wait(1).error, EngineDeadError)
+    assert_turns_dead(client, ids, within=5)
     client.shutdown()
     listener.close()
