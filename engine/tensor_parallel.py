@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 # NVLink multicast (NVLS) off in every process of a group: NCCL's NVLS algorithms, PyTorch's
 # symmetric memory and NVSHMEM would otherwise reserve multicast objects the lent multi-GPU
-# hosts do not provide (generator/tritonserver.py keeps the same three for tritonserver).
+# hosts do not provide (generator/tritonserver.py NVLINK_MULTICAST_OFF, the same three for
+# tritonserver: the engine may not import the generator; a test keeps the two equal).
 NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1"}
 ROLES = ("generate", "pooling")

@@ -19,6 +19,7 @@ import torch
 from tritonforge.engine import LLM, EngineConfig, SamplingParams
 from tritonforge.engine.core_client import EngineCoreClient
 from tritonforge.engine.tensor_parallel import NVLS_OFF, TensorParallelGroupDied
+from tritonforge.generator.tritonserver import NVLINK_MULTICAST_OFF
 from tritonforge.models.layers.parallel_state import TPGroup, building_for, kv_heads_per_rank
 from tritonforge.models.weight_utils import iterate_weights, load_model
 
@@ -182,6 +183,8 @@ def test_the_engine_core_of_a_group_reports_a_dead_rank_to_its_front_end(tiny_mo
 
 
 def test_every_started_rank_keeps_nvlink_multicast_off(tiny_model) -> None:
+    # The engine may not import the generator: the two copies of the list must agree.
+    assert NVLS_OFF == NVLINK_MULTICAST_OFF
     llm = LLM(str(tiny_model("LlamaForCausalLM")), dtype="float32", device="cpu",
               max_model_len=256, tensor_parallel_size=2)
     try:
