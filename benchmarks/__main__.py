@@ -29,6 +29,7 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "vision": ("benchmarks.vision",
                "vision-language: images/s and output tok/s vs transformers' generate"),
     "kernels": ("benchmarks.kernels", "kernel microbenchmarks vs ceilings (CUDA only)"),
+    "ttft": ("benchmarks.ttft", "the engine's first token at C=1, 512 tokens: phases, profile"),
 }
 
 

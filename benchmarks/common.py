@@ -221,7 +221,8 @@ def exit_worker(out_path: Path, result: dict[str, Any]) -> NoReturn:
 
 
 # ---- the card's roofline inputs ------------------------------------------------------------
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued work (nothing to wait for on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -230,11 +231,11 @@ def _timed(fn: Any, iters: int, device: torch.device) -> float:
     """Seconds per call of fn(), after two warm-up calls."""
     for _ in range(2):
         fn()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / iters
 
 
