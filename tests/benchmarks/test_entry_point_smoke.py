@@ -25,7 +25,7 @@ TINY = ["--model", "tiny", "--num-requests", "3", "--min-len", "5", "--max-len",
 
 def test_every_registered_workload_has_a_main() -> None:
     assert set(entry.WORKLOADS) == {"throughput", "serving", "embeddings", "backend-vs-native",
-                                    "guided", "vision", "kernels"}
+                                    "guided", "vision", "kernels", "ttft"}
     for module, _ in entry.WORKLOADS.values():
         assert callable(importlib.import_module(module).main)
 
@@ -35,6 +35,18 @@ def test_help_lists_the_workloads_and_an_unknown_one_fails() -> None:
                           capture_output=True, text=True, check=True)
     assert all(name in done.stdout for name in entry.WORKLOADS)
     assert entry.main(["no-such-workload"]) == 2
+
+
+def test_ttft_records_its_phases_and_the_async_hand_off(tmp_path: Path) -> None:
+    from benchmarks import ttft
+
+    out = tmp_path / "ttft.json"
+    ttft.main(["--model", "tiny", "--device", "cpu", "--requests", "2", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    phases = results["phases_ms_p50"]
+    assert set(phases) == set(ttft.PHASES) | {"total"}
+    assert phases["forward"] > 0 and phases["total"] >= phases["forward"]
+    assert results["wall_ms_p50"] > 0 and results["async_ms_p50"] > 0
 
 
 def test_backend_vs_native_records_the_ratio(tmp_path: Path) -> None:
