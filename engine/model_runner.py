@@ -114,7 +114,10 @@ class ModelRunner:
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.block_size = config.block_size
-        self.num_layers, self.num_kv_heads, self.head_dim = kv_cache_shape(hf_config, tp.size)
+        # v_head_dim: the V cache's width, head_dim for every model but MLA's (0: its K cache
+        # holds the latent that serves as the values too).
+        (self.num_layers, self.num_kv_heads, self.head_dim,
+         self.v_head_dim) = kv_cache_shape(hf_config, tp.size)
         # Every rank holds the same block ids: the group takes the smallest rank's count.
         self.num_blocks = all_reduce_min(self._num_kv_blocks(), tp, device)
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
@@ -137,7 +140,8 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
+        width = self.head_dim + self.v_head_dim  # K and V of one head of one token
+        return self.num_layers * self.block_size * self.num_kv_heads * width * element
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -163,10 +167,10 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # Zeroed, not empty: attention never reads past seq_lens, but garbage NaNs in an
         # unread slot must not be able to leak through a 0 * NaN in a reference kernel.
-        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        shape = (num_blocks, self.block_size, self.num_kv_heads)
         return [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(*shape, self.head_dim, dtype=self.dtype, device=self.device),
+             torch.zeros(*shape, self.v_head_dim, dtype=self.dtype, device=self.device))
             for _ in range(self.num_layers)
         ]
 

@@ -192,7 +192,7 @@ def describe(folder: Path, model: str, source: str, dtype: str = "auto",
     dtype_name = _resolve_dtype(dtype, config)
     width = DTYPE_BYTES[dtype_name]
     kv_layers = (measured or {}).get("kv_layers") or layers
-    kv = (2 * kv_layers * kv_heads * head_dim * width
+    kv = (kv_layers * kv_width_of(text, measured, kv_heads, head_dim) * width
           if "generate" in found.tasks and kv_layers and kv_heads and head_dim else 0)
     st_folder = folder if folder.is_dir() else None
     modules = read_json(folder / "modules.json") if st_folder else None
@@ -219,6 +219,18 @@ def describe(folder: Path, model: str, source: str, dtype: str = "auto",
         weight_bytes=num_params * width if num_params is not None else None,
         kv_cache_bytes_per_token=kv,
     )
+
+
+def kv_width_of(text: dict[str, Any], measured: dict[str, Any] | None, kv_heads: int,
+                head_dim: int) -> int:
+    """KV-cache elements per token and layer: the engine's own layout where the meta build
+    measured it, else K and V of every KV head; Multi-head Latent Attention (a config with
+    `kv_lora_rank`) caches one [latent | rope key] row and no V (models/registry.py)."""
+    if (measured or {}).get("kv_width"):
+        return int(measured["kv_width"])
+    if text.get("kv_lora_rank"):
+        return int(text["kv_lora_rank"]) + int(text.get("qk_rope_head_dim", 64))  # HF default
+    return 2 * kv_heads * head_dim
 
 
 _META_TIMEOUT_S = 300

@@ -30,6 +30,7 @@ The kernel (one launch for the whole mixed batch, FlashAttention-2 style online 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -389,6 +390,19 @@ def paged_attention(
     return out
 
 
+def paged_sequences_ref(
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+    block_size: int,
+) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """(first query row, end row, seq_len, its block ids [cdiv(seq_len, block_size)] int64)
+    of every sequence with queries this step: what the references loop over."""
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        if starts[b + 1] > starts[b]:
+            blocks = block_tables[b, :-(-seq_len // block_size)].long()
+            yield starts[b], starts[b + 1], seq_len, blocks
+
+
 def paged_attention_ref(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -413,14 +427,9 @@ def paged_attention_ref(
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     group = num_heads // num_kv_heads
     out = torch.empty_like(query)
-    starts = query_start_loc.tolist()
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        start, end = starts[b], starts[b + 1]
+    for start, end, seq_len, blocks in paged_sequences_ref(query_start_loc, seq_lens,
+                                                           block_tables, block_size):
         query_len = end - start
-        if query_len == 0:
-            continue
-        num_blocks = -(-seq_len // block_size)
-        blocks = block_tables[b, :num_blocks].long()
         # [seq_len, Hkv, D] -> [Hkv, 1, seq_len, D], broadcast over the query-head group
         k = k_cache[blocks].flatten(0, 1)[:seq_len].float().permute(1, 0, 2).unsqueeze(1)
         v = v_cache[blocks].flatten(0, 1)[:seq_len].float().permute(1, 0, 2).unsqueeze(1)

@@ -43,9 +43,11 @@ def measure(folder: str | Path) -> dict[str, Any]:
     from tritonforge.models.registry import kv_cache_shape
 
     try:
-        kv_layers, kv_heads, head_dim = kv_cache_shape(config)
+        kv_layers, kv_heads, head_dim, v_head_dim = kv_cache_shape(config)
+        kv_width = kv_heads * (head_dim + v_head_dim)  # K + V elements per token and layer
     except (AttributeError, TypeError, ZeroDivisionError):  # no attention heads (e.g. Mamba)
         kv_layers, kv_heads, head_dim = None, None, getattr(text, "head_dim", None)
+        kv_width = None
     max_positions = getattr(text, "max_position_embeddings", None)
     return {
         "architecture": architecture,
@@ -59,6 +61,7 @@ def measure(folder: str | Path) -> dict[str, Any]:
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "kv_layers": kv_layers,
+        "kv_width": kv_width,
         "vocab_size": getattr(text, "vocab_size", None),
         "max_position_embeddings": max_positions if isinstance(max_positions, int) else None,
         "pad_token_id": getattr(text, "pad_token_id", None),

@@ -7,7 +7,7 @@ engine never branches on architectures itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from tritonforge.models.gemma2 import Gemma2ForCausalLM
 from tritonforge.models.gemma3 import Gemma3ForCausalLM
@@ -101,12 +101,32 @@ def resolve_model_class(architecture: str, model_impl: str = "auto") -> type:
     return TransformersForCausalLM
 
 
-def kv_cache_shape(config: Any, tp_size: int = 1) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim): what one rank of a tensor-parallel group of
-    tp_size allocates a KV cache for (its share of the KV heads)."""
+class KVCacheShape(NamedTuple):
+    """One rank's KV cache per layer: K [num_blocks, block_size, num_kv_heads, head_dim] and
+    V [num_blocks, block_size, num_kv_heads, v_head_dim]."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+
+
+def kv_cache_shape(config: Any, tp_size: int = 1) -> KVCacheShape:
+    """What one rank of a tensor-parallel group of tp_size allocates a KV cache for (its share
+    of the KV heads).
+
+    Multi-head Latent Attention (DeepSeek-V2/V3: the configs with a `kv_lora_rank`) caches
+    per token ONE "head" of [compressed latent | rope key], kv_lora_rank + qk_rope_head_dim
+    wide, and no V at all: the latent is the values too (models/layers/mla_attention.py), so
+    v_head_dim is 0 and the V cache costs no memory. Every other model caches K and V of
+    equal width."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "kv_lora_rank", None):
+        return KVCacheShape(text.num_hidden_layers, 1,
+                            text.kv_lora_rank + text.qk_rope_head_dim, 0)
     from tritonforge.models.layers.parallel_state import kv_heads_per_rank
     from tritonforge.models.transformers_backend import head_dim_of, num_kv_heads_of
 
-    return (text.num_hidden_layers, kv_heads_per_rank(num_kv_heads_of(text), tp_size),
-            head_dim_of(text))
+    head_dim = head_dim_of(text)
+    return KVCacheShape(text.num_hidden_layers, kv_heads_per_rank(num_kv_heads_of(text), tp_size),
+                        head_dim, head_dim)

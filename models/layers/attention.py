@@ -3,7 +3,8 @@
 Design: an Attention module owns no weights; it is the point where a model hands q/k/v to
 the engine's paged KV cache. The engine allocates one (k_cache, v_cache) pair per layer,
 each [num_blocks, block_size, num_kv_heads, head_dim], and binds them once with
-`bind_kv_cache(model, kv_caches)`, which walks the Attention modules in layer order. Every
+`bind_kv_cache(model, kv_caches)`, which walks the `PagedKVLayer`s in layer order (Attention
+here; MLAAttention, whose V cache has width 0, in models/layers/mla_attention.py). Every
 forward then writes its new K/V at `attn_metadata.slot_mapping` and reads the whole
 context through the block tables (see models/attention_metadata.py). CUDA tensors take the
 Triton kernels, CPU tensors the PyTorch references (kernels/dispatch.py).
@@ -19,7 +20,17 @@ from tritonforge.kernels.paged_attention import paged_attention, paged_attention
 from tritonforge.models.attention_metadata import AttentionMetadata
 
 
-class Attention(nn.Module):
+class PagedKVLayer(nn.Module):
+    """A layer that owns one layer's (k_cache, v_cache): K [num_blocks, block_size,
+    num_kv_heads, head_dim], V the same with v_head_dim (0 where the layer keeps no V)."""
+
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    kv_cache: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class Attention(PagedKVLayer):
     def __init__(
         self,
         num_heads: int,
@@ -35,6 +46,7 @@ class Attention(nn.Module):
             raise ValueError(
                 f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.v_head_dim = head_dim
         self.scale = scale
         self.sliding_window, self.logits_soft_cap = sliding_window, logits_soft_cap
         # [Hq] per-head sink logits (gpt-oss): set by the model, e.g. per call from HF's s_aux.
@@ -73,16 +85,18 @@ class Attention(nn.Module):
 
 
 def bind_kv_cache(model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Gives the i-th Attention module of `model` (in layer order) the i-th (k, v) cache."""
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    """Gives the i-th PagedKVLayer of `model` (in layer order) the i-th (k, v) cache."""
+    layers = [m for m in model.modules() if isinstance(m, PagedKVLayer)]
     if len(layers) != len(kv_caches):
         raise ValueError(f"the model has {len(layers)} attention layers but {len(kv_caches)} KV "
                          "caches were given")
     for layer, (k_cache, v_cache) in zip(layers, kv_caches):
-        expected = (layer.num_kv_heads, layer.head_dim)
-        if tuple(k_cache.shape[2:]) != expected or k_cache.shape != v_cache.shape:
-            raise ValueError(f"KV caches must be [num_blocks, block_size, {expected[0]}, "
-                             f"{expected[1]}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-        if k_cache.data_ptr() == v_cache.data_ptr():
+        heads, width, v_width = layer.num_kv_heads, layer.head_dim, layer.v_head_dim
+        if (tuple(k_cache.shape[2:]) != (heads, width) or k_cache.shape[:2] != v_cache.shape[:2]
+                or tuple(v_cache.shape[2:]) != (heads, v_width)):
+            raise ValueError(f"KV caches must be [num_blocks, block_size, {heads}, {width}] (K) "
+                             f"and [num_blocks, block_size, {heads}, {v_width}] (V), got "
+                             f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        if v_width and k_cache.data_ptr() == v_cache.data_ptr():
             raise ValueError("k_cache and v_cache must be distinct tensors")
         layer.kv_cache = (k_cache, v_cache)

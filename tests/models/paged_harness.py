@@ -20,10 +20,11 @@ ATOL = 1e-4
 
 
 def fresh_cache(model, config) -> None:
-    num_layers, num_kv_heads, head_dim = kv_cache_shape(config)
-    shape = (NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, head_dim)
+    num_layers, num_kv_heads, head_dim, v_head_dim = kv_cache_shape(config)
+    shape = (NUM_BLOCKS, BLOCK_SIZE, num_kv_heads)
     # NaN-filled: a read of a slot this step did not write, or a wrong block, poisons the logits.
-    bind_kv_cache(model, [(torch.full(shape, float("nan")), torch.full(shape, float("nan")))
+    bind_kv_cache(model, [(torch.full((*shape, head_dim), float("nan")),
+                           torch.full((*shape, v_head_dim), float("nan")))
                           for _ in range(num_layers)])
 
 

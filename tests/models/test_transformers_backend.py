@@ -168,7 +168,7 @@ def test_registry_routes_model_impl() -> None:
 def test_falcon_is_refused_at_load_naming_the_architecture(tiny_model) -> None:
     # transformers 5.x Falcon computes attention itself (sdpa/eager), not via the interface.
     folder = tiny_model("FalconForCausalLM")
-    assert kv_cache_shape(load_config(folder)) == (2, 1, 32)  # multi_query: one KV head
+    assert kv_cache_shape(load_config(folder)) == (2, 1, 32, 32)  # multi_query: one KV head
     with pytest.raises(ValueError, match="FalconForCausalLM.*attention interface"):
         load_model(folder, torch.float32, "cpu", model_impl="transformers")
 

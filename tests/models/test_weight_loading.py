@@ -28,9 +28,10 @@ PROMPT = [5, 17, 300, 42, 9, 77, 1000, 3, 64, 128, 11]
 
 @torch.no_grad()
 def _logits(model, config, ids: list[int]) -> torch.Tensor:
-    num_layers, num_kv_heads, head_dim = kv_cache_shape(config)
-    shape = (4, 16, num_kv_heads, head_dim)
-    bind_kv_cache(model, [(torch.zeros(shape), torch.zeros(shape)) for _ in range(num_layers)])
+    num_layers, num_kv_heads, head_dim, v_head_dim = kv_cache_shape(config)
+    shape = (4, 16, num_kv_heads)
+    bind_kv_cache(model, [(torch.zeros(*shape, head_dim), torch.zeros(*shape, v_head_dim))
+                          for _ in range(num_layers)])
     metadata = AttentionMetadata.for_prompts([len(ids)], 16)
     hidden = model(torch.tensor(ids), torch.arange(len(ids)), metadata)
     return model.compute_logits(hidden)
@@ -172,9 +173,10 @@ def test_registry_resolves_native_and_explains_what_it_cannot_serve() -> None:
 
 
 def test_kv_cache_shape_reads_layers_kv_heads_and_head_dim(tiny_model) -> None:
-    assert kv_cache_shape(load_config(tiny_model("MistralForCausalLM"))) == (2, 2, 32)
+    # (layers, KV heads, K width, V width): K and V of equal width in every non-MLA model
+    assert kv_cache_shape(load_config(tiny_model("MistralForCausalLM"))) == (2, 2, 32, 32)
     qwen2 = load_config(tiny_model("Qwen2ForCausalLM"))  # no head_dim field: hidden / heads
-    assert kv_cache_shape(qwen2) == (2, 2, 32)
+    assert kv_cache_shape(qwen2) == (2, 2, 32, 32)
 
 
 @pytest.mark.slow
