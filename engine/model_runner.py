@@ -124,7 +124,10 @@ class ModelRunner:
         bind_kv_cache(model, self.kv_caches)
         self.input_batch = InputBatch(config.max_num_seqs, max_model_len, self.block_size)
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager and tp.size == 1:
+        # A model may say its forward cannot be captured (DeepSeek: the MLA reference reads
+        # seq_lens on the host), rather than fail a capture attempt.
+        if (self.device.type == "cuda" and not config.enforce_eager and tp.size == 1
+                and getattr(model, "supports_cuda_graphs", True)):
             self.graphs = DecodeGraphs(model, config.max_num_seqs, max_model_len,
                                        self.block_size, self.device)
             try:

@@ -41,16 +41,13 @@ UNSUPPORTED = "unsupported"
 NATIVE_GENERATE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                    "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
                    "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
-                   "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "GptOssForCausalLM")
+                   "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "GptOssForCausalLM",
+                   "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 # Causal LMs the engine refuses (models/registry.py NOT_SERVED, the same reasons; a test
 # keeps the two equal): a build must not say they are served.
-_MLA = ("Multi-head Latent Attention (a compressed KV latent; keys and values of different "
-        "head sizes), which the paged KV cache does not hold yet")
 NOT_SERVED = {
     "FalconForCausalLM": "it computes attention itself, outside transformers' attention "
                          "interface, so it cannot run on the paged KV cache",
-    "DeepseekV2ForCausalLM": _MLA,
-    "DeepseekV3ForCausalLM": _MLA,
 }
 # Vision-language models generated through the Transformers backend (models/registry.py
 # VISION_LANGUAGE_ARCHITECTURES): images in, text out; no other task.

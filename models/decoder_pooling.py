@@ -23,13 +23,14 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 from tritonforge.models.attention_metadata import AttentionMetadata
+from tritonforge.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from tritonforge.models.gemma2 import Gemma2ForCausalLM
 from tritonforge.models.gemma3 import Gemma3ForCausalLM
 from tritonforge.models.gpt_oss import GptOssForCausalLM
-from tritonforge.models.layers.attention import Attention, bind_kv_cache
+from tritonforge.models.layers.attention import PagedKVLayer, bind_kv_cache
 from tritonforge.models.layers.fused_moe import load_expert_weights
 from tritonforge.models.layers.linear import ReplicatedLinear
-from tritonforge.models.llama import LlamaForCausalLM, LlamaModel, MistralForCausalLM
+from tritonforge.models.llama import LlamaForCausalLM, MistralForCausalLM
 from tritonforge.models.mixtral import MixtralForCausalLM
 from tritonforge.models.olmoe import OlmoeForCausalLM
 from tritonforge.models.phi3 import Phi3ForCausalLM
@@ -52,9 +53,10 @@ class DecoderPoolingModel(nn.Module):
         super().__init__()
         self.config = config
         self.hidden_size: int = config.hidden_size
-        self.model = LlamaModel(config, self.causal_lm.decoder_options(config), dtype,
-                                self.causal_lm.mlp_factory)
-        self._attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.model = self.causal_lm.model_class(config, self.causal_lm.decoder_options(config),
+                                                dtype, self.causal_lm.mlp_factory)
+        self._attention_layers = [m for m in self.model.modules()
+                                  if isinstance(m, PagedKVLayer)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 seq_start_loc: torch.Tensor, token_type_ids: torch.Tensor | None = None
@@ -64,10 +66,11 @@ class DecoderPoolingModel(nn.Module):
         metadata = AttentionMetadata.for_prompts(lens, SCRATCH_BLOCK_SIZE)
         num_blocks = sum(-(-n // SCRATCH_BLOCK_SIZE) for n in lens)
         first = self._attention_layers[0]
-        shape = (max(num_blocks, 1), SCRATCH_BLOCK_SIZE, first.num_kv_heads, first.head_dim)
+        shape = (max(num_blocks, 1), SCRATCH_BLOCK_SIZE, first.num_kv_heads)
         dtype, device = self.model.embed_tokens.weight.dtype, input_ids.device
-        scratch = (torch.empty(shape, dtype=dtype, device=device),
-                   torch.empty(shape, dtype=dtype, device=device))
+        # V of width v_head_dim: 0 for MLA, whose K cache holds the latent (the values too).
+        scratch = (torch.empty(*shape, first.head_dim, dtype=dtype, device=device),
+                   torch.empty(*shape, first.v_head_dim, dtype=dtype, device=device))
         bind_kv_cache(self.model, [scratch] * len(self._attention_layers))
         try:
             return self.model(input_ids, positions, metadata.to(device))
@@ -158,6 +161,14 @@ class OlmoeEmbeddingModel(DecoderPoolingModel):
 
 class GptOssEmbeddingModel(DecoderPoolingModel):
     causal_lm = GptOssForCausalLM
+
+
+class DeepseekV2EmbeddingModel(DecoderPoolingModel):
+    causal_lm = DeepseekV2ForCausalLM
+
+
+class DeepseekV3EmbeddingModel(DecoderPoolingModel):
+    causal_lm = DeepseekV3ForCausalLM
 
 
 # ---- sequence classification (HF's class names) -------------------------------------------

@@ -229,12 +229,14 @@ class LlamaForCausalLM(nn.Module):
     # Checkpoint name substrings -> ours, for families whose Hub names predate transformers
     # 5's modules (which transformers itself renames on load).
     checkpoint_renames: dict[str, str] = {}
+    # The decoder stack (DeepSeek's MLA layers bring their own, with LlamaModel's forward).
+    model_class: type[LlamaModel] = LlamaModel
 
     def __init__(self, config: PretrainedConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = config
         self.options = self.decoder_options(config)
-        self.model = LlamaModel(config, self.options, dtype, self.mlp_factory)
+        self.model = self.model_class(config, self.options, dtype, self.mlp_factory)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, params_dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)

@@ -26,6 +26,7 @@ from tritonforge.models.weight_utils import renamed
 
 class MoeDecoderForCausalLM(LlamaForCausalLM):
     router_bias = False  # gpt-oss's router has one
+    router_correction_bias = False  # DeepSeek-V3's e_score_correction_bias (the choice only)
 
     @staticmethod
     def routing(config: PretrainedConfig) -> Routing:
@@ -60,7 +61,8 @@ class MoeDecoderForCausalLM(LlamaForCausalLM):
             return LlamaMLP(config, options, dtype)
         shared, gated = cls.shared_expert(config, options, dtype)
         return SparseMoeBlock(config.hidden_size, cls.routing(config), cls.experts(config, dtype),
-                              dtype, shared, gated, router_bias=cls.router_bias)
+                              dtype, shared, gated, router_bias=cls.router_bias,
+                              correction_bias=cls.router_correction_bias)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         experts_loaded: set[str] = set()

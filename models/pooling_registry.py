@@ -46,6 +46,8 @@ EMBEDDING_REGISTRY: dict[str, type] = {
     "Qwen3MoeForCausalLM": dec.Qwen3MoeEmbeddingModel,
     "OlmoeForCausalLM": dec.OlmoeEmbeddingModel,
     "GptOssForCausalLM": dec.GptOssEmbeddingModel,
+    "DeepseekV2ForCausalLM": dec.DeepseekV2EmbeddingModel,
+    "DeepseekV3ForCausalLM": dec.DeepseekV3EmbeddingModel,
     # The same decoders saved as HF base models (sentence-transformers exports, e.g.
     # e5-mistral's MistralModel): the checkpoint names lack the `model.` prefix.
     "LlamaModel": dec.LlamaEmbeddingModel,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from tritonforge.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from tritonforge.models.gemma2 import Gemma2ForCausalLM
 from tritonforge.models.gemma3 import Gemma3ForCausalLM
 from tritonforge.models.gpt_oss import GptOssForCausalLM
@@ -21,6 +22,8 @@ from tritonforge.models.qwen3 import Qwen3ForCausalLM
 from tritonforge.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type] = {
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "GptOssForCausalLM": GptOssForCausalLM,
@@ -47,13 +50,9 @@ VISION_LANGUAGE_ARCHITECTURES = (
 # Causal LMs without a native implementation that the Transformers backend cannot serve
 # (its own checks refuse them at construction too); generator/architectures.NOT_SERVED
 # mirrors this, so a build never claims them.
-_MLA = ("Multi-head Latent Attention (a compressed KV latent; keys and values of different "
-        "head sizes), which the paged KV cache does not hold yet")
 NOT_SERVED = {
     "FalconForCausalLM": "it computes attention itself, outside transformers' attention "
                          "interface, so it cannot run on the paged KV cache",
-    "DeepseekV2ForCausalLM": _MLA,
-    "DeepseekV3ForCausalLM": _MLA,
 }
 
 

@@ -321,8 +321,9 @@ class TransformersForCausalLM(nn.Module):
             raise ValueError(
                 f"{architecture} uses Multi-head Latent Attention (a compressed KV latent; "
                 f"queries and keys of {getattr(text, 'qk_head_dim', '?')} dims, values of "
-                f"{getattr(text, 'v_head_dim', '?')}), which the paged KV cache does not hold "
-                "yet; it needs a native implementation")
+                f"{getattr(text, 'v_head_dim', '?')}), whose expanded keys and values the "
+                "paged KV cache does not hold; the native DeepSeek-V2/V3 models cache the "
+                "latent instead (model_impl='native' or 'auto')")
         self.config = config
         self.architecture = architecture
         hf_config = copy.deepcopy(config)

@@ -8,7 +8,8 @@ checkpoint saved fused loads as is, and the kernel reads one tensor per projecti
 those into the fused parameters at load, and says a fused parameter is loaded only once every
 expert's slice arrived. Forward runs `fused_moe` on CUDA tensors, its reference elsewhere.
 
-`SparseMoeBlock` is the MLP of an MoE layer: a router (`gate`, a bias-free [E, H] linear),
+`SparseMoeBlock` is the MLP of an MoE layer: a router (`gate`, a bias-free [E, H] linear, with
+DeepSeek-V3's per-expert `e_score_correction_bias` for the choice where asked),
 `select_experts`, the experts, and optionally a shared expert that every token uses, scaled by
 a sigmoid gate where the family has one (Qwen2-MoE's `shared_expert_gate`).
 """
@@ -183,11 +184,17 @@ def load_expert_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Ten
 class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, routing: Routing, experts: FusedMoE,
                  dtype: torch.dtype, shared_expert: nn.Module | None = None,
-                 shared_expert_gate: bool = False, router_bias: bool = False) -> None:
+                 shared_expert_gate: bool = False, router_bias: bool = False,
+                 correction_bias: bool = False) -> None:
         super().__init__()
         self.routing = routing
         self.gate = ReplicatedLinear(hidden_size, routing.num_experts, bias=router_bias,
                                      params_dtype=dtype)
+        # float32 whatever the model's dtype, as transformers keeps it: a bias of ~1e-3 steering
+        # the choice between sigmoid scores would round away in bf16.
+        self.gate.e_score_correction_bias = (
+            nn.Parameter(torch.empty(routing.num_experts, dtype=torch.float32),
+                         requires_grad=False) if correction_bias else None)
         self.experts = experts
         self.shared_expert = shared_expert
         self.shared_expert_gate = (ReplicatedLinear(hidden_size, 1, bias=False, params_dtype=dtype)
@@ -195,7 +202,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [T, H] -> [T, H]
-        topk_weights, topk_ids = select_experts(self.gate(hidden_states), self.routing)
+        topk_weights, topk_ids = select_experts(self.gate(hidden_states), self.routing,
+                                                self.gate.e_score_correction_bias)
         out = self.experts(hidden_states, topk_weights, topk_ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden_states)

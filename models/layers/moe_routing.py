@@ -8,6 +8,9 @@ so a family's routing is data, not code. The variants:
   `topk_group` best of `n_group` expert groups (a group scores the sum of its two best), the
   chosen experts weighted by their uncorrected scores, renormalised and scaled by
   `routed_scaling_factor` (DeepSeek-V3);
+- softmax scores, top-k, limited to the `topk_group` best of `n_group` groups where a group
+  scores its BEST expert, weights scaled by `routed_scaling_factor` and never renormalised
+  (DeepSeek-V2's "group_limited_greedy"; its "greedy" is the plain softmax top-k, scaled);
 - top-k of the raw logits, softmax over those k (gpt-oss).
 Scores are computed in float32, as transformers computes them.
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 SCORINGS = ("softmax", "sigmoid", "softmax_of_topk")
+GROUP_SCORES = ("top2_sum", "max")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class Routing:
     num_groups: int = 1  # expert groups (DeepSeek's n_group); 1 means no group limit
     topk_groups: int = 1  # groups a token may use (topk_group)
     scaling: float = 1.0  # routed_scaling_factor
+    # What a group scores: the sum of its two best experts (DeepSeek-V3) or its best (V2).
+    group_score: str = "top2_sum"
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -40,6 +46,9 @@ class Routing:
         if self.num_groups < 1 or self.num_experts % self.num_groups:
             raise ValueError(f"n_group ({self.num_groups}) must divide num_experts "
                              f"({self.num_experts})")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"group_score must be one of {GROUP_SCORES}, got "
+                             f"{self.group_score!r}")
         if not 1 <= self.topk_groups <= self.num_groups:
             raise ValueError(f"topk_group must be between 1 and n_group ({self.num_groups}), "
                              f"got {self.topk_groups}")
@@ -51,7 +60,10 @@ def _group_limited(choice: torch.Tensor, routing: Routing) -> torch.Tensor:
         return choice
     tokens = choice.shape[0]
     grouped = choice.view(tokens, routing.num_groups, -1)
-    group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(-1)
+    if routing.group_score == "max":
+        group_scores = grouped.max(dim=-1).values
+    else:
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(-1)
     best = group_scores.topk(routing.topk_groups, dim=-1, sorted=False)[1]
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
     return grouped.masked_fill(~keep[..., None], float("-inf")).view(tokens, -1)

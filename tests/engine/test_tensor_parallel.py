@@ -149,6 +149,8 @@ def test_a_rank_that_cannot_build_its_shard_fails_the_load_and_leaves_no_worker(
 @pytest.mark.parametrize("architecture, model_impl, message", [
     ("OlmoeForCausalLM", "native", "OlmoeForCausalLM does not support tensor_parallel_size"),
     ("GptOssForCausalLM", "native", "GptOssForCausalLM does not support tensor_parallel_size"),
+    ("DeepseekV2ForCausalLM", "native",
+     "DeepseekV2ForCausalLM does not support tensor_parallel_size"),
     ("OPTForCausalLM", "auto", "no tensor-parallel plan"),
 ])
 def test_models_that_cannot_be_split_are_refused_by_name(tiny_model, architecture, model_impl,

@@ -373,7 +373,6 @@ def test_an_architecture_no_task_supports_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("architecture,reason", [
-    ("DeepseekV3ForCausalLM", "Multi-head Latent Attention"),
     ("FalconForCausalLM", "outside transformers' attention interface"),
 ])
 def test_a_causal_lm_the_engine_refuses_at_load_does_not_build(tmp_path, capsys, architecture,

@@ -593,3 +593,18 @@ def test_inspect_counts_moe_models_total_and_active_parameters(tmp_path, capsys,
 def test_a_dense_model_has_no_active_parameter_count(tmp_path, capsys):
     info = inspect_json(capsys, write_config(tmp_path / "m", PUBLISHED["Qwen/Qwen3-0.6B"][0]))
     assert info["num_active_params"] is None
+
+
+@pytest.mark.parametrize("auto_map", [False, True])
+def test_the_kv_cache_of_multi_head_latent_attention_is_one_latent_row_per_layer(
+        tmp_path, capsys, auto_map):
+    # DeepSeek-V2-Lite caches per token and layer [latent 512 | rope key 64] and no V
+    # (models/registry.py kv_cache_shape), not 2 x 16 heads x their head dims; the formula
+    # (auto_map: no meta build) counts the same layout.
+    config = dict(PUBLISHED_MOE["deepseek-ai/DeepSeek-V2-Lite"][0])
+    if auto_map:
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM"}
+    info = inspect_json(capsys, write_config(tmp_path / "m", config))
+    assert info["params_source"].startswith("estimate" if auto_map else "meta-device build")
+    assert info["implementation"] == "native" and info["dtype"] == "bfloat16"
+    assert info["kv_cache_bytes_per_token"] == 27 * (512 + 64) * 2

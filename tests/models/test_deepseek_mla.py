@@ -1,15 +1,27 @@
-"""Multi-head Latent Attention over a paged cache of latents: one [latent | rope key] row per
-token and layer with no V, and the absorbed attention over it equals the dense attention
-transformers computes with expanded keys and values."""
+"""DeepSeek-V2 and DeepSeek-V3 run natively with Multi-head Latent Attention over a paged
+cache of latents: the cache is one [latent | rope key] row per token and layer with no V, and
+the absorbed attention over it equals the dense attention transformers computes with expanded
+keys and values. What DeepSeek shares with the other MoE families (logits and greedy tokens
+equal transformers': whole prompts, prefill chunks and decodes over shuffled blocks, alone
+and in a batch, through the engine with chunked prefill; per-expert and fused checkpoints) is
+tested with them, in test_native_moe.py."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 import torch
+from tritonforge.engine import LLM
 from tritonforge.models.attention_metadata import AttentionMetadata
+from tritonforge.models.deepseek_v2 import mla_softmax_scale
 from tritonforge.models.layers.attention import bind_kv_cache
 from tritonforge.models.layers.mla_attention import MLAAttention
+from tritonforge.models.llama import LlamaMLP
+from tritonforge.models.registry import kv_cache_shape
+from tritonforge.models.weight_utils import load_config, load_model
+
+DEEPSEEK = ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"]
 
 
 # ---- the reference attention against a dense computation ----------------------------------
@@ -83,3 +95,39 @@ def _metadata(tables, steps, block_size) -> AttentionMetadata:
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=block_tables,
         max_query_len=max(c for _, c in steps), max_seq_len=max(seq_lens),
         block_size=block_size)
+
+
+# ---- the models ------------------------------------------------------------------------------
+@pytest.mark.parametrize("architecture", DEEPSEEK)
+def test_deepseek_builds_mla_with_its_query_path_and_shared_experts(tiny_model,
+                                                                    architecture) -> None:
+    ours, config = load_model(tiny_model(architecture), torch.float32, "cpu", "native")
+    attention = ours.model.layers[0].self_attn
+    assert isinstance(attention.attn, MLAAttention)
+    assert hasattr(attention, "q_proj") == (config.q_lora_rank is None)  # V2 here: q_proj
+    assert hasattr(attention, "q_a_proj") == (config.q_lora_rank is not None)  # V3: low rank
+    assert all(isinstance(layer.mlp.shared_expert, LlamaMLP) for layer in ours.model.layers[1:])
+
+
+def test_yarn_mscale_scales_the_softmax_of_deepseek_v3(tiny_model) -> None:
+    # The V3 fixture's YaRN (factor 4, mscale_all_dim 1) makes the scale differ from
+    # qk_head_dim ** -0.5, so the logit comparisons (test_native_moe.py) catch a dropped mscale.
+    config = load_config(tiny_model("DeepseekV3ForCausalLM"))
+    assert mla_softmax_scale(config) == pytest.approx((16 + 8) ** -0.5 * 1.1386294 ** 2)
+    config = load_config(tiny_model("DeepseekV2ForCausalLM"))
+    assert mla_softmax_scale(config) == (16 + 8) ** -0.5
+
+
+def test_the_kv_cache_is_one_latent_row_per_token_and_layer_and_no_v(tiny_model) -> None:
+    folder = tiny_model("DeepseekV3ForCausalLM")
+    assert kv_cache_shape(load_config(folder)) == (3, 1, 32 + 8, 0)
+    llm = LLM(model=folder, device="cpu", dtype="float32", max_model_len=256,
+              model_impl="native", block_size=16)
+    runner = llm.engine.runner
+    assert len(runner.kv_caches) == 3
+    for k_cache, v_cache in runner.kv_caches:
+        assert k_cache.shape == (runner.num_blocks, 16, 1, 40)
+        assert v_cache.shape == (runner.num_blocks, 16, 1, 0) and v_cache.numel() == 0
+    # 3 layers x 16 tokens x (latent 32 + rope key 8) x 4 bytes: not 2 x heads x head dims
+    assert runner.block_bytes == 3 * 16 * 40 * 4
+    assert runner.kv_cache_bytes() == runner.num_blocks * runner.block_bytes

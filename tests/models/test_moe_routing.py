@@ -1,17 +1,20 @@
 """select_experts picks the experts, and weights them, exactly as each family's transformers
 router does: Mixtral (softmax, renormalised), Qwen2-MoE/OLMoE (softmax, renormalised or not),
-DeepSeek-V3 (sigmoid, bias-corrected choice, group-limited, scaled) and gpt-oss (softmax of the
-top-k logits)."""
+DeepSeek-V2 (softmax, greedy or limited to the groups of the best experts, scaled), DeepSeek-V3
+(sigmoid, bias-corrected choice, group-limited, scaled) and gpt-oss (softmax of the top-k
+logits). The DeepSeek routings come from the model classes themselves (their configs)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+from tritonforge.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from tritonforge.models.layers.moe_routing import Routing, select_experts
 
 HIDDEN, TOKENS = 32, 57
@@ -72,6 +75,34 @@ def test_grouped_sigmoid_routing_equals_deepseek_v3() -> None:
     assert not torch.equal(unbiased[1].sort(-1).values, ours[1].sort(-1).values)
 
 
+@pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
+def test_softmax_routing_equals_deepseek_v2(topk_method) -> None:
+    # norm_topk_prob=True is ignored by transformers' V2 router: never renormalised.
+    config = transformers.DeepseekV2Config(hidden_size=HIDDEN, n_routed_experts=12,
+                                           num_experts_per_tok=3, n_group=4, topk_group=2,
+                                           topk_method=topk_method, routed_scaling_factor=1.7,
+                                           norm_topk_prob=True)
+    router = _router(DeepseekV2TopkRouter, config)
+    logits, weights, ids = router(torch.randn(TOKENS, HIDDEN))
+    routing = DeepseekV2ForCausalLM.routing(config)
+    ours = select_experts(logits, routing)
+    _same_choice(ours, weights, ids)
+    if topk_method == "group_limited_greedy":  # experts of at most 2 of the 4 groups of 3
+        assert all(len(set((row // 3).tolist())) <= 2 for row in ours[1])
+    with pytest.raises(ValueError, match="topk_method"):
+        DeepseekV2ForCausalLM.routing(transformers.DeepseekV2Config(topk_method="noaux_tc"))
+
+
+def test_deepseek_v3_model_routes_as_its_transformers_router() -> None:
+    config = transformers.DeepseekV3Config(hidden_size=HIDDEN, n_routed_experts=16,
+                                           num_experts_per_tok=4, n_group=4, topk_group=2,
+                                           routed_scaling_factor=2.5, norm_topk_prob=True)
+    router = _router(DeepseekV3TopkRouter, config)
+    logits, weights, ids = router(torch.randn(TOKENS, HIDDEN))
+    routing = DeepseekV3ForCausalLM.routing(config)
+    _same_choice(select_experts(logits, routing, router.e_score_correction_bias), weights, ids)
+
+
 def test_softmax_of_topk_routing_equals_gpt_oss() -> None:
     config = transformers.GptOssConfig(hidden_size=HIDDEN, num_local_experts=8,
                                        num_experts_per_tok=4)
@@ -85,6 +116,7 @@ def test_softmax_of_topk_routing_equals_gpt_oss() -> None:
     ({"top_k": 2, "num_experts": 8, "scoring": "relu"}, "scoring"),
     ({"top_k": 2, "num_experts": 8, "num_groups": 3}, "n_group"),
     ({"top_k": 2, "num_experts": 8, "num_groups": 4, "topk_groups": 5}, "topk_group"),
+    ({"top_k": 2, "num_experts": 8, "group_score": "min"}, "group_score"),
 ])
 def test_bad_routing_values_name_the_config_field(kwargs, field) -> None:
     with pytest.raises(ValueError, match=field):

@@ -1,9 +1,11 @@
-"""Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss run natively (sparse MoE layers over the
-fused experts) and must compute what transformers computes: logits of whole prompts, of
-prefill chunks and decodes over shuffled cache blocks, a prompt alone or in a batch, and greedy
-tokens through the engine, alone and batched with chunked prefill. Checkpoints arrive as the
-Hub stores them (one tensor per expert), or fused as transformers 5 holds them in memory;
-gpt-oss's fused, transposed and interleaved experts, its sinks and YaRN RoPE included."""
+"""Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss and DeepSeek-V2/V3 run natively (sparse MoE
+layers over the fused experts) and must compute what transformers computes: logits of whole
+prompts, of prefill chunks and decodes over shuffled cache blocks, a prompt alone or in a
+batch, and greedy tokens through the engine, alone and batched with chunked prefill.
+Checkpoints arrive as the Hub stores them (one tensor per expert), or fused as transformers 5
+holds them in memory; gpt-oss's fused, transposed and interleaved experts, its sinks and YaRN
+RoPE included. DeepSeek's Multi-head Latent Attention has its own tests in
+test_deepseek_mla.py."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from tests.models.paged_harness import (
 )
 
 MOE = ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
-       "GptOssForCausalLM"]
+       "GptOssForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"]
 PROMPT_LENS = [100, 37, 5, 1, 16]
 
 
@@ -48,7 +50,9 @@ def test_moe_families_are_native_and_route_through_fused_experts(models) -> None
     blocks = [layer.mlp for layer in ours.model.layers]
     sparse = [isinstance(b, SparseMoeBlock) for b in blocks]
     # The fixtures put a dense layer beside a sparse one where the family allows it.
-    expected = {"Qwen2MoeForCausalLM": [True, False], "Qwen3MoeForCausalLM": [False, True]}
+    expected = {"Qwen2MoeForCausalLM": [True, False], "Qwen3MoeForCausalLM": [False, True],
+                "DeepseekV2ForCausalLM": [False, True, True],  # first_k_dense_replace = 1
+                "DeepseekV3ForCausalLM": [False, True, True]}
     assert sparse == expected.get(architecture, [True, True])
     assert all(isinstance(b, LlamaMLP) for b, s in zip(blocks, sparse) if not s)
     names = {name for name, _ in iterate_weights(folder)}
@@ -118,8 +122,10 @@ def _fused_copy(folder: Path, out: Path) -> Path:
     return out
 
 
-def test_a_checkpoint_with_fused_experts_loads_to_the_same_model(tiny_model, tmp_path) -> None:
-    folder = tiny_model("Qwen3MoeForCausalLM")
+@pytest.mark.parametrize("architecture", ["Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM"])
+def test_a_checkpoint_with_fused_experts_loads_to_the_same_model(tiny_model, tmp_path,
+                                                                 architecture) -> None:
+    folder = tiny_model(architecture)
     fused = _fused_copy(folder, tmp_path / "fused")
     names = {name for name, _ in iterate_weights(fused)}
     assert "model.layers.1.mlp.experts.gate_up_proj" in names

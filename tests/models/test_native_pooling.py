@@ -19,7 +19,9 @@ DECODERS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3
             "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
             # MoE decoders pool too: their experts fold into fused parameters as in generation.
             "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-            "OlmoeForCausalLM", "GptOssForCausalLM"]
+            "OlmoeForCausalLM", "GptOssForCausalLM",
+            # DeepSeek's MLA layers bind a latent K cache and an empty V as scratch.
+            "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"]
 CLASSIFIERS = sorted(CLASSIFIER_REGISTRY)
 
 
