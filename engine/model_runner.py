@@ -221,6 +221,7 @@ class ModelRunner:
         inputs.mm = mm
         return inputs
 
+    @torch.inference_mode()  # prepare too: a vision-language step runs its vision tower there
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Runs one step; returns the sequences to sample and their logits [S, V] float32."""
         if self.mirror is None:
