@@ -312,7 +312,6 @@ def _exit_reason(code: int) -> str:
 def _accept_workers(listener: Listener, processes: list[subprocess.Popen]) -> list[Connection]:
     """One control connection per worker, in rank order; fails fast if a worker exits first."""
     accepted: dict[int, Connection] = {}
-    result: list[Connection] = []
     done = threading.Event()
     errors: list[BaseException] = []
 
@@ -339,8 +338,7 @@ def _accept_workers(listener: Listener, processes: list[subprocess.Popen]) -> li
                                           f"{CONNECT_TIMEOUT_S:.0f} s")
     if errors and len(accepted) < len(processes):
         raise TensorParallelGroupDied(f"tensor-parallel workers could not connect: {errors[0]}")
-    result = [accepted[rank] for rank in range(1, len(processes) + 1)]
-    return result
+    return [accepted[rank] for rank in range(1, len(processes) + 1)]
 
 
 def _stop_processes(processes: list[subprocess.Popen], connections: list[Connection]) -> None:
